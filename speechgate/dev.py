@@ -1,0 +1,81 @@
+"""`speechgate dev`: the embedded defaults — a local file store with a signing key and a
+development client, so the whole path runs on a laptop with one command."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from token_service.clients import (
+    ClientPolicy,
+    check_secret,
+    ensure_hash_key,
+    hash_secret,
+    new_client_secret,
+    save_client,
+    secret_name,
+)
+from token_service.keys import ensure_signing_key
+from token_service.store import SecretNotFound, SecretStore
+
+DEV_CLIENT_ID = "dev-client"
+
+
+@dataclass(frozen=True)
+class DevClient:
+    client_id: str
+    client_secret: str
+
+
+async def bootstrap(store: SecretStore, store_dir: Path, environ: dict[str, str] | None = None) -> DevClient:
+    """Make sure the store has a signing key and a development client; return its credentials.
+
+    The dev client's secret is kept in `<store>/dev-client.json` (0600) so that a restart prints
+    the same credentials; `SPEECHGATE_DEV_CLIENT_ID`/`_SECRET` fix them instead.
+    """
+    env = os.environ if environ is None else environ
+    await ensure_signing_key(store)
+    hash_key = await ensure_hash_key(store)
+    saved_path = store_dir / "dev-client.json"
+    saved: dict[str, str] = {}
+    if saved_path.exists():
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    client_id = env.get("SPEECHGATE_DEV_CLIENT_ID") or saved.get("client_id") or DEV_CLIENT_ID
+    secret = (
+        env.get("SPEECHGATE_DEV_CLIENT_SECRET")
+        or (saved.get("client_secret") if saved.get("client_id") == client_id else None)
+        or new_client_secret()
+    )
+
+    try:
+        current = ClientPolicy.from_json((await store.get(secret_name(client_id))).value or "")
+    except SecretNotFound:
+        current = None
+    if current is None or not check_secret(hash_key, current, secret):
+        policy = ClientPolicy(
+            client_id=client_id,
+            name="development client created by speechgate dev",
+            secret_hash=hash_secret(hash_key, client_id, secret),
+        )
+        await save_client(store, policy)
+    if saved != {"client_id": client_id, "client_secret": secret}:
+        fd = os.open(saved_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"client_id": client_id, "client_secret": secret}, handle)
+    return DevClient(client_id, secret)
+
+
+def banner(client: DevClient, token_url: str, redis_url: str | None) -> str:
+    limits = f"Redis at {redis_url}" if redis_url else "in-memory (set REDIS_URL to share them)"
+    return f"""
+speechgate dev — development mode, not for production
+  token service   {token_url}
+  rate limits     {limits}
+  dev client      client_id={client.client_id}
+                  client_secret={client.client_secret}
+
+Get a token:
+  curl -s -u '{client.client_id}:{client.client_secret}' -d grant_type=client_credentials {token_url}/v1/token
+"""

@@ -1,0 +1,135 @@
+"""Shared fixtures: a real Redis, an in-memory secret store, the token service on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.servers import ServerThread
+from token_service.app import create_app
+from token_service.clients import ClientPolicy, ensure_hash_key, hash_secret, new_client_secret, save_client
+from token_service.keys import ensure_signing_key
+from token_service.redisconn import connect
+from token_service.settings import Settings
+from token_service.store import MemoryStore, SecretStore
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"the tests need Redis at {REDIS_URL} ({exc}); .ci/run starts one")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own, deleted afterwards: tests never see each other's counters."""
+    value = f"sgtest-{secrets.token_hex(4)}:"
+    yield value
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{value}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def prepared_store(store: SecretStore | None = None) -> tuple[SecretStore, bytes]:
+    """A store with a signing key and the client-hash key, as `speechgate dev` leaves it."""
+    target: SecretStore = store if store is not None else MemoryStore()
+
+    async def prepare() -> bytes:
+        await ensure_signing_key(target)
+        return await ensure_hash_key(target)
+
+    return target, asyncio.run(prepare())
+
+
+def add_client(
+    store: SecretStore, hash_key: bytes, client_id: str | None = None, public: bool = False, **fields: Any
+) -> tuple[str, str]:
+    """Register a client; returns (client_id, secret), the secret empty for a public client."""
+    client_id = client_id or f"app-{secrets.token_hex(4)}"
+    secret = "" if public else new_client_secret()
+    policy = ClientPolicy.from_dict(
+        {"client_id": client_id, "secret_hash": None if public else hash_secret(hash_key, client_id, secret), **fields}
+    )
+    asyncio.run(save_client(store, policy))
+    return client_id, secret
+
+
+@dataclass
+class TokenService:
+    """A running token service and the handles a test needs around it."""
+
+    server: ServerThread
+    http: httpx.Client
+    store: SecretStore
+    hash_key: bytes
+    settings: Settings
+    app: Any = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def add_client(self, client_id: str | None = None, public: bool = False, **fields: Any) -> tuple[str, str]:
+        return add_client(self.store, self.hash_key, client_id, public, **fields)
+
+    def token(self, client_id: str, secret: str, **params: str) -> httpx.Response:
+        return self.http.post(
+            "/v1/token", auth=(client_id, secret), data={"grant_type": "client_credentials", **params}
+        )
+
+
+def base_settings(prefix: str, redis_url: str | None, **overrides: Any) -> Settings:
+    settings = Settings(redis_url=redis_url, redis_prefix=prefix)
+    return replace(settings, **overrides)
+
+
+@pytest.fixture
+def start_service(prefix: str, redis_url: str) -> Iterator[Any]:
+    """Start token services: `start_service(**settings)`; all are stopped after the test."""
+    running: list[TokenService] = []
+
+    def start(store: SecretStore | None = None, with_redis: bool = True, **overrides: Any) -> TokenService:
+        store, hash_key = prepared_store(store)
+        settings = base_settings(prefix, redis_url if with_redis else None, **overrides)
+        redis_client = connect(settings.redis_url) if settings.redis_url else None
+        app = create_app(settings, store, redis_client)
+        server = ServerThread(app).__enter__()
+        service = TokenService(server, httpx.Client(base_url=server.url), store, hash_key, settings, app)
+        running.append(service)
+        return service
+
+    yield start
+    for service in running:
+        service.http.close()
+        service.server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def service(start_service: Any) -> TokenService:
+    started: TokenService = start_service()
+    return started

@@ -1,0 +1,121 @@
+"""Connecting to Redis from a `limits`-style storage URI, and watching whether it is up.
+
+URIs: `redis://`, `rediss://`, `unix://` (optionally with limits' `async+` prefix),
+`redis+sentinel://host:port[,host:port]/service`, and `redis+cluster://host:port[,host:port]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+# Both are raised for a server that is down, restarting or unreachable.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+
+Redis = aioredis.Redis | RedisCluster
+
+# Short timeouts: a slow Redis must turn into the per-process fallback, not into slow requests.
+_OPTIONS: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+
+
+def connect(uri: str) -> Redis:
+    """A redis-py asyncio client for `uri`; no connection is made until the first command."""
+    uri = uri.removeprefix("async+")
+    parts = urlsplit(uri)
+    if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+        service = parts.path.strip("/")
+        if not service:
+            raise ValueError("a redis+sentinel:// URI needs the service name as its path")
+        auth = _auth(parts.username, parts.password)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            _locations(parts.netloc), sentinel_kwargs=auth, **auth, **_OPTIONS
+        )
+        master: aioredis.Redis = sentinel.master_for(service)
+        return master
+    if parts.scheme in ("redis+cluster", "rediss+cluster"):
+        nodes = [ClusterNode(host, port) for host, port in _locations(parts.netloc)]
+        options: dict[str, Any] = {**_auth(parts.username, parts.password), **_OPTIONS}
+        return RedisCluster(startup_nodes=nodes, ssl=parts.scheme.startswith("rediss"), **options)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unsupported Redis URI scheme {parts.scheme!r}")
+    return aioredis.Redis.from_url(uri, **_OPTIONS)
+
+
+def _auth(username: str | None, password: str | None) -> dict[str, str]:
+    auth = {}
+    if username:
+        auth["username"] = username
+    if password:
+        auth["password"] = password
+    return auth
+
+
+def _locations(netloc: str) -> list[tuple[str, int]]:
+    hosts = netloc.rpartition("@")[2]
+    found = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        found.append((host.strip("[]") or "localhost", int(port or 6379)))
+    return found
+
+
+class RedisHealth:
+    """Whether Redis answers. Callers mark it down on an error; a probe marks it up again.
+
+    While down, callers skip Redis entirely (no time lost on each request), and one background
+    task pings it every `interval` seconds until it answers.
+    """
+
+    def __init__(
+        self,
+        client: Redis | None,
+        interval: float = 1.0,
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.interval = interval
+        self.up = client is not None
+        self._on_change = on_change
+        self._probe: asyncio.Task[None] | None = None
+        if on_change:
+            on_change(self.up)
+
+    def mark_down(self, exc: BaseException) -> None:
+        if not self.up or self.client is None:
+            return
+        self.up = False
+        log.warning("redis unreachable (%s); using per-process limits", type(exc).__name__)
+        if self._on_change:
+            self._on_change(False)
+        self._probe = asyncio.get_running_loop().create_task(self._wait_for_redis())
+
+    async def _wait_for_redis(self) -> None:
+        assert self.client is not None
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.client.ping()
+            except REDIS_ERRORS:
+                continue
+            self.up = True
+            log.warning("redis reachable again; shared limits restored")
+            if self._on_change:
+                self._on_change(True)
+            return
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe

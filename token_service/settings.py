@@ -1,0 +1,110 @@
+"""Configuration: one frozen Settings object, read from the environment once at start-up.
+
+Every name is documented in the README's configuration table; defaults are the embedded ones that
+`speechgate dev` runs on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the services listen.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    relay_host: str = "127.0.0.1"
+    relay_port: int = 8001
+    # Who we are, as written into and checked in every token.
+    issuer: str = "http://127.0.0.1:8000"
+    audience: str = "speechgate-relay"
+    relay_url: str = "ws://127.0.0.1:8001"
+    # Shared state. No Redis URL means per-process, in-memory limits (dev only).
+    redis_url: str | None = None
+    redis_prefix: str = "sg:"
+    # The secret store: a Key Vault when its URL is set, else the local file store.
+    store_dir: Path = Path(".speechgate")
+    key_vault_url: str | None = None
+    # Token endpoint behaviour.
+    max_body_bytes: int = 16 * 1024
+    client_cache_s: float = 30.0
+    key_refresh_s: float = 60.0
+    idp_jwks_min_refresh_s: float = 10.0
+    idp_jwks_max_age_s: float = 3600.0
+    idp_leeway_s: int = 30
+    # Proxies whose X-Forwarded-For we believe (uvicorn's --forwarded-allow-ips).
+    forwarded_allow_ips: str = "127.0.0.1"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = ENV_NAMES[f.name]
+            raw = env.get(name)
+            if f.name == "redis_url" and raw is None:
+                raw = env.get("REDIS_URL")  # the common convention, also what CI sets
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _convert(name, raw, f.default)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("port", "relay_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise SettingsError(f"{ENV_NAMES[name]} must be a port number (0-65535)")
+        if self.max_body_bytes < 1024:
+            raise SettingsError("SPEECHGATE_MAX_BODY_BYTES must be at least 1024")
+        if self.key_vault_url is not None and not self.key_vault_url.startswith("https://"):
+            raise SettingsError("SPEECHGATE_KEY_VAULT_URL must be an https:// URL")
+        if not self.issuer.startswith(("https://", "http://")):
+            raise SettingsError("SPEECHGATE_ISSUER must be an http(s) URL")
+
+
+ENV_NAMES: dict[str, str] = {
+    "host": "SPEECHGATE_HOST",
+    "port": "SPEECHGATE_PORT",
+    "relay_host": "SPEECHGATE_RELAY_HOST",
+    "relay_port": "SPEECHGATE_RELAY_PORT",
+    "issuer": "SPEECHGATE_ISSUER",
+    "audience": "SPEECHGATE_AUDIENCE",
+    "relay_url": "SPEECHGATE_RELAY_URL",
+    "redis_url": "SPEECHGATE_REDIS_URL",
+    "redis_prefix": "SPEECHGATE_REDIS_PREFIX",
+    "store_dir": "SPEECHGATE_STORE_DIR",
+    "key_vault_url": "SPEECHGATE_KEY_VAULT_URL",
+    "max_body_bytes": "SPEECHGATE_MAX_BODY_BYTES",
+    "client_cache_s": "SPEECHGATE_CLIENT_CACHE_S",
+    "key_refresh_s": "SPEECHGATE_KEY_REFRESH_S",
+    "idp_jwks_min_refresh_s": "SPEECHGATE_IDP_JWKS_MIN_REFRESH_S",
+    "idp_jwks_max_age_s": "SPEECHGATE_IDP_JWKS_MAX_AGE_S",
+    "idp_leeway_s": "SPEECHGATE_IDP_LEEWAY_S",
+    "forwarded_allow_ips": "SPEECHGATE_FORWARDED_ALLOW_IPS",
+    "log_level": "SPEECHGATE_LOG_LEVEL",
+}
+
+
+def _convert(name: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+    return raw
