@@ -73,7 +73,11 @@ def add_client(
     client_id = client_id or f"app-{secrets.token_hex(4)}"
     secret = "" if public else new_client_secret()
     policy = ClientPolicy.from_dict(
-        {"client_id": client_id, "secret_hash": None if public else hash_secret(hash_key, client_id, secret), **fields}
+        {
+            "client_id": client_id,
+            "secret_hash": None if public else hash_secret(hash_key, client_id, secret),
+            **fields,
+        }
     )
     asyncio.run(save_client(store, policy))
     return client_id, secret
@@ -94,18 +98,15 @@ class TokenService:
     def url(self) -> str:
         return self.server.url
 
-    def add_client(self, client_id: str | None = None, public: bool = False, **fields: Any) -> tuple[str, str]:
+    def add_client(
+        self, client_id: str | None = None, public: bool = False, **fields: Any
+    ) -> tuple[str, str]:
         return add_client(self.store, self.hash_key, client_id, public, **fields)
 
     def token(self, client_id: str, secret: str, **params: str) -> httpx.Response:
         return self.http.post(
             "/v1/token", auth=(client_id, secret), data={"grant_type": "client_credentials", **params}
         )
-
-
-def base_settings(prefix: str, redis_url: str | None, **overrides: Any) -> Settings:
-    settings = Settings(redis_url=redis_url, redis_prefix=prefix)
-    return replace(settings, **overrides)
 
 
 @pytest.fixture
@@ -115,7 +116,8 @@ def start_service(prefix: str, redis_url: str) -> Iterator[Any]:
 
     def start(store: SecretStore | None = None, with_redis: bool = True, **overrides: Any) -> TokenService:
         store, hash_key = prepared_store(store)
-        settings = base_settings(prefix, redis_url if with_redis else None, **overrides)
+        overrides.setdefault("redis_url", redis_url if with_redis else None)
+        settings = replace(Settings(redis_prefix=prefix), **overrides)
         redis_client = connect(settings.redis_url) if settings.redis_url else None
         app = create_app(settings, store, redis_client)
         server = ServerThread(app).__enter__()

@@ -19,11 +19,15 @@ TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 
 
 def rfc7638_thumbprint(jwk: dict[str, str]) -> str:
-    canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
+    canonical = json.dumps(
+        {k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True
+    )
     return base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
 
 
-def test_token_verifies_against_the_published_jwks_and_carries_the_clients_limits(service: TokenService) -> None:
+def test_token_verifies_against_the_published_jwks_and_carries_the_clients_limits(
+    service: TokenService,
+) -> None:
     client_id, secret = service.add_client(
         token_ttl_s=120, max_session_s=900, languages=["en-US", "de-DE"], scopes=["speech:recognize"]
     )
@@ -63,15 +67,20 @@ def test_token_verifies_against_the_published_jwks_and_carries_the_clients_limit
 
 def test_each_token_has_its_own_jti(service: TokenService) -> None:
     client_id, secret = service.add_client()
-    jtis = {jwt.decode(service.token(client_id, secret).json()["access_token"],
-                       options={"verify_signature": False})["jti"] for _ in range(5)}
+    jtis = {
+        jwt.decode(
+            service.token(client_id, secret).json()["access_token"], options={"verify_signature": False}
+        )["jti"]
+        for _ in range(5)
+    }
     assert len(jtis) == 5
 
 
 def test_client_secret_in_the_form_body_works_like_basic(service: TokenService) -> None:
     client_id, secret = service.add_client()
     response = service.http.post(
-        "/v1/token", data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
+        "/v1/token",
+        data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},
     )
     assert response.status_code == 200, response.text
 
@@ -80,8 +89,12 @@ def test_json_body_is_accepted(service: TokenService) -> None:
     client_id, secret = service.add_client()
     response = service.http.post(
         "/v1/token",
-        json={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret,
-              "single_use": True},
+        json={
+            "grant_type": "client_credentials",
+            "client_id": client_id,
+            "client_secret": secret,
+            "single_use": True,
+        },
     )
     assert response.status_code == 200, response.text
     claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
@@ -98,7 +111,9 @@ def test_backend_mints_a_token_for_its_own_user_with_subject(service: TokenServi
 
 def test_scope_language_and_single_use_narrow_the_token(service: TokenService) -> None:
     client_id, secret = service.add_client(languages=["en-US", "fr-FR"])
-    response = service.token(client_id, secret, scope="speech:synthesize", language="fr-FR", single_use="true")
+    response = service.token(
+        client_id, secret, scope="speech:synthesize", language="fr-FR", single_use="true"
+    )
     assert response.status_code == 200, response.text
     claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
     assert claims["scope"] == "speech:synthesize"
@@ -115,98 +130,249 @@ def confidential(service: TokenService) -> tuple[str, str]:
     return service.add_client(languages=["en-US"], scopes=["speech:recognize"])
 
 
-# Each case: (request arguments built from the client, expected status, expected error, words in the description)
+# Each case: (request arguments from the client's credentials, status, error, words in the description)
 CASES: dict[str, tuple[Any, int, str, str]] = {
-    "unknown grant": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "password"}},
-                      400, "unsupported_grant_type", "grant_type must be"),
-    "missing grant_type": (lambda c, s: {"auth": (c, s), "data": {"scope": "speech:recognize"}},
-                           400, "invalid_request", "grant_type"),
-    "wrong secret": (lambda c, s: {"auth": (c, s + "x"), "data": {"grant_type": "client_credentials"}},
-                     401, "invalid_client", "wrong client secret"),
-    "unknown client": (lambda c, s: {"auth": ("no-such-client", s), "data": {"grant_type": "client_credentials"}},
-                       401, "invalid_client", "unknown client"),
-    "malformed client id": (lambda c, s: {"auth": ("../../etc", s), "data": {"grant_type": "client_credentials"}},
-                            401, "invalid_client", "unknown client"),
-    "no credentials": (lambda c, s: {"data": {"grant_type": "client_credentials"}},
-                       401, "invalid_client", "client_id is required"),
-    "client id without secret": (lambda c, s: {"data": {"grant_type": "client_credentials", "client_id": c}},
-                                 401, "invalid_client", "must authenticate"),
-    "basic not base64": (lambda c, s: {"headers": {"Authorization": "Basic %%%"},
-                                       "data": {"grant_type": "client_credentials"}},
-                         401, "invalid_client", "base64"),
-    "basic without colon": (lambda c, s: {"headers": _basic(c), "data": {"grant_type": "client_credentials"}},
-                            401, "invalid_client", "id:secret"),
-    "bearer instead of basic": (lambda c, s: {"headers": {"Authorization": "Bearer abc"},
-                                              "data": {"grant_type": "client_credentials"}},
-                                401, "invalid_client", "HTTP Basic"),
-    "credentials twice": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                                  "client_secret": s}},
-                          400, "invalid_request", "once"),
-    "repeated parameter": (lambda c, s: {"auth": (c, s),
-                                         "content": b"grant_type=client_credentials&scope=a&scope=b",
-                                         "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
-                           400, "invalid_request", "repeated"),
-    "scope not allowed": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                                  "scope": "speech:synthesize"}},
-                          400, "invalid_scope", "speech:synthesize"),
-    "unknown scope": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                              "scope": "admin"}},
-                      400, "invalid_scope", "admin"),
-    "language not allowed": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                                     "language": "de-DE"}},
-                             400, "invalid_scope", "de-DE"),
-    "language malformed": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                                   "language": "en_US!"}},
-                           400, "invalid_request", "locale"),
-    "single_use not boolean": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                                       "single_use": "maybe"}},
-                               400, "invalid_request", "single_use"),
-    "subject too long": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                                 "subject": "u" * 300}},
-                         400, "invalid_request", "subject"),
-    "subject with control characters": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                                                "subject": "a\nb"}},
-                                        400, "invalid_request", "subject"),
-    "body over 16 KiB": (lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials",
-                                                                 "pad": "x" * 17000}},
-                         413, "invalid_request", "larger than 16384"),
-    "chunked body over 16 KiB": (lambda c, s: {"auth": (c, s), "content": iter([b"grant_type=x&pad="] + [b"y" * 4096] * 5),
-                                               "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
-                                 413, "invalid_request", "larger than"),
-    "wrong content type": (lambda c, s: {"auth": (c, s), "content": b"grant_type=client_credentials",
-                                         "headers": {"Content-Type": "text/plain"}},
-                           415, "invalid_request", "Content-Type"),
-    "no content type": (lambda c, s: {"auth": (c, s), "content": b"grant_type=client_credentials"},
-                        415, "invalid_request", "Content-Type"),
-    "non-UTF-8 bytes": (lambda c, s: {"auth": (c, s), "content": b"grant_type=\xff\xfe",
-                                      "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
-                        400, "invalid_request", "UTF-8"),
-    "percent-encoded non-UTF-8": (lambda c, s: {"auth": (c, s), "content": b"grant_type=%ff%fe",
-                                                "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
-                                  400, "invalid_request", "form encoding"),
-    "malformed form": (lambda c, s: {"auth": (c, s), "content": b"grant_type",
-                                     "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
-                       400, "invalid_request", "form encoding"),
-    "malformed JSON": (lambda c, s: {"auth": (c, s), "content": b"{grant_type",
-                                     "headers": {"Content-Type": "application/json"}},
-                       400, "invalid_request", "not valid JSON"),
-    "JSON not an object": (lambda c, s: {"auth": (c, s), "json": ["client_credentials"]},
-                           400, "invalid_request", "object"),
-    "JSON number parameter": (lambda c, s: {"auth": (c, s), "json": {"grant_type": 5}},
-                              400, "invalid_request", "must be a string"),
-    "JSON duplicate member": (lambda c, s: {"auth": (c, s),
-                                            "content": b'{"grant_type":"a","grant_type":"client_credentials"}',
-                                            "headers": {"Content-Type": "application/json"}},
-                              400, "invalid_request", "repeated"),
-    "token exchange without identity provider": (lambda c, s: {"auth": (c, s), "data": {
-        "grant_type": TE, "subject_token": "x", "subject_token_type": "urn:ietf:params:oauth:token-type:id_token"}},
-        400, "unauthorized_client", "identity provider"),
+    "unknown grant": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "password"}},
+        400,
+        "unsupported_grant_type",
+        "grant_type must be",
+    ),
+    "missing grant_type": (
+        lambda c, s: {"auth": (c, s), "data": {"scope": "speech:recognize"}},
+        400,
+        "invalid_request",
+        "grant_type",
+    ),
+    "wrong secret": (
+        lambda c, s: {"auth": (c, s + "x"), "data": {"grant_type": "client_credentials"}},
+        401,
+        "invalid_client",
+        "wrong client secret",
+    ),
+    "unknown client": (
+        lambda c, s: {"auth": ("no-such-client", s), "data": {"grant_type": "client_credentials"}},
+        401,
+        "invalid_client",
+        "unknown client",
+    ),
+    "malformed client id": (
+        lambda c, s: {"auth": ("../../etc", s), "data": {"grant_type": "client_credentials"}},
+        401,
+        "invalid_client",
+        "unknown client",
+    ),
+    "no credentials": (
+        lambda c, s: {"data": {"grant_type": "client_credentials"}},
+        401,
+        "invalid_client",
+        "client_id is required",
+    ),
+    "client id without secret": (
+        lambda c, s: {"data": {"grant_type": "client_credentials", "client_id": c}},
+        401,
+        "invalid_client",
+        "must authenticate",
+    ),
+    "basic not base64": (
+        lambda c, s: {
+            "headers": {"Authorization": "Basic %%%"},
+            "data": {"grant_type": "client_credentials"},
+        },
+        401,
+        "invalid_client",
+        "base64",
+    ),
+    "basic without colon": (
+        lambda c, s: {"headers": _basic(c), "data": {"grant_type": "client_credentials"}},
+        401,
+        "invalid_client",
+        "id:secret",
+    ),
+    "bearer instead of basic": (
+        lambda c, s: {
+            "headers": {"Authorization": "Bearer abc"},
+            "data": {"grant_type": "client_credentials"},
+        },
+        401,
+        "invalid_client",
+        "HTTP Basic",
+    ),
+    "credentials twice": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials", "client_secret": s}},
+        400,
+        "invalid_request",
+        "once",
+    ),
+    "repeated parameter": (
+        lambda c, s: {
+            "auth": (c, s),
+            "content": b"grant_type=client_credentials&scope=a&scope=b",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+        },
+        400,
+        "invalid_request",
+        "repeated",
+    ),
+    "scope not allowed": (
+        lambda c, s: {
+            "auth": (c, s),
+            "data": {"grant_type": "client_credentials", "scope": "speech:synthesize"},
+        },
+        400,
+        "invalid_scope",
+        "speech:synthesize",
+    ),
+    "unknown scope": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials", "scope": "admin"}},
+        400,
+        "invalid_scope",
+        "admin",
+    ),
+    "language not allowed": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials", "language": "de-DE"}},
+        400,
+        "invalid_scope",
+        "de-DE",
+    ),
+    "language malformed": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials", "language": "en_US!"}},
+        400,
+        "invalid_request",
+        "locale",
+    ),
+    "single_use not boolean": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials", "single_use": "maybe"}},
+        400,
+        "invalid_request",
+        "single_use",
+    ),
+    "subject too long": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials", "subject": "u" * 300}},
+        400,
+        "invalid_request",
+        "subject",
+    ),
+    "subject with control characters": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials", "subject": "a\nb"}},
+        400,
+        "invalid_request",
+        "subject",
+    ),
+    "body over 16 KiB": (
+        lambda c, s: {"auth": (c, s), "data": {"grant_type": "client_credentials", "pad": "x" * 17000}},
+        413,
+        "invalid_request",
+        "larger than 16384",
+    ),
+    "chunked body over 16 KiB": (
+        lambda c, s: {
+            "auth": (c, s),
+            "content": iter([b"grant_type=x&pad="] + [b"y" * 4096] * 5),
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+        },
+        413,
+        "invalid_request",
+        "larger than",
+    ),
+    "wrong content type": (
+        lambda c, s: {
+            "auth": (c, s),
+            "content": b"grant_type=client_credentials",
+            "headers": {"Content-Type": "text/plain"},
+        },
+        415,
+        "invalid_request",
+        "Content-Type",
+    ),
+    "no content type": (
+        lambda c, s: {"auth": (c, s), "content": b"grant_type=client_credentials"},
+        415,
+        "invalid_request",
+        "Content-Type",
+    ),
+    "non-UTF-8 bytes": (
+        lambda c, s: {
+            "auth": (c, s),
+            "content": b"grant_type=\xff\xfe",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+        },
+        400,
+        "invalid_request",
+        "UTF-8",
+    ),
+    "percent-encoded non-UTF-8": (
+        lambda c, s: {
+            "auth": (c, s),
+            "content": b"grant_type=%ff%fe",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+        },
+        400,
+        "invalid_request",
+        "form encoding",
+    ),
+    "malformed form": (
+        lambda c, s: {
+            "auth": (c, s),
+            "content": b"grant_type",
+            "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+        },
+        400,
+        "invalid_request",
+        "form encoding",
+    ),
+    "malformed JSON": (
+        lambda c, s: {
+            "auth": (c, s),
+            "content": b"{grant_type",
+            "headers": {"Content-Type": "application/json"},
+        },
+        400,
+        "invalid_request",
+        "not valid JSON",
+    ),
+    "JSON not an object": (
+        lambda c, s: {"auth": (c, s), "json": ["client_credentials"]},
+        400,
+        "invalid_request",
+        "object",
+    ),
+    "JSON number parameter": (
+        lambda c, s: {"auth": (c, s), "json": {"grant_type": 5}},
+        400,
+        "invalid_request",
+        "must be a string",
+    ),
+    "JSON duplicate member": (
+        lambda c, s: {
+            "auth": (c, s),
+            "content": b'{"grant_type":"a","grant_type":"client_credentials"}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        400,
+        "invalid_request",
+        "repeated",
+    ),
+    "token exchange without identity provider": (
+        lambda c, s: {
+            "auth": (c, s),
+            "data": {
+                "grant_type": TE,
+                "subject_token": "x",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:id_token",
+            },
+        },
+        400,
+        "unauthorized_client",
+        "identity provider",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_gets_the_precise_oauth_error(service: TokenService, confidential: tuple[str, str],
-                                                case: str) -> None:
+def test_bad_input_gets_the_precise_oauth_error(
+    service: TokenService, confidential: tuple[str, str], case: str
+) -> None:
     build, status, error, words = CASES[case]
     response = service.http.post("/v1/token", **build(*confidential))
     assert response.status_code == status, response.text
@@ -241,9 +407,12 @@ def test_client_whose_store_version_is_disabled_is_refused(service: TokenService
 
 def test_public_client_may_not_use_client_credentials(service: TokenService) -> None:
     client_id, _ = service.add_client(
-        public=True, idp={"issuer": "https://idp.example", "jwks_uri": "https://idp.example/jwks",
-                          "audience": "app"})
-    response = service.http.post("/v1/token", data={"grant_type": "client_credentials", "client_id": client_id})
+        public=True,
+        idp={"issuer": "https://idp.example", "jwks_uri": "https://idp.example/jwks", "audience": "app"},
+    )
+    response = service.http.post(
+        "/v1/token", data={"grant_type": "client_credentials", "client_id": client_id}
+    )
     assert response.status_code == 400
     assert response.json()["error"] == "unauthorized_client"
 

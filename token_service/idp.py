@@ -23,6 +23,8 @@ from token_service.clients import IdentityProvider
 log = logging.getLogger(__name__)
 
 MAX_JWKS_BYTES = 256 * 1024
+# The JWK key type each algorithm family needs: a key is only ever used with its own kind.
+_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 
 class SubjectTokenError(Exception):
@@ -133,6 +135,8 @@ async def verify_subject_token(
     key = await cache.key(idp.jwks_uri, kid if isinstance(kid, str) else None)
     if key is None:
         raise SubjectTokenError("subject_token is signed with a key the identity provider does not publish")
+    if key.key_type != _KEY_TYPES[alg[:2]]:
+        raise SubjectTokenError(f"subject_token algorithm {alg} does not fit the {key.key_type} key it names")
     try:
         # The key object (not the PyJWK) so the algorithm family must match the key type.
         claims = jwt.decode(
@@ -154,7 +158,7 @@ async def verify_subject_token(
         raise SubjectTokenError("subject_token is from an unexpected issuer") from None
     except jwt.MissingRequiredClaimError as exc:
         raise SubjectTokenError(f"subject_token lacks the {exc.claim!r} claim") from None
-    except (jwt.InvalidTokenError, jwt.InvalidKeyError):
+    except (jwt.InvalidTokenError, jwt.InvalidKeyError, TypeError, ValueError):
         raise SubjectTokenError("subject_token signature is invalid") from None
     subject = claims["sub"]
     if not isinstance(subject, str) or not 0 < len(subject) <= 256:

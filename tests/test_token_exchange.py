@@ -1,0 +1,263 @@
+"""RFC 8693 token exchange: a mobile app's IdP token, verified against the IdP's JWKS, for ours."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from tests.conftest import TokenService
+from tests.idp import AUDIENCE, ISSUER, FakeIdp, b64, unsigned_token
+from tests.servers import ServerThread
+
+TE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+
+
+@pytest.fixture
+def idp() -> Iterator[tuple[FakeIdp, str]]:
+    fake = FakeIdp()
+    fake.add_rsa_key("rsa-1")
+    fake.add_ec_key("ec-1")
+    with ServerThread(fake.app()) as server:
+        yield fake, f"{server.url}/jwks"
+
+
+def exchange(service: TokenService, client_id: str, subject_token: str, **extra: str) -> Any:
+    return service.http.post(
+        "/v1/token",
+        data={
+            "grant_type": TE,
+            "client_id": client_id,
+            "subject_token": subject_token,
+            "subject_token_type": ID_TOKEN,
+            **extra,
+        },
+    )
+
+
+def public_client(service: TokenService, jwks_uri: str, **fields: Any) -> str:
+    client_id, _ = service.add_client(
+        public=True, idp={"issuer": ISSUER, "jwks_uri": jwks_uri, "audience": AUDIENCE}, **fields
+    )
+    return client_id
+
+
+def test_idp_token_is_exchanged_for_ours_with_the_idp_subject(
+    service: TokenService, idp: tuple[FakeIdp, str]
+) -> None:
+    fake, uri = idp
+    client_id = public_client(service, uri)
+    for kid in ("rsa-1", "ec-1"):
+        response = exchange(
+            service, client_id, fake.id_token(kid, sub="alice@example"), scope="speech:recognize"
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+        claims = jwt.decode(body["access_token"], options={"verify_signature": False})
+        assert claims["sub"] == "alice@example"
+        assert claims["client_id"] == client_id
+        assert claims["iss"] == service.settings.issuer
+        assert claims["scope"] == "speech:recognize"
+
+
+def _hs256_with_public_key(fake: FakeIdp) -> str:
+    """Algorithm confusion: HMAC-signed with the IdP's *public* key, which anyone can fetch."""
+    public_pem = (
+        fake.keys["rsa-1"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    header = {"alg": "HS256", "kid": "rsa-1", "typ": "JWT"}
+    now = int(time.time())
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "exp": now + 600}
+    signing_input = unsigned_token(header, payload).rsplit(".", 1)[0]
+    signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+def _alg_none() -> str:
+    now = int(time.time())
+    return unsigned_token(
+        {"alg": "none", "kid": "rsa-1"}, {"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "exp": now + 600}
+    )
+
+
+def _duplicate_sub(fake: FakeIdp) -> str:
+    token = fake.id_token("rsa-1")
+    header, payload, signature = token.split(".")
+    raw = jwt.utils.base64url_decode(payload).decode()
+    forged = raw[:-1] + ',"sub":"mallory"}'
+    return ".".join([header, b64(forged.encode()), signature])
+
+
+BAD_TOKENS: dict[str, tuple[Any, str]] = {
+    "expired": (lambda f: f.id_token("rsa-1", exp=int(time.time()) - 3600), "expired"),
+    "not yet valid": (lambda f: f.id_token("rsa-1", nbf=int(time.time()) + 3600), "not yet valid"),
+    "another audience": (lambda f: f.id_token("rsa-1", aud="another-app"), "another audience"),
+    "unknown issuer": (lambda f: f.id_token("rsa-1", iss="https://evil.example"), "unexpected issuer"),
+    "no subject": (lambda f: f.id_token("rsa-1", sub=None), "'sub'"),
+    "no expiry": (lambda f: f.id_token("rsa-1", exp=None), "'exp'"),
+    "alg none": (lambda f: _alg_none(), "algorithm 'none'"),
+    "HS256 with the IdP's public key": (_hs256_with_public_key, "algorithm 'HS256'"),
+    "ES256 header on an RSA key": (
+        lambda f: unsigned_token(
+            {"alg": "ES256", "kid": "rsa-1"},
+            {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": int(time.time()) + 60},
+            b"\0" * 64,
+        ),
+        "does not fit the RSA key",
+    ),
+    "tampered signature": (lambda f: f.id_token("rsa-1")[:-6] + "AAAAAA", "signature is invalid"),
+    "unknown key id": (lambda f: f.id_token("rsa-1", headers={"kid": "nobody"}), "does not publish"),
+    "duplicated claim": (_duplicate_sub, "duplicate member 'sub'"),
+    "not a JWT": (lambda f: "not-a-jwt", "malformed"),
+    "oversized": (lambda f: f.id_token("rsa-1", pad="x" * 9000), "longer than"),
+    "critical header": (lambda f: f.id_token("rsa-1", headers={"crit": ["exp"]}), "critical"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENS))
+def test_bad_subject_token_is_invalid_grant(
+    service: TokenService, idp: tuple[FakeIdp, str], case: str
+) -> None:
+    fake, uri = idp
+    client_id = public_client(service, uri)
+    build, words = BAD_TOKENS[case]
+    response = exchange(service, client_id, build(fake))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_grant"
+    assert words in response.json()["error_description"]
+
+
+def test_our_own_access_token_is_not_accepted_as_identity(
+    service: TokenService,
+) -> None:
+    backend_id, secret = service.add_client()
+    ours = service.token(backend_id, secret).json()["access_token"]
+    client_id, _ = service.add_client(
+        public=True,
+        idp={
+            "issuer": service.settings.issuer,
+            "jwks_uri": f"{service.url}/.well-known/jwks.json",
+            "audience": service.settings.audience,
+            "algorithms": ["ES256"],
+        },
+    )
+    response = exchange(service, client_id, ours)
+    assert response.status_code == 400
+    assert "not from us" in response.json()["error_description"]
+
+
+REQUEST_ERRORS: dict[str, tuple[dict[str, str], int, str, str]] = {
+    "missing subject_token": ({"subject_token": ""}, 400, "invalid_request", "subject_token"),
+    "unknown subject_token_type": (
+        {"subject_token_type": "urn:x"},
+        400,
+        "invalid_request",
+        "subject_token_type",
+    ),
+    "unsupported requested_token_type": (
+        {"requested_token_type": "urn:ietf:params:oauth:token-type:saml2"},
+        400,
+        "invalid_request",
+        "requested_token_type",
+    ),
+    "another audience": ({"audience": "https://other.example"}, 400, "invalid_target", "audience"),
+    "subject parameter": ({"subject": "bob"}, 400, "invalid_request", "subject_token"),
+    "secret sent by a public client": ({"client_secret": "guess"}, 401, "invalid_client", "public client"),
+    "scope not allowed": ({"scope": "speech:synthesize"}, 400, "invalid_scope", "speech:synthesize"),
+}
+
+
+@pytest.mark.parametrize("case", list(REQUEST_ERRORS))
+def test_malformed_exchange_requests_are_refused(
+    service: TokenService, idp: tuple[FakeIdp, str], case: str
+) -> None:
+    fake, uri = idp
+    client_id = public_client(service, uri, scopes=["speech:recognize"])
+    extra, status, error, words = REQUEST_ERRORS[case]
+    data = {
+        "grant_type": TE,
+        "client_id": client_id,
+        "subject_token": fake.id_token("rsa-1"),
+        "subject_token_type": ID_TOKEN,
+        **extra,
+    }
+    response = service.http.post("/v1/token", data=data)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error
+    assert words in response.json()["error_description"]
+
+
+def test_unknown_kid_refetches_the_jwks_once_the_idp_rotated(
+    start_service: Any, idp: tuple[FakeIdp, str]
+) -> None:
+    fake, uri = idp
+    service = start_service(idp_jwks_min_refresh_s=0.0)
+    client_id = public_client(service, uri)
+    assert exchange(service, client_id, fake.id_token("rsa-1")).status_code == 200
+    fetches = fake.fetches
+    fake.add_rsa_key("rsa-2")  # the IdP rotates
+    response = exchange(service, client_id, fake.id_token("rsa-2"))
+    assert response.status_code == 200, response.text
+    assert fake.fetches == fetches + 1
+
+
+def test_unknown_kids_cannot_make_us_hammer_the_idp(start_service: Any, idp: tuple[FakeIdp, str]) -> None:
+    fake, uri = idp
+    service = start_service(idp_jwks_min_refresh_s=3600.0)
+    client_id = public_client(service, uri)
+    assert exchange(service, client_id, fake.id_token("rsa-1")).status_code == 200
+    for n in range(5):
+        token = fake.id_token("rsa-1", headers={"kid": f"made-up-{n}"})
+        assert exchange(service, client_id, token).status_code == 400
+    assert fake.fetches == 1
+
+
+def test_cached_keys_are_kept_while_the_idp_is_down(start_service: Any, idp: tuple[FakeIdp, str]) -> None:
+    fake, uri = idp
+    service = start_service(idp_jwks_min_refresh_s=0.0, idp_jwks_max_age_s=0.0)  # refetch every time
+    client_id = public_client(service, uri)
+    assert exchange(service, client_id, fake.id_token("rsa-1")).status_code == 200
+    fake.failing = True
+    response = exchange(service, client_id, fake.id_token("rsa-1"))
+    assert response.status_code == 200, response.text
+    assert fake.fetches >= 2  # it did try, and kept the stale keys
+
+
+def test_idp_unreachable_with_nothing_cached_is_a_retryable_503(
+    service: TokenService, idp: tuple[FakeIdp, str]
+) -> None:
+    fake, uri = idp
+    fake.failing = True
+    client_id = public_client(service, uri)
+    response = exchange(service, client_id, fake.id_token("rsa-1"))
+    assert response.status_code == 503
+    assert response.json()["error"] == "temporarily_unavailable"
+    assert int(response.headers["retry-after"]) > 0
+
+
+def test_symmetric_keys_in_the_jwks_are_never_used(service: TokenService, idp: tuple[FakeIdp, str]) -> None:
+    fake, uri = idp
+    secret = b"published-in-the-clear-for-all-to-see"
+    fake.extra_jwks.append({"kty": "oct", "kid": "hmac", "k": b64(secret), "alg": "HS256"})
+    client_id, _ = service.add_client(
+        public=True, idp={"issuer": ISSUER, "jwks_uri": uri, "audience": AUDIENCE, "algorithms": ["RS256"]}
+    )
+    forged = jwt.encode(
+        {"iss": ISSUER, "aud": AUDIENCE, "sub": "x", "exp": int(time.time()) + 60},
+        secret,
+        algorithm="HS256",
+        headers={"kid": "hmac"},
+    )
+    response = exchange(service, client_id, forged)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
