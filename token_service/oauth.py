@@ -55,6 +55,8 @@ def invalid_client(description: str) -> OAuthError:
 
 def parse_body(content_type: str | None, body: bytes) -> dict[str, str]:
     """The request's parameters, from a form-encoded or JSON body; each name at most once."""
+    if not body and content_type is None:
+        return {}  # nothing sent at all: report the missing parameters, not the media type
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media not in ("application/x-www-form-urlencoded", "application/json"):
         raise invalid_request(

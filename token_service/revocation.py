@@ -27,10 +27,9 @@ class RedisRevocations:
         self.keyspace = keyspace
 
     async def revoke_jti(self, jti: str, until: int) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keyspace.revoked_jti(jti), "1", exat=until)
-            pipe.publish(self.keyspace.events, json.dumps({"type": "revoke", "jti": jti}))
-            await pipe.execute()
+        # Two commands, not a pipeline: Redis Cluster refuses PUBLISH inside one.
+        await self.redis.set(self.keyspace.revoked_jti(jti), "1", exat=until)
+        await self.redis.publish(self.keyspace.events, json.dumps({"type": "revoke", "jti": jti}))
 
     async def is_revoked(self, jti: str) -> bool:
         return bool(await self.redis.exists(self.keyspace.revoked_jti(jti)))

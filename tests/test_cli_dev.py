@@ -1,0 +1,78 @@
+"""`speechgate dev` on a fresh directory: the printed curl line gets a token."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.processes import Process, free_port
+
+SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
+
+
+def dev(cwd: Path, **env: str) -> Process:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHGATE_") and k != "REDIS_URL"}
+    return Process(
+        [SPEECHGATE, "dev", "--port", str(free_port())], "Uvicorn running on", env={**clean, **env}, cwd=cwd
+    )
+
+
+def run_curl_line(output: str) -> dict[str, object]:
+    (line,) = [x.strip() for x in output.splitlines() if x.strip().startswith("curl ")]
+    result = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30, check=True)
+    body: dict[str, object] = json.loads(result.stdout)
+    return body
+
+
+def credentials(output: str) -> tuple[str, str]:
+    client_id = re.search(r"client_id=(\S+)", output)
+    secret = re.search(r"client_secret=(\S+)", output)
+    assert client_id is not None
+    assert secret is not None
+    return client_id.group(1), secret.group(1)
+
+
+def test_dev_prints_a_curl_line_that_gets_a_token(tmp_path: Path) -> None:
+    with dev(tmp_path) as first:
+        output = "".join(first.output)
+        body = run_curl_line(output)
+    assert body["token_type"] == "Bearer"
+    assert "in-memory" in output
+    assert (tmp_path / ".speechgate" / "secrets").is_dir()
+    with dev(tmp_path) as second:  # a restart keeps the same credentials
+        assert credentials("".join(second.output)) == credentials(output)
+        assert run_curl_line("".join(second.output))["token_type"] == "Bearer"
+
+
+def test_dev_client_credentials_can_be_fixed_by_environment(tmp_path: Path, redis_url: str) -> None:
+    secret = "s3cret-for-the-demo-0123456789abcdef"
+    with dev(
+        tmp_path,
+        SPEECHGATE_DEV_CLIENT_ID="demo-app",
+        SPEECHGATE_DEV_CLIENT_SECRET=secret,
+        REDIS_URL=redis_url,
+        SPEECHGATE_REDIS_PREFIX="sgtest-dev:",
+    ) as proc:
+        output = "".join(proc.output)
+        assert credentials(output) == ("demo-app", secret)
+        assert f"Redis at {redis_url}" in output
+        assert run_curl_line(output)["scope"] == "speech:recognize speech:synthesize"
+
+
+def test_bad_setting_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [SPEECHGATE, "dev"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env={**os.environ, "SPEECHGATE_PORT": "eighty"},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "SPEECHGATE_PORT='eighty' is not a valid int" in result.stderr
+    assert "Traceback" not in result.stderr

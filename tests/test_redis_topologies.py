@@ -1,0 +1,132 @@
+"""Sentinel and Cluster URIs work for real: a Redis Cluster and a Sentinel of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.processes import Process, RedisServer, free_port, wait_until
+from token_service.keyspace import Keyspace
+from token_service.ratelimit import RedisLimiter, checks_for
+from token_service.redisconn import connect
+from token_service.revocation import RedisRevocations
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port below 55536 whose cluster-bus port (+10000) is free too."""
+    for _ in range(100):
+        port = random.randint(20000, 45000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def cluster_node(workdir: Path, port: int) -> Process:
+    args = [
+        shutil.which("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        f"nodes-{port}.conf",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
+    return Process(args, "Ready to accept connections").start()
+
+
+@pytest.fixture(scope="module")
+def cluster_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("cluster")
+    ports = [cluster_port() for _ in range(3)]
+    nodes = [cluster_node(workdir, port) for port in ports]
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    try:
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        first = redis.Redis(host="127.0.0.1", port=ports[0], decode_responses=True)
+
+        def cluster_ok() -> bool:
+            info = first.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
+            return bool(info.get("cluster_state") == "ok")
+
+        assert wait_until(cluster_ok)
+        first.close()
+        yield "redis+cluster://" + ",".join(addresses)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def limit_counts(uri: str, prefix: str) -> list[bool]:
+    async def run() -> list[bool]:
+        client = connect(uri)
+        limiter = RedisLimiter(client, Keyspace(prefix))
+        checks = checks_for("tenant", "alice", "10.1.2.3", "5/minute", "3/minute", "4/minute")
+        results = [(await limiter.hit("tenant", checks)).allowed for _ in range(4)]
+        revocations = RedisRevocations(client, Keyspace(prefix))
+        await revocations.revoke_jti("j1", 2_000_000_000)
+        results.append(await revocations.is_revoked("j1"))
+        await client.delete(Keyspace(prefix).revoked_jti("j1"))
+        await client.aclose()
+        return results
+
+    return asyncio.run(run())  # three allowed, the fourth refused, then the revocation is visible
+
+
+def test_rate_limits_run_as_one_script_on_a_redis_cluster(cluster_uri: str) -> None:
+    # Client, subject and address counters share the {client} hash tag: one slot, one script.
+    assert limit_counts(cluster_uri, "sgtest-cluster:") == [True, True, True, False, True]
+
+
+def test_rate_limits_work_through_sentinel(tmp_path: Path) -> None:
+    master = RedisServer(tmp_path)
+    master.start()
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor speechgate 127.0.0.1 {master.port} 1\n")
+    sentinel = Process(
+        [shutil.which("redis-server") or "redis-server", str(config), "--sentinel"], "+monitor master"
+    )
+    try:
+        sentinel.start()
+        assert limit_counts(f"redis+sentinel://127.0.0.1:{port}/speechgate", "sgtest-sentinel:") == [
+            True,
+            True,
+            True,
+            False,
+            True,
+        ]
+        with master.client() as client:
+            assert client.keys("sgtest-sentinel:rl:*")  # the counters live on the monitored master
+    finally:
+        sentinel.stop()
+        master.stop()
