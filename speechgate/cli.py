@@ -11,8 +11,10 @@ import uvicorn
 
 from token_service.app import create_app
 from token_service.filestore import FileStore
+from token_service.keys import load_keyring
 from token_service.runtime import open_redis, open_store
 from token_service.settings import Settings, SettingsError
+from token_service.store import StoreError
 
 
 def _settings() -> Settings:
@@ -65,9 +67,13 @@ def token_service(host: str | None, port: int | None) -> None:
     """Run the token service (production)."""
     settings = _settings()
     try:
-        app = create_app(settings, open_store(settings), open_redis(settings))
+        store = open_store(settings)
+        asyncio.run(load_keyring(store))  # fail here with one clear line, not in the server
+        app = create_app(settings, store, open_redis(settings))
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
+    except StoreError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
     _serve(app, host or settings.host, settings.port if port is None else port, settings)
 
 

@@ -82,7 +82,7 @@ def _payload(**changes: object) -> dict[str, object]:
 
 REFUSED: dict[str, tuple[object, str]] = {
     "another audience": (lambda r: sign(claims(aud="other"), r.signer), "another audience"),
-    "another issuer": (lambda r: sign(claims(iss="https://evil"), r.signer), "another issuer"),
+    "another issuer": (lambda r: sign(claims(iss="https://evil"), r.signer), "unexpected issuer"),
     "not yet valid": (lambda r: sign(claims(nbf=int(time.time()) + 600), r.signer), "not yet valid"),
     "wrong typ": (lambda r: _forge(r, {"kid": r.signer.kid, "typ": "JWT"}, _payload()), "at+jwt"),
     "unknown kid": (lambda r: _forge(r, {"kid": "x", "typ": "at+jwt"}, _payload()), "unknown key"),

@@ -76,3 +76,19 @@ def test_bad_setting_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "SPEECHGATE_PORT='eighty' is not a valid int" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_token_service_without_signing_key_says_how_to_fix_it(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [SPEECHGATE, "token-service"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env={**os.environ, "SPEECHGATE_STORE_DIR": str(tmp_path / "empty")},
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "no enabled signing key" in result.stderr
+    assert "speechgate keys rotate-signing" in result.stderr
+    assert "Traceback" not in result.stderr

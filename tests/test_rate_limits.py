@@ -196,3 +196,24 @@ def test_limits_style_redis_uris_are_understood(uri: str) -> None:
 def test_unknown_redis_uri_scheme_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unsupported Redis URI scheme 'memcached'"):
         connect("memcached://127.0.0.1:11211")
+
+
+def test_limits_survive_a_flushed_script_cache(tmp_path: Path) -> None:
+    own = RedisServer(tmp_path)
+    own.start()
+    checks = checks_for("c", "s", "a", "3/minute", "", "")
+
+    async def run() -> list[bool]:
+        client = connect(own.url)
+        limiter = RedisLimiter(client, Keyspace("sg:"))
+        results = [(await limiter.hit("c", checks)).allowed]
+        await client.script_flush()  # as after a Redis restart or failover
+        results += [(await limiter.hit("c", checks)).allowed for _ in range(3)]
+        await limiter.aclose()
+        await client.aclose()
+        return results
+
+    try:
+        assert asyncio.run(run()) == [True, True, True, False]
+    finally:
+        own.stop()

@@ -115,7 +115,7 @@ BAD_TOKENS: dict[str, tuple[Any, str]] = {
         ),
         "does not fit the RSA key",
     ),
-    "tampered signature": (lambda f: f.id_token("rsa-1")[:-6] + "AAAAAA", "signature is invalid"),
+    "tampered signature": (lambda f: f.id_token("rsa-1")[:-6] + "AAAAAA", "invalid signature"),
     "unknown key id": (lambda f: f.id_token("rsa-1", headers={"kid": "nobody"}), "does not publish"),
     "duplicated claim": (_duplicate_sub, "duplicate member 'sub'"),
     "not a JWT": (lambda f: "not-a-jwt", "malformed"),

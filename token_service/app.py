@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -281,6 +280,7 @@ class TokenService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.health.close()
+        await self.limiter.aclose()
         await self.http.aclose()
         if self.redis is not None:
             await self.redis.aclose()
@@ -464,7 +464,6 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start()
-        gc.freeze()  # start-up objects never need collecting; keeps full collections short
         try:
             yield
         finally:

@@ -6,16 +6,19 @@ Tokens are RFC 9068 JWT access tokens (`typ: at+jwt`) signed with ES256.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from token_service import jose
-from token_service.keys import ALGORITHM, SigningKey
+from token_service.keys import ALGORITHM, SigningKey, b64url
 
 TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a password
 SCOPES = ("speech:recognize", "speech:synthesize")
@@ -56,7 +59,7 @@ class AccessClaims:
         return self.exp + self.max_session_s
 
     def to_payload(self) -> dict[str, Any]:
-        payload = asdict(self)
+        payload = {name: getattr(self, name) for name in _FIELDS}  # dataclasses.asdict is 5x slower
         payload["lang"] = list(self.lang)
         if not self.single_use:
             del payload["single_use"]
@@ -87,6 +90,9 @@ class AccessClaims:
         return claims
 
 
+_FIELDS = tuple(f.name for f in fields(AccessClaims))
+
+
 def _typed(payload: Mapping[str, Any], name: str, kind: type) -> Any:
     value = payload.get(name)
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -98,13 +104,17 @@ def new_jti() -> str:
     return secrets.token_urlsafe(16)
 
 
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
 def sign(claims: AccessClaims, key: SigningKey) -> str:
-    return jwt.encode(
-        claims.to_payload(),
-        key.private_key,
-        algorithm=ALGORITHM,
-        headers={"kid": key.kid, "typ": TOKEN_TYPE},
-    )
+    """ES256 compact JWS. Written out rather than `jwt.encode`, which measured twice the CPU on
+    the token endpoint's hot path (generic header merging, sorting, key checks per call); the
+    header segment is computed once per key. Tests verify the result with PyJWT."""
+    payload = json.dumps(claims.to_payload(), separators=(",", ":")).encode()
+    signing_input = f"{key.header_segment}.{b64url(payload)}"
+    r, s = decode_dss_signature(key.private_key.sign(signing_input.encode("ascii"), _ECDSA_SHA256))
+    return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
 def verify(
@@ -142,16 +152,7 @@ def verify(
             leeway=leeway,
             options={"require": _REQUIRED, "verify_exp": check_exp},
         )
-    except jwt.ExpiredSignatureError:
-        raise InvalidToken("token expired", expired=True) from None
-    except jwt.ImmatureSignatureError:
-        raise InvalidToken("token not yet valid") from None
-    except jwt.InvalidAudienceError:
-        raise InvalidToken("token is for another audience") from None
-    except jwt.InvalidIssuerError:
-        raise InvalidToken("token from another issuer") from None
-    except jwt.MissingRequiredClaimError as exc:
-        raise InvalidToken(f"token lacks the {exc.claim!r} claim") from None
-    except jwt.InvalidTokenError:
-        raise InvalidToken("invalid token signature or claims") from None
+    except jwt.InvalidTokenError as exc:
+        expired = isinstance(exc, jwt.ExpiredSignatureError)
+        raise InvalidToken(f"token {jose.failure(exc)}", expired=expired) from None
     return AccessClaims.from_payload(payload)

@@ -148,18 +148,10 @@ async def verify_subject_token(
             leeway=leeway,
             options={"require": ["iss", "aud", "exp", "sub"]},
         )
-    except jwt.ExpiredSignatureError:
-        raise SubjectTokenError("subject_token has expired") from None
-    except jwt.ImmatureSignatureError:
-        raise SubjectTokenError("subject_token is not yet valid") from None
-    except jwt.InvalidAudienceError:
-        raise SubjectTokenError("subject_token is for another audience") from None
-    except jwt.InvalidIssuerError:
-        raise SubjectTokenError("subject_token is from an unexpected issuer") from None
-    except jwt.MissingRequiredClaimError as exc:
-        raise SubjectTokenError(f"subject_token lacks the {exc.claim!r} claim") from None
-    except (jwt.InvalidTokenError, jwt.InvalidKeyError, TypeError, ValueError):
-        raise SubjectTokenError("subject_token signature is invalid") from None
+    except jwt.InvalidTokenError as exc:
+        raise SubjectTokenError(f"subject_token {jose.failure(exc)}") from None
+    except (jwt.InvalidKeyError, TypeError, ValueError):
+        raise SubjectTokenError("subject_token has an invalid signature") from None
     subject = claims["sub"]
     if not isinstance(subject, str) or not 0 < len(subject) <= 256:
         raise SubjectTokenError("subject_token 'sub' must be a string of 1-256 characters")

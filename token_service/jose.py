@@ -12,6 +12,8 @@ import binascii
 import json
 from typing import Any
 
+import jwt
+
 MAX_TOKEN_BYTES = 8 * 1024
 
 
@@ -19,20 +21,44 @@ class MalformedToken(ValueError):
     """Not a well-formed JWS; the message says what is wrong and never echoes the token."""
 
 
+class DuplicateMember(ValueError):
+    """A JSON object names one member twice: parsers disagree on which one wins."""
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name, value in pairs:
         if name in result:
-            raise MalformedToken(f"duplicate member {name!r}")
+            raise DuplicateMember(f"duplicate member {name!r}")
         result[name] = value
     return result
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """`json.loads` that raises DuplicateMember instead of keeping the last duplicate."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def failure(exc: Exception) -> str:
+    """What is wrong with a token that PyJWT refused, in words fit to show the client."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "has expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "is not yet valid"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "is for another audience"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "is from an unexpected issuer"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"lacks the {exc.claim!r} claim"
+    return "has an invalid signature or claims"
 
 
 def _decode_segment(segment: str, what: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except MalformedToken as exc:
+        value = loads_strict(raw.decode("utf-8"))
+    except DuplicateMember as exc:
         raise MalformedToken(f"{what}: {exc}") from None
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise MalformedToken(f"{what} is not base64url-encoded UTF-8 JSON") from None

@@ -8,6 +8,7 @@ version in the store.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -72,6 +73,12 @@ class SigningKey:
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self.private_key.public_key()
+
+    @functools.cached_property
+    def header_segment(self) -> str:
+        """The encoded JOSE header of every token this key signs."""
+        header = {"alg": ALGORITHM, "kid": self.kid, "typ": "at+jwt"}
+        return b64url(json.dumps(header, separators=(",", ":")).encode())
 
     def jwk(self) -> dict[str, str]:
         return {**public_jwk(self.public_key), "kid": self.kid, "use": "sig", "alg": ALGORITHM}

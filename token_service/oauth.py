@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
+
+from token_service.jose import DuplicateMember, loads_strict
 
 GRANT_CLIENT_CREDENTIALS = "client_credentials"
 GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
@@ -87,14 +87,10 @@ def parse_body(content_type: str | None, body: bytes) -> dict[str, str]:
 
 
 def _json_parameters(text: str) -> dict[str, str]:
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        names = [name for name, _ in pairs]
-        if len(set(names)) != len(names):
-            raise invalid_request("a JSON member is repeated; send each parameter once")
-        return dict(pairs)
-
     try:
-        doc = json.loads(text, object_pairs_hook=no_duplicates)
+        doc = loads_strict(text)
+    except DuplicateMember:
+        raise invalid_request("a JSON member is repeated; send each parameter once") from None
     except ValueError:
         raise invalid_request("the request body is not valid JSON") from None
     if not isinstance(doc, dict):

@@ -27,7 +27,7 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from token_service.keyspace import Keyspace
-from token_service.redisconn import REDIS_ERRORS, Redis, RedisHealth
+from token_service.redisconn import REDIS_ERRORS, Redis, RedisHealth, ScriptRunner
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ return out
 class RedisLimiter:
     def __init__(self, redis: Redis, keyspace: Keyspace) -> None:
         self.keyspace = keyspace
-        self._script = redis.register_script(_SCRIPT)
+        self._script = ScriptRunner(redis, _SCRIPT)
 
     async def hit(self, client_id: str, checks: Sequence[Check]) -> Decision:
         if not checks:
@@ -147,14 +147,16 @@ class RedisLimiter:
             current = self.keyspace.rate(client_id, check.policy, check.ident, check.amount, check.window_s)
             keys += (current + "/-1", current)
             args += (check.amount, check.window_s)
-        raw = await self._script(keys=keys, args=args)
-        values = [int(v) for v in raw]
+        values = [int(v) for v in await self._script(keys, args)]
         return Decision(
             allowed=values[0] == 1,
             retry_after_s=math.ceil(values[1] / 1000),
             remaining=tuple(values[2::2]),
             reset_s=tuple(math.ceil(v / 1000) for v in values[3::2]),
         )
+
+    async def aclose(self) -> None:
+        await self._script.aclose()
 
 
 class LocalLimiter:
@@ -189,6 +191,10 @@ class FailoverLimiter:
         self.redis = redis
         self.health = health
         self.local = local
+
+    async def aclose(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
 
     async def hit(self, client_id: str, checks: Sequence[Check]) -> Decision:
         if self.redis is not None and self.health.up:
