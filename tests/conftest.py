@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from tests.servers import ServerThread
+from tests.vault import vault  # noqa: F401 - a fixture for every test module
 from token_service.app import create_app
 from token_service.clients import ClientPolicy, ensure_hash_key, hash_secret, new_client_secret, save_client
 from token_service.keys import ensure_signing_key
@@ -55,32 +56,35 @@ def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+async def prepare(store: SecretStore) -> bytes:
+    """A signing key and the client-hash key, as `speechgate dev` leaves a store; the hash key."""
+    await ensure_signing_key(store)
+    return await ensure_hash_key(store)
+
+
 def prepared_store(store: SecretStore | None = None) -> tuple[SecretStore, bytes]:
-    """A store with a signing key and the client-hash key, as `speechgate dev` leaves it."""
     target: SecretStore = store if store is not None else MemoryStore()
+    return target, asyncio.run(prepare(target))
 
-    async def prepare() -> bytes:
-        await ensure_signing_key(target)
-        return await ensure_hash_key(target)
 
-    return target, asyncio.run(prepare())
+def new_client(
+    hash_key: bytes, client_id: str | None = None, public: bool = False, **fields: Any
+) -> tuple[ClientPolicy, str]:
+    """A client policy and its secret (empty for a public client)."""
+    client_id = client_id or f"app-{secrets.token_hex(4)}"
+    secret = "" if public else new_client_secret()
+    secret_hash = None if public else hash_secret(hash_key, client_id, secret)
+    policy = ClientPolicy.from_dict({"client_id": client_id, "secret_hash": secret_hash, **fields})
+    return policy, secret
 
 
 def add_client(
     store: SecretStore, hash_key: bytes, client_id: str | None = None, public: bool = False, **fields: Any
 ) -> tuple[str, str]:
     """Register a client; returns (client_id, secret), the secret empty for a public client."""
-    client_id = client_id or f"app-{secrets.token_hex(4)}"
-    secret = "" if public else new_client_secret()
-    policy = ClientPolicy.from_dict(
-        {
-            "client_id": client_id,
-            "secret_hash": None if public else hash_secret(hash_key, client_id, secret),
-            **fields,
-        }
-    )
+    policy, secret = new_client(hash_key, client_id, public, **fields)
     asyncio.run(save_client(store, policy))
-    return client_id, secret
+    return policy.client_id, secret
 
 
 @dataclass
@@ -115,7 +119,8 @@ def start_service(prefix: str, redis_url: str) -> Iterator[Any]:
     running: list[TokenService] = []
 
     def start(store: SecretStore | None = None, with_redis: bool = True, **overrides: Any) -> TokenService:
-        store, hash_key = prepared_store(store)
+        """A given store must be prepared already (it may belong to the server's event loop)."""
+        store, hash_key = prepared_store() if store is None else (store, b"")
         overrides.setdefault("redis_url", redis_url if with_redis else None)
         settings = replace(Settings(redis_prefix=prefix), **overrides)
         redis_client = connect(settings.redis_url) if settings.redis_url else None

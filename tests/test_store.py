@@ -7,25 +7,15 @@ import json
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.vault import Vault
 from token_service.filestore import FileStore
 from token_service.store import MemoryStore, SecretDisabled, SecretNotFound, SecretStore, StoreError
-
-STORES: dict[str, Callable[[Path], SecretStore]] = {
-    "memory": lambda _: MemoryStore(),
-    "file": lambda tmp: FileStore(tmp / "store"),
-}
-
-
-@pytest.fixture(params=list(STORES))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> SecretStore:
-    return STORES[request.param](tmp_path)
-
 
 T = TypeVar("T")
 
@@ -34,48 +24,62 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def test_newest_version_is_returned_and_old_ones_stay_readable(store: SecretStore) -> None:
-    first = run(store.set("speech-key", "one", tags={"slot": "key1"}))
-    second = run(store.set("speech-key", "two", tags={"slot": "key2"}, content_type="text/plain"))
+@pytest.fixture(params=["memory", "file", "keyvault"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SecretStore]:
+    """Each store behaves the same: the Key Vault one through the real SDK against the fake."""
+    if request.param == "memory":
+        yield MemoryStore()
+    elif request.param == "file":
+        yield FileStore(tmp_path / "store")
+    else:
+        vault: Vault = request.getfixturevalue("vault")
+        kv = vault.store()
+        yield kv
+        await kv.close()
+
+
+async def test_newest_version_is_returned_and_old_ones_stay_readable(store: SecretStore) -> None:
+    first = await store.set("speech-key", "one", tags={"slot": "key1"})
+    second = await store.set("speech-key", "two", tags={"slot": "key2"}, content_type="text/plain")
     assert first.version != second.version
     assert len(second.version) == 32
-    latest = run(store.get("speech-key"))
+    latest = await store.get("speech-key")
     assert (latest.value, latest.tags["slot"], latest.content_type) == ("two", "key2", "text/plain")
-    assert run(store.get("speech-key", first.version)).value == "one"
-    listed = run(store.versions("speech-key"))
+    assert (await store.get("speech-key", first.version)).value == "one"
+    listed = await store.versions("speech-key")
     assert [v.version for v in listed] == [first.version, second.version]
     assert all(v.value is None for v in listed)  # listings never carry values
 
 
-def test_disabled_version_cannot_be_read_but_is_listed(store: SecretStore) -> None:
-    item = run(store.set("k", "v"))
-    changed = run(store.update("k", item.version, enabled=False, tags={"state": "retired"}))
+async def test_disabled_version_cannot_be_read_but_is_listed(store: SecretStore) -> None:
+    item = await store.set("k", "v")
+    changed = await store.update("k", item.version, enabled=False, tags={"state": "retired"})
     assert changed.enabled is False
     assert changed.value is None
     with pytest.raises(SecretDisabled):
-        run(store.get("k"))
-    (listed,) = run(store.versions("k"))
+        await store.get("k")
+    (listed,) = await store.versions("k")
     assert (listed.enabled, listed.tags) == (False, {"state": "retired"})
-    run(store.update("k", item.version, enabled=True))
-    assert run(store.get("k")).value == "v"
+    await store.update("k", item.version, enabled=True)
+    assert (await store.get("k")).value == "v"
 
 
-def test_missing_secret_and_version_are_not_found(store: SecretStore) -> None:
+async def test_missing_secret_and_version_are_not_found(store: SecretStore) -> None:
     with pytest.raises(SecretNotFound):
-        run(store.get("nothing"))
+        await store.get("nothing")
     with pytest.raises(SecretNotFound):
-        run(store.versions("nothing"))
-    run(store.set("k", "v"))
+        await store.versions("nothing")
+    await store.set("k", "v")
     with pytest.raises(SecretNotFound):
-        run(store.get("k", "0" * 32))
+        await store.get("k", "0" * 32)
     with pytest.raises(SecretNotFound):
-        run(store.update("k", "0" * 32, enabled=False))
+        await store.update("k", "0" * 32, enabled=False)
 
 
-def test_names_are_listed_sorted(store: SecretStore) -> None:
+async def test_names_are_listed_sorted(store: SecretStore) -> None:
     for name in ("b-secret", "a-secret"):
-        run(store.set(name, "x"))
-    assert run(store.names()) == ["a-secret", "b-secret"]
+        await store.set(name, "x")
+    assert await store.names() == ["a-secret", "b-secret"]
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "", "x" * 128, "spaces here"])

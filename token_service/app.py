@@ -33,6 +33,7 @@ from token_service.clients import (
     check_secret,
     ensure_hash_key,
 )
+from token_service.events import EventListener
 from token_service.idp import IdpUnavailable, JwksCache, SubjectTokenError, verify_subject_token
 from token_service.keys import KeyRing, load_keyring
 from token_service.keyspace import Keyspace
@@ -74,6 +75,8 @@ class TokenService:
     keyring: KeyRing | None = None
     hash_key: bytes = b""
     store_ok: bool = True
+    store_ok_at: float = 0.0
+    listener: EventListener | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     # --- client authentication ------------------------------------------------------------
@@ -256,8 +259,17 @@ class TokenService:
             )
             return
         self.store_ok = True
+        self.store_ok_at = time.time()
         self.metrics.store_up.set(1)
+        self.metrics.store_last_success.set(self.store_ok_at)
         self.metrics.signing_keys.set(len(self.keyring.keys))
+
+    async def on_event(self, event: dict[str, Any]) -> None:
+        """A key reload published by the CLI: every replica re-reads at once."""
+        if event.get("type") == "reload":
+            log.info("reload event: %s", event.get("what", "all"))
+            self.clients.clear()
+            await self.refresh_keys()
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -272,6 +284,9 @@ class TokenService:
             )
         self.hash_key = await ensure_hash_key(self.store)
         self.tasks.append(asyncio.create_task(self._refresh_forever()))
+        if self.redis is not None:
+            self.listener = EventListener(self.redis, Keyspace(self.settings.redis_prefix), self.on_event)
+            self.listener.start()
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -279,6 +294,8 @@ class TokenService:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.listener is not None:
+            await self.listener.close()
         await self.health.close()
         await self.limiter.aclose()
         await self.http.aclose()
@@ -427,7 +444,8 @@ def create_app(
                 except REDIS_ERRORS as exc:
                     service.health.mark_down(exc)
             checks["redis"] = "ok" if service.health.up else "unreachable: per-process limits"
-        checks["key_store"] = "ok" if service.store_ok else "unreachable: serving cached keys"
+        stale_s = int(time.time() - service.store_ok_at)
+        checks["key_store"] = "ok" if service.store_ok else f"unreachable: serving keys read {stale_s} s ago"
         if service.keyring is None:
             return JSONResponse({"status": "not ready", "checks": checks}, status_code=503)
         degraded = not service.store_ok or (redis is not None and not service.health.up)

@@ -278,8 +278,9 @@ class ClientRegistry:
         self._cache[client_id] = _Entry(found, now)
         return found
 
-    def forget(self, client_id: str) -> None:
-        self._cache.pop(client_id, None)
+    def clear(self) -> None:
+        """Forget every cached policy: read each again on its next use."""
+        self._cache.clear()
 
     async def _read(self, client_id: str) -> ClientPolicy | str | None:
         try:

@@ -32,6 +32,11 @@ class TokenMetrics:
         self.store_up = Gauge(
             "speechgate_key_store_up", "1 when the last read of the key store succeeded", registry=registry
         )
+        self.store_last_success = Gauge(
+            "speechgate_key_store_last_success_timestamp_seconds",
+            "When the key store was last read successfully (staleness = now - this)",
+            registry=registry,
+        )
         self.signing_keys = Gauge(
             "speechgate_signing_keys", "Signing keys published in the JWKS", registry=registry
         )

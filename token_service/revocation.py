@@ -7,10 +7,10 @@ published so relays close live streams at once.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Protocol
 
+from token_service.events import publish
 from token_service.keyspace import Keyspace
 from token_service.redisconn import Redis
 
@@ -29,7 +29,7 @@ class RedisRevocations:
     async def revoke_jti(self, jti: str, until: int) -> None:
         # Two commands, not a pipeline: Redis Cluster refuses PUBLISH inside one.
         await self.redis.set(self.keyspace.revoked_jti(jti), "1", exat=until)
-        await self.redis.publish(self.keyspace.events, json.dumps({"type": "revoke", "jti": jti}))
+        await publish(self.redis, self.keyspace, {"type": "revoke", "jti": jti})
 
     async def is_revoked(self, jti: str) -> bool:
         return bool(await self.redis.exists(self.keyspace.revoked_jti(jti)))

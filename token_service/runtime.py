@@ -9,8 +9,11 @@ from token_service.store import SecretStore
 
 
 def open_store(settings: Settings) -> SecretStore:
+    """Key Vault when SPEECHGATE_KEY_VAULT_URL is set, else the local file store."""
     if settings.key_vault_url:
-        raise SettingsError("SPEECHGATE_KEY_VAULT_URL is not supported yet; unset it to use the file store")
+        from token_service.keyvault import KeyVaultStore  # the Azure SDK loads only when used
+
+        return KeyVaultStore(settings.key_vault_url)
     return FileStore(settings.store_dir)
 
 

@@ -68,7 +68,8 @@ class SecretStore(Protocol):
         ...
 
     async def versions(self, name: str) -> list[SecretVersion]:
-        """Every version of `name`, oldest first, without values."""
+        """Every version of `name` without values, by creation time (whole seconds in Key Vault)
+        and always with the newest last."""
         ...
 
     async def update(
