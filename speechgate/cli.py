@@ -9,6 +9,7 @@ import sys
 import click
 import uvicorn
 
+from speechgate import admin
 from token_service.app import create_app
 from token_service.filestore import FileStore
 from token_service.keys import load_keyring
@@ -76,6 +77,10 @@ def token_service(host: str | None, port: int | None) -> None:
         raise click.ClickException(f"cannot start: {exc}") from None
     _serve(app, host or settings.host, settings.port if port is None else port, settings)
 
+
+main.add_command(admin.keys)
+main.add_command(admin.clients)
+main.add_command(admin.tokens)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -7,13 +7,16 @@ import random
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 
 from tests.processes import Process, RedisServer, free_port, wait_until
+from token_service.claims import AccessClaims
 from token_service.keyspace import Keyspace
 from token_service.ratelimit import RedisLimiter, checks_for
 from token_service.redisconn import connect
@@ -92,19 +95,37 @@ def limit_counts(uri: str, prefix: str) -> list[bool]:
         limiter = RedisLimiter(client, Keyspace(prefix))
         checks = checks_for("tenant", "alice", "10.1.2.3", "5/minute", "3/minute", "4/minute")
         results = [(await limiter.hit("tenant", checks)).allowed for _ in range(4)]
-        revocations = RedisRevocations(client, Keyspace(prefix))
-        await revocations.revoke_jti("j1", 2_000_000_000)
-        results.append(await revocations.is_revoked("j1"))
-        await client.delete(Keyspace(prefix).revoked_jti("j1"))
+        keyspace = Keyspace(prefix)
+        revocations = RedisRevocations(client, keyspace)
+        now = int(time.time())
+        token = AccessClaims(
+            iss="i",
+            aud="a",
+            sub="alice",
+            client_id="tenant",
+            scope="s",
+            iat=now - 5,
+            nbf=now - 5,
+            exp=now + 60,
+            jti="j1",
+            max_session_s=60,
+        )
+        await revocations.revoke_jti("j1", now + 60)
+        results.append(await revocations.revoked(token) == "token revoked")
+        await revocations.revoke_subject("tenant", "alice", 60)
+        results.append(await revocations.revoked(replace(token, jti="j2")) == "subject revoked")
+        for key in (keyspace.revoked_jti("j1"), keyspace.revoked_subject("tenant", "alice")):
+            await client.delete(key)
         await client.aclose()
         return results
 
-    return asyncio.run(run())  # three allowed, the fourth refused, then the revocation is visible
+    # three allowed, the fourth refused; then both kinds of revocation are visible
+    return asyncio.run(run())
 
 
 def test_rate_limits_run_as_one_script_on_a_redis_cluster(cluster_uri: str) -> None:
     # Client, subject and address counters share the {client} hash tag: one slot, one script.
-    assert limit_counts(cluster_uri, "sgtest-cluster:") == [True, True, True, False, True]
+    assert limit_counts(cluster_uri, "sgtest-cluster:") == [True, True, True, False, True, True]
 
 
 def test_rate_limits_work_through_sentinel(tmp_path: Path) -> None:
@@ -123,6 +144,7 @@ def test_rate_limits_work_through_sentinel(tmp_path: Path) -> None:
             True,
             True,
             False,
+            True,
             True,
         ]
         with master.client() as client:

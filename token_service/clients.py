@@ -25,7 +25,7 @@ from token_service.claims import SCOPES
 from token_service.store import SecretDisabled, SecretNotFound, SecretStore, StoreError
 
 CLIENT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
-HASH_KEY_SECRET = "speechgate-client-hash-key"  # noqa: S105 - a secret name
+HASH_KEY_SECRET = "speechgate-secret-hash-key"  # noqa: S105 - a secret name
 # Asymmetric algorithms only: an HMAC "key" taken from a public JWKS would let anyone sign.
 IDP_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
@@ -222,6 +222,39 @@ async def save_client(store: SecretStore, policy: ClientPolicy) -> None:
         tags={"kind": "client"},
         content_type="application/json",
     )
+
+
+CLIENT_PREFIX = "speechgate-client-"
+
+
+async def load_client(store: SecretStore, client_id: str) -> ClientPolicy:
+    """A client's policy straight from the store (the CLI's view); SecretNotFound if none."""
+    if not CLIENT_ID.match(client_id):
+        raise SecretNotFound(f"no client {client_id!r}: ids are 3-64 lowercase letters, digits or '-'")
+    secret = await store.get(secret_name(client_id))
+    assert secret.value is not None
+    try:
+        return ClientPolicy.from_json(secret.value)
+    except PolicyError as exc:
+        raise StoreError(f"the stored policy of client {client_id!r} is invalid: {exc}") from None
+
+
+async def all_clients(store: SecretStore) -> list[ClientPolicy]:
+    found = []
+    for name in await store.names():
+        if name.startswith(CLIENT_PREFIX):
+            try:
+                found.append(await load_client(store, name.removeprefix(CLIENT_PREFIX)))
+            except SecretDisabled:
+                continue
+    return found
+
+
+async def longest_token_use_s(store: SecretStore) -> int:
+    """How long any token may still be used after it is issued: its lifetime, then a session."""
+    spans = [c.token_ttl_s + c.max_session_s for c in await all_clients(store)]
+    default = ClientPolicy(client_id="default", secret_hash="")
+    return max(spans, default=default.token_ttl_s + default.max_session_s)
 
 
 # --- the registry: cached policies ----------------------------------------------------------

@@ -157,3 +157,65 @@ async def ensure_signing_key(store: SecretStore) -> KeyRing:
 
 def _unsaved(pem: str) -> SecretVersion:
     return SecretVersion(name=SIGNING_KEY_SECRET, version="new", value=pem)
+
+
+# --- rotation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rotation:
+    signer_kid: str
+    created: bool  # False when this run only finished an interrupted one
+    previous_kids: list[str]
+    retired_kids: list[str]
+
+
+async def prune_signing_keys(store: SecretStore, now: int | None = None) -> list[str]:
+    """Disable the versions whose tokens have all expired (`retire-after` passed); their kids."""
+    now = int(time.time()) if now is None else now
+    try:
+        versions = await store.versions(SIGNING_KEY_SECRET)
+    except SecretNotFound:
+        return []
+    enabled = [v for v in versions if v.enabled]
+    retired = []
+    for item in enabled[:-1]:  # never the signer
+        if item.tags.get("state") == "previous" and int(item.tags.get("retire-after", "0")) <= now:
+            await store.update(
+                SIGNING_KEY_SECRET, item.version, enabled=False, tags={**item.tags, "state": "retired"}
+            )
+            retired.append(item.tags.get("kid", item.version))
+    return retired
+
+
+async def rotate_signing_key(store: SecretStore, grace_s: int, now: int | None = None) -> Rotation:
+    """Make a new key the signer; keep the previous ones published for `grace_s` more seconds.
+
+    Steps, each safe to repeat: (1) store the new key, which signs from then on (the newest
+    enabled version signs); (2) mark every older active key `previous` with `retire-after`.
+    A run interrupted after (1) leaves an older key still marked `active`: the next run sees
+    that, does (2) and creates no other key, so there is never more than one new signer.
+    """
+    now = int(time.time()) if now is None else now
+    retired = await prune_signing_keys(store, now)
+    try:
+        versions = [v for v in await store.versions(SIGNING_KEY_SECRET) if v.enabled]
+    except SecretNotFound:
+        versions = []
+    unfinished = len(versions) > 1 and any(v.tags.get("state") == "active" for v in versions[:-1])
+    if unfinished:
+        signer_kid = versions[-1].tags.get("kid", "")
+        older = versions[:-1]
+    else:
+        signer_kid = (await add_signing_key(store)).kid
+        older = versions
+    previous = []
+    for item in older:
+        if item.tags.get("state") == "active":
+            await store.update(
+                SIGNING_KEY_SECRET,
+                item.version,
+                tags={**item.tags, "state": "previous", "retire-after": str(now + grace_s)},
+            )
+            previous.append(item.tags.get("kid", item.version))
+    return Rotation(signer_kid, not unfinished, previous, retired)

@@ -21,6 +21,14 @@ class Keyspace:
         """Present while the token with this `jti` is revoked (TTL: until it can no longer be used)."""
         return f"{self.prefix}revoked:jti:{jti}"
 
+    def revoked_subject(self, client_id: str, subject: str) -> str:
+        """When every token of this subject of this client issued until then was revoked."""
+        return f"{self.prefix}revoked:{{{client_id}}}:sub:{subject}"
+
+    def revoked_client(self, client_id: str) -> str:
+        """When every token of this client issued until then was revoked."""
+        return f"{self.prefix}revoked:{{{client_id}}}:all"
+
     @property
     def events(self) -> str:
         """Pub/sub channel for revocations and key reloads."""

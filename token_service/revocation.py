@@ -1,8 +1,12 @@
-"""Revoked tokens: a deny list read by the relay at every handshake.
+"""Revoked tokens: deny entries read by the relay at every handshake.
 
-An entry lives until the token can no longer matter (`exp` + `max_session_s`, since a stream opened
-just before `exp` may run that long), then Redis forgets it by itself. Each revocation is also
-published so relays close live streams at once.
+- one token: `revoked:jti:<jti>`;
+- every token of a subject of a client, or of a whole client, issued until now:
+  `revoked:{<client>}:sub:<subject>` and `revoked:{<client>}:all`, holding the revocation time
+  (tokens with `iat` at or before it are refused; tokens issued later are not).
+Each entry lives until the last token it covers can no longer be used (`exp + max_session_s`,
+since a stream opened just before `exp` may run that long), then Redis forgets it. Each
+revocation is also published so relays close live streams at once.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+from token_service.claims import AccessClaims
 from token_service.events import publish
 from token_service.keyspace import Keyspace
 from token_service.redisconn import Redis
@@ -18,7 +23,7 @@ from token_service.redisconn import Redis
 class Revocations(Protocol):
     async def revoke_jti(self, jti: str, until: int) -> None: ...
 
-    async def is_revoked(self, jti: str) -> bool: ...
+    async def revoked(self, claims: AccessClaims) -> str | None: ...
 
 
 class RedisRevocations:
@@ -27,12 +32,37 @@ class RedisRevocations:
         self.keyspace = keyspace
 
     async def revoke_jti(self, jti: str, until: int) -> None:
-        # Two commands, not a pipeline: Redis Cluster refuses PUBLISH inside one.
+        # Separate commands, not a pipeline: Redis Cluster refuses PUBLISH inside one.
         await self.redis.set(self.keyspace.revoked_jti(jti), "1", exat=until)
         await publish(self.redis, self.keyspace, {"type": "revoke", "jti": jti})
 
-    async def is_revoked(self, jti: str) -> bool:
-        return bool(await self.redis.exists(self.keyspace.revoked_jti(jti)))
+    async def revoke_subject(self, client_id: str, subject: str, ttl_s: int) -> None:
+        now = int(time.time())
+        await self.redis.set(self.keyspace.revoked_subject(client_id, subject), str(now), ex=ttl_s)
+        await publish(
+            self.redis, self.keyspace, {"type": "revoke", "client_id": client_id, "sub": subject, "at": now}
+        )
+
+    async def revoke_client(self, client_id: str, ttl_s: int) -> None:
+        now = int(time.time())
+        await self.redis.set(self.keyspace.revoked_client(client_id), str(now), ex=ttl_s)
+        await publish(self.redis, self.keyspace, {"type": "revoke", "client_id": client_id, "at": now})
+
+    async def revoked(self, claims: AccessClaims) -> str | None:
+        """Why the token is revoked, or None."""
+        keys = self.keyspace
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys.revoked_jti(claims.jti))
+            pipe.get(keys.revoked_subject(claims.client_id, claims.sub))
+            pipe.get(keys.revoked_client(claims.client_id))
+            jti, subject_at, client_at = await pipe.execute()
+        if jti:
+            return "token revoked"
+        if subject_at is not None and claims.iat <= int(subject_at):
+            return "subject revoked"
+        if client_at is not None and claims.iat <= int(client_at):
+            return "client revoked"
+        return None
 
 
 class MemoryRevocations:
@@ -46,5 +76,5 @@ class MemoryRevocations:
         self._until = {k: v for k, v in self._until.items() if v > now}
         self._until[jti] = until
 
-    async def is_revoked(self, jti: str) -> bool:
-        return self._until.get(jti, 0) > time.time()
+    async def revoked(self, claims: AccessClaims) -> str | None:
+        return "token revoked" if self._until.get(claims.jti, 0) > time.time() else None

@@ -1,0 +1,369 @@
+"""The security team's CLI against the fake Key Vault (through the real SDK) and the file store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import redis
+from click.testing import CliRunner, Result
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from speechgate.admin import Deps
+from speechgate.cli import main
+from tests.conftest import TokenService
+from tests.processes import wait_until
+from tests.servers import ServerThread
+from tests.vault import Vault
+from token_service.filestore import FileStore
+from token_service.keyspace import Keyspace
+from token_service.settings import Settings
+
+SPEECH_KEY_1 = "a" * 32
+SPEECH_KEY_2 = "b" * 32
+
+
+@dataclass
+class Cli:
+    deps: Deps
+    settings: Settings
+
+    def __call__(self, *args: str, input: str | None = None, code: int = 0) -> Result:
+        result = CliRunner().invoke(main, list(args), obj=self.deps, input=input)
+        assert result.exit_code == code, (result.output, result.stderr, result.exception)
+        return result
+
+    def json(self, *args: str, input: str | None = None) -> Any:
+        return json.loads(self(*args, "--json", input=input).stdout)
+
+
+@pytest.fixture(params=["file", "keyvault"])
+def cli(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, prefix: str) -> Cli:
+    settings = Settings(store_dir=tmp_path / "store", redis_url=redis_url, redis_prefix=prefix)
+    if request.param == "file":
+        return Cli(Deps(settings=settings), settings)
+    vault: Vault = request.getfixturevalue("vault")
+    return Cli(Deps(settings=settings, open_store=lambda _: vault.store()), settings)
+
+
+def audit_lines(result: Result) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if "audit" in line]
+
+
+def test_clients_add_list_show_disable_enable(cli: Cli) -> None:
+    added = cli(
+        "clients",
+        "add",
+        "shop-backend",
+        "--name",
+        "Shop",
+        "--scope",
+        "speech:recognize",
+        "--language",
+        "en-US",
+        "--rate-subject",
+        "5/minute",
+    )
+    assert "client_secret: " in added.stdout
+    secret = added.stdout.split("client_secret: ")[1].split()[0]
+    (line,) = audit_lines(added)
+    assert line["audit"] == "clients.add"
+    assert line["client_id"] == "shop-backend"
+    assert secret not in added.stderr  # the audit line never carries it
+
+    shown = cli.json("clients", "show", "shop-backend")
+    assert shown["scopes"] == ["speech:recognize"]
+    assert shown["rate_limits"]["subject"] == "5/minute"
+    assert "secret_hash" not in shown
+    assert [c["client_id"] for c in cli.json("clients", "list")] == ["shop-backend"]
+
+    cli("clients", "disable", "shop-backend", code=4)  # no terminal, no --yes: refused
+    cli("clients", "disable", "shop-backend", "--yes")
+    assert cli.json("clients", "show", "shop-backend")["enabled"] is False
+    cli("clients", "enable", "shop-backend")
+    assert cli.json("clients", "show", "shop-backend")["enabled"] is True
+    cli("clients", "add", "shop-backend", code=1)  # exists already
+
+
+def test_public_client_needs_its_identity_provider(cli: Cli) -> None:
+    result = cli("clients", "add", "mobile", "--public", code=2)
+    assert "identity provider" in result.output
+    cli(
+        "clients",
+        "add",
+        "mobile",
+        "--public",
+        "--idp-issuer",
+        "https://login.example",
+        "--idp-jwks-uri",
+        "https://login.example/keys",
+        "--idp-audience",
+        "mobile-app",
+    )
+    assert cli.json("clients", "show", "mobile")["type"] == "public"
+
+
+def test_unknown_client_exits_3_with_a_message(cli: Cli) -> None:
+    result = cli("clients", "show", "nobody", code=3)
+    assert "not found" in result.output
+
+
+def test_signing_rotation_keeps_the_previous_key_until_its_grace_ends(cli: Cli) -> None:
+    first = cli.json("keys", "rotate-signing")
+    assert first["created"] is True
+    assert first["previous_kids"] == []
+    second = cli.json("keys", "rotate-signing", "--grace", "0")
+    assert second["previous_kids"] == [first["signer_kid"]]
+    listed = cli.json("keys", "list")["speechgate-signing-key"]
+    assert [(v["kid"], v["state"], v["enabled"]) for v in listed] == [
+        (first["signer_kid"], "previous", True),
+        (second["signer_kid"], "active", True),
+    ]
+    pruned = cli.json("keys", "prune", "--yes")
+    assert pruned["retired_kids"] == [first["signer_kid"]]
+    listed = cli.json("keys", "list")["speechgate-signing-key"]
+    assert [(v["state"], v["enabled"]) for v in listed] == [("retired", False), ("active", True)]
+    assert cli.json("keys", "prune", "--yes")["retired_kids"] == []  # nothing due twice
+
+
+def test_an_interrupted_signing_rotation_is_finished_not_repeated(cli: Cli) -> None:
+    cli("keys", "rotate-signing")
+
+    async def half_rotation() -> None:  # step 1 done, step 2 (retagging) never ran
+        from token_service.keys import add_signing_key
+
+        store = cli.deps.open_store(cli.settings)
+        await add_signing_key(store)
+        await store.close()
+
+    asyncio.run(half_rotation())
+    before = len(cli.json("keys", "list")["speechgate-signing-key"])
+    finished = cli.json("keys", "rotate-signing")
+    assert finished["created"] is False
+    assert len(finished["previous_kids"]) == 1
+    listed = cli.json("keys", "list")["speechgate-signing-key"]
+    assert len(listed) == before  # no extra key
+    assert [v["state"] for v in listed].count("active") == 1  # one signer
+
+
+class FakeSts:
+    """The region's token endpoint: a token for a known key, 401 otherwise."""
+
+    def __init__(self, valid: set[str]) -> None:
+        self.valid = valid
+
+    def app(self) -> Starlette:
+        async def issue(request: Request) -> Response:
+            if request.headers.get("ocp-apim-subscription-key") in self.valid:
+                return PlainTextResponse("eyJ.sts.token")
+            return JSONResponse({"error": {"code": "401", "message": "Access denied"}}, status_code=401)
+
+        return Starlette(routes=[Route("/sts/v1.0/issueToken", issue, methods=["POST"])])
+
+
+def test_speech_key_rotation_alternates_slots_and_verifies_with_sts(cli: Cli) -> None:
+    sts = FakeSts({SPEECH_KEY_1, SPEECH_KEY_2})
+    with ServerThread(sts.app()) as server:
+        verify = ["--verify", "--sts-endpoint", server.url, "--region", "westeurope"]
+        first = cli.json("keys", "rotate-speech", "--from-stdin", "--yes", *verify, input=SPEECH_KEY_1 + "\n")
+        second = cli.json(
+            "keys", "rotate-speech", "--from-stdin", "--yes", *verify, input=SPEECH_KEY_2 + "\n"
+        )
+        refused = cli(
+            "keys", "rotate-speech", "--from-stdin", "--yes", *verify, input="c" * 32 + "\n", code=1
+        )
+    assert (first["slot"], second["slot"]) == ("key1", "key2")
+    assert "Azure refused the new key (401" in refused.output
+    listed = cli.json("keys", "list")["speechgate-speech-key"]
+    assert [v["slot"] for v in listed] == ["key1", "key2"]  # the refused key was not stored
+    assert all("value" not in v for v in listed)
+    assert SPEECH_KEY_2 not in json.dumps(listed)
+
+
+def test_speech_key_rotation_refuses_what_is_not_a_key(cli: Cli) -> None:
+    result = cli("keys", "rotate-speech", "--from-stdin", "--yes", input="not a key\n", code=1)
+    assert "does not look like an Azure Speech key" in result.output
+    cli("keys", "rotate-speech", "--yes", code=2)  # neither --from-stdin nor --azure-resource
+
+
+def test_an_interrupted_speech_rotation_is_announced_not_regenerated(
+    cli: Cli, sync_redis: redis.Redis
+) -> None:
+    cli("keys", "rotate-speech", "--from-stdin", "--yes", input=SPEECH_KEY_1 + "\n")
+
+    async def stored_but_not_announced() -> None:
+        from token_service.speechkeys import SPEECH_KEY_SECRET
+
+        store = cli.deps.open_store(cli.settings)
+        await store.set(SPEECH_KEY_SECRET, SPEECH_KEY_2, tags={"slot": "key2", "announced": "false"})
+        await store.close()
+
+    asyncio.run(stored_but_not_announced())
+    pubsub = sync_redis.pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe(Keyspace(cli.settings.redis_prefix).events)
+    assert pubsub.get_message(timeout=5) is not None
+    result = cli.json("keys", "rotate-speech", "--from-stdin", "--yes", input="")  # no key needed
+    assert result["finished_previous"] is True
+    assert result["slot"] == "key2"
+    message = pubsub.get_message(timeout=5)
+    assert message is not None
+    assert json.loads(message["data"]) == {"type": "reload", "what": "speech-key"}
+    pubsub.close()
+
+
+def test_tokens_revoke_writes_deny_entries_with_the_right_lifetime(cli: Cli, sync_redis: redis.Redis) -> None:
+    cli("clients", "add", "shop", "--token-ttl", "300", "--max-session", "900")
+    keyspace = Keyspace(cli.settings.redis_prefix)
+    cli("tokens", "revoke", "--client", "shop", "--subject", "alice", "--yes")
+    assert 1100 <= sync_redis.ttl(keyspace.revoked_subject("shop", "alice")) <= 1200
+    cli("tokens", "revoke", "--client", "shop", "--yes")
+    assert sync_redis.get(keyspace.revoked_client("shop")) is not None
+    revoked = cli.json("tokens", "revoke", "--jti", "abc123", "--yes")
+    assert revoked["ttl_s"] == 1200  # the longest lifetime + session of any client
+    assert sync_redis.exists(keyspace.revoked_jti("abc123"))
+    cli("tokens", "revoke", "--subject", "alice", "--yes", code=2)
+    cli("tokens", "revoke", "--client", "shop", code=4)
+
+
+def test_vault_failures_exit_1_and_say_what_to_check(vault: Vault, tmp_path: Path) -> None:
+    settings = Settings(store_dir=tmp_path, redis_url=None)
+    cli = Cli(Deps(settings=settings, open_store=lambda _: vault.store()), settings)
+    cli("clients", "add", "shop")
+    for status, words in (
+        (503, "answered 503"),
+        (403, "Key Vault Secrets"),
+        (429, "throttling"),
+        (401, "refused our credentials"),
+    ):
+        vault.fake.fail_with = status
+        result = cli("clients", "show", "shop", code=1)
+        assert words in result.output
+    vault.fake.fail_with = None
+    assert cli.json("clients", "show", "shop")["client_id"] == "shop"  # nothing lost
+
+
+def test_a_damaged_policy_is_a_clear_error(cli: Cli) -> None:
+    async def damage() -> None:
+        store = cli.deps.open_store(cli.settings)
+        await store.set("speechgate-client-broken", "{not json")
+        await store.close()
+
+    asyncio.run(damage())
+    result = cli("clients", "show", "broken", code=1)
+    assert "stored policy of client 'broken' is invalid" in result.output
+
+
+# --- the rotation runbook under load --------------------------------------------------------
+
+
+@pytest.fixture
+def live(tmp_path: Path, start_service: Any, redis_url: str, prefix: str) -> tuple[Cli, TokenService]:
+    settings = Settings(store_dir=tmp_path / "store", redis_url=redis_url, redis_prefix=prefix)
+    cli = Cli(Deps(settings=settings), settings)
+    cli("keys", "rotate-signing")
+    service = start_service(store=FileStore(settings.store_dir), key_refresh_s=3600.0)
+    return cli, service
+
+
+def test_rotations_under_load_fail_no_request_and_no_verification(live: tuple[Cli, TokenService]) -> None:
+    cli, service = live
+    added = cli.json("clients", "add", "loadtest", "--rate-client", "", "--rate-subject", "", "--rate-ip", "")
+    client_id, secret = added["client_id"], added["client_secret"]
+    stop = threading.Event()
+    failures: list[str] = []
+    kids: set[str] = set()
+    issued = 0
+
+    def load() -> None:
+        nonlocal issued
+        jwks: dict[str, Any] = {}
+        with httpx.Client(base_url=service.url) as http:
+            while not stop.is_set():
+                response = http.post(
+                    "/v1/token", auth=(client_id, secret), data={"grant_type": "client_credentials"}
+                )
+                if response.status_code != 200:
+                    failures.append(f"token: {response.status_code} {response.text}")
+                    continue
+                token = response.json()["access_token"]
+                kid = jwt.get_unverified_header(token)["kid"]
+                if kid not in jwks:  # a relay refetches the JWKS on an unknown kid, as here
+                    jwks = {k["kid"]: k for k in http.get("/.well-known/jwks.json").json()["keys"]}
+                try:
+                    jwt.decode(
+                        token,
+                        jwt.PyJWK(jwks[kid]).key,
+                        algorithms=["ES256"],
+                        audience=service.settings.audience,
+                        issuer=service.settings.issuer,
+                    )
+                except (KeyError, jwt.InvalidTokenError) as exc:
+                    failures.append(f"verify: {exc!r}")
+                kids.add(kid)
+                issued += 1
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        signers = []
+        for n in range(3):
+            signers.append(cli.json("keys", "rotate-signing")["signer_kid"])
+            # The reload event reaches the service: it signs with the new key.
+            assert wait_until(lambda: signers[-1] in kids, timeout=10), f"rotation {n} not picked up"
+            if n < 2:
+                key = (SPEECH_KEY_1 if n == 0 else SPEECH_KEY_2) + "\n"
+                cli("keys", "rotate-speech", "--from-stdin", "--yes", input=key)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert failures == []
+    assert issued > 20
+    assert set(signers) <= kids
+    assert [v["slot"] for v in cli.json("keys", "list")["speechgate-speech-key"]] == ["key1", "key2"]
+
+
+def test_rotate_signing_reaches_a_running_service_through_the_reload_event(
+    live: tuple[Cli, TokenService],
+) -> None:
+    cli, service = live
+    new_kid = cli.json("keys", "rotate-signing")["signer_kid"]
+    assert wait_until(
+        lambda: new_kid in {k["kid"] for k in service.http.get("/.well-known/jwks.json").json()["keys"]}
+    )
+    assert len(service.http.get("/.well-known/jwks.json").json()["keys"]) == 2
+
+
+def test_the_installed_command_works_on_the_file_store_by_hand(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("SPEECHGATE_")}
+    env["SPEECHGATE_STORE_DIR"] = str(tmp_path / "store")
+    speechgate = str(Path(sys.executable).parent / "speechgate")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [speechgate, *args], capture_output=True, text=True, env=env, timeout=60, check=False
+        )
+
+    rotated = run("keys", "rotate-signing")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "no Redis configured" in rotated.stderr  # tells how the services will learn of it
+    added = run("clients", "add", "by-hand", "--json")
+    assert added.returncode == 0, added.stderr
+    assert len(json.loads(added.stdout)["client_secret"]) >= 43
+    listed = run("keys", "list")
+    assert listed.returncode == 0
+    assert "signing" in listed.stdout
+    assert run("clients", "show", "nobody").returncode == 3
