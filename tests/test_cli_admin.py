@@ -31,6 +31,7 @@ from tests.vault import Vault
 from token_service.filestore import FileStore
 from token_service.keyspace import Keyspace
 from token_service.settings import Settings
+from token_service.store import StoreError
 
 SPEECH_KEY_1 = "a" * 32
 SPEECH_KEY_2 = "b" * 32
@@ -367,3 +368,98 @@ def test_the_installed_command_works_on_the_file_store_by_hand(tmp_path: Path) -
     assert listed.returncode == 0
     assert "signing" in listed.stdout
     assert run("clients", "show", "nobody").returncode == 3
+
+
+def test_a_damaged_signing_key_is_named_and_a_rotation_replaces_it(cli: Cli) -> None:
+    cli("keys", "rotate-signing")
+
+    async def damage() -> None:
+        from token_service.keys import SIGNING_KEY_SECRET
+
+        store = cli.deps.open_store(cli.settings)
+        await store.set(SIGNING_KEY_SECRET, "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+        await store.close()
+
+    asyncio.run(damage())
+
+    async def keyring() -> str:
+        from token_service.keys import load_keyring
+
+        store = cli.deps.open_store(cli.settings)
+        try:
+            return (await load_keyring(store)).signer.kid
+        finally:
+            await store.close()
+
+    with pytest.raises(StoreError, match="not a valid PEM key; run `speechgate keys rotate-signing`"):
+        asyncio.run(keyring())
+    new_kid = cli.json("keys", "rotate-signing")["signer_kid"]
+    assert asyncio.run(keyring()) == new_kid  # the damaged version is left out, nothing else lost
+
+
+def test_a_key_vault_url_that_is_not_https_is_a_usage_error(tmp_path: Path) -> None:
+    env = {**os.environ, "SPEECHGATE_KEY_VAULT_URL": "http://vault.example"}
+    speechgate = str(Path(sys.executable).parent / "speechgate")
+    result = subprocess.run(
+        [speechgate, "keys", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "SPEECHGATE_KEY_VAULT_URL must be an https:// URL" in result.stderr
+
+
+class FakeArm:
+    """Azure Resource Manager's regenerateKey for a Speech resource."""
+
+    def __init__(self) -> None:
+        self.keys = {"key1": "1" * 32, "key2": "2" * 32}
+        self.calls: list[str] = []
+
+    def app(self) -> Starlette:
+        async def regenerate(request: Request) -> Response:
+            if not request.headers.get("authorization", "").startswith("Bearer "):
+                return Response(
+                    status_code=401,
+                    headers={
+                        "WWW-Authenticate": 'Bearer authorization_uri="https://login.microsoftonline.com/t"'
+                    },
+                )
+            slot = (await request.json())["keyName"].lower()
+            self.calls.append(slot)
+            self.keys[slot] = slot[-1] * 8 + "f" * 24 if slot == "key1" else "e" * 32
+            return JSONResponse({"key1": self.keys["key1"], "key2": self.keys["key2"]})
+
+        path = (
+            "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.CognitiveServices/"
+            "accounts/{name}/regenerateKey"
+        )
+        return Starlette(routes=[Route(path, regenerate, methods=["POST"])])
+
+
+def test_speech_key_rotation_through_the_management_api(vault: Vault, tmp_path: Path) -> None:
+    arm = FakeArm()
+    with ServerThread(arm.app(), **vault.tls) as server:
+        settings = Settings(store_dir=tmp_path, redis_url=None)
+        deps = Deps(
+            settings=settings,
+            open_store=lambda _: vault.store(),
+            mgmt_options={
+                "base_url": f"https://127.0.0.1:{server.port}",
+                "connection_verify": str(vault.ca_path),
+            },
+        )
+        cli = Cli(deps, settings)
+        resource = "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.CognitiveServices/accounts/speech"
+        first = cli.json("keys", "rotate-speech", "--azure-resource", resource, "--yes")
+        second = cli.json("keys", "rotate-speech", "--azure-resource", resource, "--yes")
+    assert arm.calls == ["key1", "key2"]  # each time the slot that was not in use
+    assert (first["slot"], second["slot"]) == ("key1", "key2")
+    listed = cli.json("keys", "list")["speechgate-speech-key"]
+    assert listed[-1]["slot"] == "key2"
+    bad = cli("keys", "rotate-speech", "--azure-resource", "/not/a/resource", "--yes", code=1)
+    assert "--azure-resource must be" in bad.output

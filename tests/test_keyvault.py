@@ -88,3 +88,8 @@ def test_tokens_keep_being_issued_while_the_vault_is_down(vault: Vault, start_se
 
     vault.fake.fail_with = None
     assert wait_until(lambda: service.http.get("/readyz").json()["status"] == "ready")
+
+    vault.server.__exit__(None, None, None)  # the vault is gone altogether
+    for _ in range(5):
+        assert service.token(client_id, secret).status_code == 200
+    assert wait_until(lambda: service.http.get("/readyz").json()["status"] == "degraded")

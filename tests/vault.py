@@ -38,6 +38,8 @@ class Vault:
     url: str
     ca_path: Path
     env: dict[str, str]  # for child processes
+    tls: dict[str, str]  # uvicorn options that serve HTTPS with the same test CA
+    server: ServerThread
 
     def store(self, **options: Any) -> KeyVaultStore:
         """A KeyVaultStore on DefaultAzureCredential; create it inside the loop that uses it."""
@@ -69,4 +71,5 @@ def vault(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Vault]:
             monkeypatch.delenv(name, raising=False)
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        yield Vault(fake, f"https://127.0.0.1:{kv.port}", ca_path, env)
+        tls = {"ssl_keyfile": str(key_path), "ssl_certfile": str(cert_path)}
+        yield Vault(fake, f"https://127.0.0.1:{kv.port}", ca_path, env, tls, kv)

@@ -11,6 +11,7 @@ import base64
 import functools
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from token_service.store import SecretNotFound, SecretStore, SecretVersion, StoreError
+
+log = logging.getLogger(__name__)
 
 SIGNING_KEY_SECRET = "speechgate-signing-key"  # noqa: S105 - a secret name
 ALGORITHM = "ES256"
@@ -122,14 +125,20 @@ class KeyRing:
 
 
 async def load_keyring(store: SecretStore) -> KeyRing:
+    """Every enabled key. The newest must be valid (it signs); a damaged older one is left out
+    with an error in the log, so it can never stop a service that has a good signer."""
     try:
-        versions = await store.versions(SIGNING_KEY_SECRET)
+        versions = [v for v in await store.versions(SIGNING_KEY_SECRET) if v.enabled]
     except SecretNotFound:
         versions = []
     keys = []
     for item in versions:
-        if item.enabled:
+        try:
             keys.append(load_signing_key(await store.get(SIGNING_KEY_SECRET, item.version)))
+        except SigningKeyError as exc:
+            if item is versions[-1]:
+                raise SigningKeyError(f"{exc}; run `speechgate keys rotate-signing` to replace it") from None
+            log.error("%s; left out of the JWKS", exc)
     return KeyRing.of(keys)
 
 
@@ -153,6 +162,14 @@ async def ensure_signing_key(store: SecretStore) -> KeyRing:
     except NoSigningKey:
         await add_signing_key(store)
         return await load_keyring(store)
+
+
+async def _usable(store: SecretStore, item: SecretVersion) -> bool:
+    try:
+        load_signing_key(await store.get(SIGNING_KEY_SECRET, item.version))
+    except SigningKeyError:
+        return False
+    return True
 
 
 def _unsaved(pem: str) -> SecretVersion:
@@ -202,7 +219,11 @@ async def rotate_signing_key(store: SecretStore, grace_s: int, now: int | None =
         versions = [v for v in await store.versions(SIGNING_KEY_SECRET) if v.enabled]
     except SecretNotFound:
         versions = []
-    unfinished = len(versions) > 1 and any(v.tags.get("state") == "active" for v in versions[:-1])
+    unfinished = (
+        len(versions) > 1
+        and any(v.tags.get("state") == "active" for v in versions[:-1])
+        and await _usable(store, versions[-1])  # a damaged newest version is replaced, not kept
+    )
     if unfinished:
         signer_kid = versions[-1].tags.get("kid", "")
         older = versions[:-1]
