@@ -29,6 +29,30 @@ class Keyspace:
         """When every token of this client issued until then was revoked."""
         return f"{self.prefix}revoked:{{{client_id}}}:all"
 
+    # The relay's session state; one client's keys share a hash tag, so one script reaches them.
+
+    def lease_subject(self, client_id: str, subject: str) -> str:
+        """Sorted set of live streams of a subject, scored by when each lease runs out (ms)."""
+        return f"{self.prefix}lease:{{{client_id}}}:sub:{subject}"
+
+    def lease_client(self, client_id: str) -> str:
+        return f"{self.prefix}lease:{{{client_id}}}:all"
+
+    def session(self, client_id: str, jti: str) -> str:
+        """When the session a token opened started (ms); present while it may reconnect."""
+        return f"{self.prefix}session:{{{client_id}}}:{jti}"
+
+    def used_jti(self, client_id: str, jti: str) -> str:
+        """A single-use token that has opened its session."""
+        return f"{self.prefix}used:{{{client_id}}}:{jti}"
+
+    def audio_subject(self, client_id: str, day: str, subject: str) -> str:
+        """Audio seconds a subject streamed on `day` (UTC, YYYYMMDD)."""
+        return f"{self.prefix}audio:{{{client_id}}}:{day}:sub:{subject}"
+
+    def audio_client(self, client_id: str, day: str) -> str:
+        return f"{self.prefix}audio:{{{client_id}}}:{day}:all"
+
     @property
     def events(self) -> str:
         """Pub/sub channel for revocations and key reloads."""

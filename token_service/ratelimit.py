@@ -142,7 +142,7 @@ class RedisLimiter:
         if not checks:
             return _ALLOWED
         keys: list[str] = []
-        args: list[int] = []
+        args: list[int | str] = []
         for check in checks:
             current = self.keyspace.rate(client_id, check.policy, check.ident, check.amount, check.window_s)
             keys += (current + "/-1", current)

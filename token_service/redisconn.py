@@ -144,7 +144,7 @@ class ScriptRunner:
         self._direct = isinstance(client, aioredis.Redis) and type(client.connection_pool) is ConnectionPool
         self._idle: list[AbstractConnection] = []
 
-    async def __call__(self, keys: list[str], args: list[int]) -> Any:
+    async def __call__(self, keys: list[str], args: list[int | str]) -> Any:
         if not self._direct:
             return await self._script(keys=keys, args=args)
         assert isinstance(self.client, aioredis.Redis)

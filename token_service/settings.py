@@ -43,6 +43,18 @@ class Settings:
     # Proxies whose X-Forwarded-For we believe (uvicorn's --forwarded-allow-ips).
     forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "info"
+    # The relay: where Azure Speech is, and how it authenticates there.
+    speech_region: str | None = None
+    speech_endpoint: str | None = None  # a custom domain, sovereign cloud or local fake
+    speech_key: str | None = None  # development only; production keeps it in the store
+    upstream_auth: str = "key"  # key | sts | entra
+    speech_resource_id: str | None = None  # for Entra ID: the Speech resource's ARM id
+    jwks_url: str | None = None  # the token service's JWKS; default: issuer + /.well-known/jwks.json
+    max_frame_bytes: int = 64 * 1024
+    lease_s: float = 15.0
+    heartbeat_s: float = 2.0
+    drain_s: float = 30.0
+    upstream_connect_attempts: int = 3
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -70,6 +82,16 @@ class Settings:
             raise SettingsError("SPEECHGATE_KEY_VAULT_URL must be an https:// URL")
         if not self.issuer.startswith(("https://", "http://")):
             raise SettingsError("SPEECHGATE_ISSUER must be an http(s) URL")
+        if self.upstream_auth not in ("key", "sts", "entra"):
+            raise SettingsError("SPEECHGATE_UPSTREAM_AUTH must be key, sts or entra")
+        if self.upstream_auth == "entra" and not self.speech_resource_id:
+            raise SettingsError("SPEECHGATE_UPSTREAM_AUTH=entra needs SPEECHGATE_SPEECH_RESOURCE_ID")
+        if self.speech_endpoint and not self.speech_endpoint.startswith(("wss://", "ws://")):
+            raise SettingsError("SPEECHGATE_SPEECH_ENDPOINT must be a ws:// or wss:// URL")
+
+    @property
+    def token_jwks_url(self) -> str:
+        return self.jwks_url or self.issuer.rstrip("/") + "/.well-known/jwks.json"
 
 
 ENV_NAMES: dict[str, str] = {
@@ -92,6 +114,17 @@ ENV_NAMES: dict[str, str] = {
     "idp_leeway_s": "SPEECHGATE_IDP_LEEWAY_S",
     "forwarded_allow_ips": "SPEECHGATE_FORWARDED_ALLOW_IPS",
     "log_level": "SPEECHGATE_LOG_LEVEL",
+    "speech_region": "SPEECH_REGION",
+    "speech_endpoint": "SPEECHGATE_SPEECH_ENDPOINT",
+    "speech_key": "SPEECH_KEY",
+    "upstream_auth": "SPEECHGATE_UPSTREAM_AUTH",
+    "speech_resource_id": "SPEECHGATE_SPEECH_RESOURCE_ID",
+    "jwks_url": "SPEECHGATE_JWKS_URL",
+    "max_frame_bytes": "SPEECHGATE_MAX_FRAME_BYTES",
+    "lease_s": "SPEECHGATE_LEASE_S",
+    "heartbeat_s": "SPEECHGATE_HEARTBEAT_S",
+    "drain_s": "SPEECHGATE_DRAIN_S",
+    "upstream_connect_attempts": "SPEECHGATE_UPSTREAM_CONNECT_ATTEMPTS",
 }
 
 

@@ -1,0 +1,104 @@
+"""Who may open a stream: the JWT at the WebSocket handshake, checked before any upgrade.
+
+The token comes from `Authorization: Bearer …` (what the Speech SDKs send), the `Authorization`
+query parameter (the JavaScript SDK copies it there; browsers send it only there) or
+`access_token` (the plain front door). It is verified against the token service's JWKS
+(cached; refetched on an unknown `kid`; kept when the JWKS cannot be fetched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from token_service.claims import AccessClaims, InvalidToken, verify
+from token_service.idp import IdpUnavailable, JwksCache
+from token_service.settings import Settings
+
+# Query parameters that carry credentials: read here, never logged, never sent upstream.
+CREDENTIAL_PARAMS = frozenset({"authorization", "access_token", "ocp-apim-subscription-key"})
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    """An HTTP answer instead of the upgrade: status, a short error code and what to fix."""
+
+    status: int
+    error: str
+    message: str
+    retry_after: int | None = None
+
+
+def split_target(target: str) -> tuple[str, list[tuple[str, str]]]:
+    """Path and query parameters of a request target."""
+    parts = urlsplit(target)
+    return parts.path, parse_qsl(parts.query, keep_blank_values=True)
+
+
+def upstream_query(params: list[tuple[str, str]]) -> str:
+    """The query to pass on to Azure: everything but credentials."""
+    return urlencode([(k, v) for k, v in params if k.lower() not in CREDENTIAL_PARAMS])
+
+
+def find_token(headers: Mapping[str, str], params: list[tuple[str, str]], plain: bool) -> str | None:
+    header = headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    for name, value in params:
+        lowered = name.lower()
+        if lowered == "authorization":
+            scheme, _, rest = value.partition(" ")
+            return rest.strip() if scheme.lower() == "bearer" else value.strip()
+        if plain and lowered == "access_token":
+            return value.strip()
+    return None
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, jwks: JwksCache) -> None:
+        self.settings = settings
+        self.jwks = jwks
+
+    async def verify(self, token: str | None) -> AccessClaims:
+        """The token's claims, expired or not (the caller decides about reconnects)."""
+        if not token:
+            raise Refusal(401, "missing_token", "send the access token as 'Authorization: Bearer <token>'")
+        try:
+            header_kid = _kid(token)
+            key = await self.jwks.key(self.settings.token_jwks_url, header_kid)
+        except IdpUnavailable:
+            raise Refusal(
+                503, "unavailable", "the token service's keys cannot be fetched; retry", 5
+            ) from None
+        keys = {header_kid: key.key} if key is not None and header_kid else {}
+        try:
+            return verify(
+                token, keys, issuer=self.settings.issuer, audience=self.settings.audience, check_exp=False
+            )
+        except InvalidToken as exc:
+            raise Refusal(401, "invalid_token", exc.reason) from None
+
+
+def authorize(claims: AccessClaims, scope: str, language: str | None) -> None:
+    if scope not in claims.scopes:
+        raise Refusal(403, "insufficient_scope", f"this token lacks the {scope} scope")
+    if language and "*" not in claims.lang and language.lower() not in {x.lower() for x in claims.lang}:
+        raise Refusal(
+            403,
+            "language_not_allowed",
+            f"language {language} is not allowed for this token; allowed: {', '.join(claims.lang)}",
+        )
+
+
+def _kid(token: str) -> str | None:
+    from token_service import jose
+
+    try:
+        header, _ = jose.split(token)
+    except jose.MalformedToken as exc:
+        raise Refusal(401, "invalid_token", f"malformed token: {exc}") from None
+    kid = header.get("kid")
+    return kid if isinstance(kid, str) else None

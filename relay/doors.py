@@ -1,0 +1,240 @@
+"""The two front doors: what flows between an app and Azure once a stream is admitted.
+
+Close codes are chosen for how the clients react (shared/reference/azure-speech-websocket.md):
+- Azure-compatible door: a turn that cannot finish ends with 4000 and a reason (both SDKs cancel
+  at once and show it); never 1000 in the middle of a turn (the SDKs hang); 1001 when draining;
+  an upstream that closes mid-turn becomes 1011, which the SDK answers by reconnecting and
+  replaying the turn's audio.
+- Plain door: 1000 done, 1001 draining, 1003/1007 a message it cannot use, 1008 revoked or too
+  fast, 1009 frame too large, 1011 upstream failure, 1013 upstream unavailable, 4000 session time
+  limit, 4429 quota used up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from relay import usp
+from relay.auth import upstream_query
+from relay.upstream import UpstreamError, open_upstream, upstream_url
+
+if TYPE_CHECKING:
+    from relay.server import Live, Pending, Relay
+
+log = logging.getLogger("speechgate.relay")
+
+# Audio may arrive faster than real time for a while (the SDK sends ~5 s of a file at once, then
+# twice real time); beyond this, a client is flooding.
+BURST_S = 10.0
+MAX_SPEEDUP = 4.0
+
+
+async def close_both(live: Live, code: int, reason: str) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await live.connection.close(code, reason[:120])
+    if live.upstream is not None:
+        with contextlib.suppress(ConnectionClosed):
+            await live.upstream.close(1000, "client gone")
+
+
+async def _connect(
+    relay: Relay, pending: Pending, path: str, query: str, extra: dict[str, str]
+) -> ClientConnection:
+    started = time.perf_counter()
+    try:
+        return await open_upstream(
+            upstream_url(relay.settings, path, query),
+            relay.credentials,
+            extra,
+            relay.settings.upstream_connect_attempts,
+            max_size=2**20,
+        )
+    except UpstreamError:
+        relay.metrics.upstream_failures.inc()
+        raise
+    finally:
+        relay.metrics.upstream_connect.observe(time.perf_counter() - started)
+
+
+def _flooding(live: Live, opened: float) -> bool:
+    return live.stream.total_audio_s > BURST_S + MAX_SPEEDUP * (time.monotonic() - opened)
+
+
+# --- Azure-compatible: frames verbatim ----------------------------------------------------------
+
+
+async def azure(relay: Relay, live: Live, pending: Pending) -> None:
+    request = live.connection.request
+    assert request is not None
+    extra = {k: v for k, v in request.headers.raw_items() if k.lower() in ("x-connectionid", "user-agent")}
+    try:
+        upstream = await _connect(relay, pending, pending.path, upstream_query(pending.params), extra)
+    except UpstreamError as exc:
+        live.end(4000, 1013, f"Azure Speech unavailable: {exc}")
+        return
+    live.upstream = upstream
+    stream, client = live.stream, live.connection
+    opened = time.monotonic()
+
+    async def app_to_azure() -> None:
+        async for message in client:
+            if type(message) is bytes:
+                size = usp.audio_payload_size(message)
+                if size:
+                    start = len(message) - size
+                    if message[start : start + 4] == b"RIFF":  # the first frame of a turn: a WAV header
+                        stream.byte_rate = usp.riff_byte_rate(message[start:]) or stream.byte_rate
+                        size = max(0, size - 44)
+                    stream.add_audio(size)
+                    if _flooding(live, opened):
+                        live.end(4000, 1008, "audio sent much faster than real time")
+                        return
+            elif "Path:speech.context" in message or "Path:synthesis.context" in message:
+                live.in_turn = True
+            await upstream.send(message)
+
+    async def azure_to_app() -> None:
+        async for message in upstream:
+            await client.send(message)
+            if type(message) is str and "Path:turn.end" in message:
+                live.in_turn = False
+                if live.drain_after_turn:
+                    live.end(1001, 1001, "relay draining; reconnect")
+
+    await _pump(live, app_to_azure(), azure_to_app(), upstream)
+
+
+async def _pump(live: Live, outgoing: Any, incoming: Any, upstream: ClientConnection) -> None:
+    tasks = [asyncio.ensure_future(outgoing), asyncio.ensure_future(incoming)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if live.stream.closing_reason is None:
+            if tasks[1] in done and live.connection.close_code is None:
+                # Azure closed: between turns pass its close on (the SDK reconnects by itself);
+                # mid-turn never 1000, which leaves the SDKs hanging.
+                code = upstream.close_code or 1011
+                if live.in_turn or code not in (1000, 1001):
+                    code = 1011
+                with contextlib.suppress(ConnectionClosed):
+                    await live.connection.close(code, "Azure Speech closed the connection")
+            else:
+                with contextlib.suppress(ConnectionClosed):
+                    await upstream.close(1000, "client done")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await task
+        with contextlib.suppress(ConnectionClosed):
+            await upstream.close()
+        live.ended.set()
+
+
+# --- plain: raw PCM in, JSON events out -----------------------------------------------------------
+
+
+def _event(kind: str, body: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "type": kind,
+            "text": body.get("DisplayText", body.get("Text", "")),
+            "offset_ms": usp.ms(body.get("Offset", 0)),
+            "duration_ms": usp.ms(body.get("Duration", 0)),
+        }
+    )
+
+
+SPEECH_CONFIG = {
+    "context": {
+        "system": {"name": "speechgate", "version": "1"},
+        "audio": {
+            "source": {"type": "Stream", "samplerate": "16000", "bitspersample": "16", "channelcount": "1"}
+        },
+    }
+}
+
+
+async def plain(relay: Relay, live: Live, pending: Pending) -> None:
+    params = dict((k.lower(), v) for k, v in pending.params)
+    language = params.get("language", "en-US")
+    query = f"language={language}&format=simple"
+    try:
+        upstream = await _connect(
+            relay,
+            pending,
+            "/speech/recognition/conversation/cognitiveservices/v1",
+            query,
+            {"X-ConnectionId": pending.stream_id},
+        )
+    except UpstreamError as exc:
+        live.end(1013, 1013, f"Azure Speech unavailable: {exc}")
+        return
+    live.upstream = upstream
+    stream, client = live.stream, live.connection
+    request_id = usp.new_request_id()
+    await upstream.send(usp.encode_text("speech.config", None, SPEECH_CONFIG))
+    await upstream.send(
+        usp.encode_text(
+            "speech.context",
+            request_id,
+            {"phraseDetection": {"language": language}, "audio": {"streams": {"1": None}}},
+        )
+    )
+    await upstream.send(
+        usp.encode_binary("audio", request_id, usp.riff_header(), "audio/x-wav", extra={"X-StreamId": "1"})
+    )
+    live.in_turn = True
+    opened = time.monotonic()
+    finished = asyncio.Event()
+
+    async def app_to_azure() -> None:
+        async for message in client:
+            if type(message) is bytes:
+                stream.add_audio(len(message))
+                if _flooding(live, opened):
+                    live.end(1008, 1008, "audio sent much faster than real time")
+                    return
+                await upstream.send(
+                    usp.encode_binary("audio", request_id, message, extra={"X-StreamId": "1"})
+                )
+                continue
+            try:
+                kind = json.loads(message).get("type")
+            except (ValueError, AttributeError):
+                live.end(1007, 1007, 'text frames must be JSON such as {"type": "end"}')
+                return
+            if kind != "end":
+                live.end(1003, 1003, f'unknown message type {kind!r}; send audio or {{"type": "end"}}')
+                return
+            await upstream.send(usp.encode_binary("audio", request_id, b"", extra={"X-StreamId": "1"}))
+            await finished.wait()
+            return
+
+    async def azure_to_app() -> None:
+        async for message in upstream:
+            if type(message) is not str:
+                continue
+            msg = usp.parse_text(message)
+            if msg.path == "speech.hypothesis":
+                await client.send(_event("partial", msg.json()))
+            elif msg.path == "speech.phrase":
+                body = msg.json()
+                if body.get("RecognitionStatus") == "Success":
+                    await client.send(_event("final", body))
+            elif msg.path == "turn.end":
+                live.in_turn = False
+                finished.set()
+                with contextlib.suppress(ConnectionClosed):
+                    await client.close(1000, "done")
+                return
+
+    await _pump(live, app_to_azure(), azure_to_app(), upstream)

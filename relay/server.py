@@ -1,0 +1,352 @@
+"""The relay: `Relay(settings, store, redis)`, a WebSocket server with two front doors.
+
+Everything a stream must satisfy is checked at the handshake, before the upgrade, so that the
+Speech SDKs surface a clean 401/403/429. After the upgrade, the relay forwards frames and only
+peeks at what it must: audio payload sizes (metering) and turn boundaries (close codes, drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from relay import doors
+from relay.auth import Authenticator, Refusal, authorize, find_token, split_target
+from relay.metrics import RelayMetrics
+from relay.sessions import RedisSessions, Stream
+from relay.upstream import RECOGNITION_PREFIX, SYNTHESIS_PATH, Credentials, KeyCredentials, StsCredentials
+from token_service.claims import AccessClaims
+from token_service.clients import DISABLED, ClientPolicy, ClientRegistry
+from token_service.events import EventListener
+from token_service.idp import JwksCache
+from token_service.keyspace import Keyspace
+from token_service.redisconn import REDIS_ERRORS, Redis
+from token_service.revocation import RedisRevocations
+from token_service.settings import Settings
+from token_service.speechkeys import sts_base_for
+from token_service.store import SecretStore, StoreError
+
+log = logging.getLogger("speechgate.relay")
+
+RECOGNITION_MODES = ("conversation", "interactive", "dictation")
+HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
+PLAIN_PATH = "/v1/listen"
+
+
+@dataclass
+class Live:
+    """A stream in progress: its connection, its session state, and how to end it."""
+
+    connection: ServerConnection
+    stream: Stream
+    door: str  # "azure" or "plain"
+    in_turn: bool = False
+    drain_after_turn: bool = False
+    upstream: Any = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    closer: asyncio.Task[None] | None = None
+
+    def end(self, azure_code: int, plain_code: int, reason: str) -> None:
+        """Close both legs with the code this door's clients react to correctly."""
+        if self.stream.closing_reason is not None:
+            return
+        self.stream.closing_reason = reason
+        code = azure_code if self.door == "azure" else plain_code
+        self.closer = asyncio.ensure_future(doors.close_both(self, code, reason))
+
+
+@dataclass(frozen=True)
+class Pending:
+    claims: AccessClaims
+    policy: ClientPolicy
+    stream_id: str
+    started_ms: int
+    door: str
+    path: str
+    params: list[tuple[str, str]]
+
+
+def _json(
+    connection: ServerConnection, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response:
+    response = connection.respond(HTTPStatus(status), json.dumps(body) + "\n")
+    response.headers["Content-Type"] = "application/json"
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+REFUSALS = {
+    "expired": (
+        401,
+        "token_expired",
+        "the token has expired and opened no session that may reconnect; get a new one",
+    ),
+    "used": (401, "token_used", "this single-use token has opened its session already; get a new one"),
+    "subject_streams": (429, "too_many_streams", "this user has as many live streams as allowed"),
+    "client_streams": (429, "too_many_streams", "this app has as many live streams as allowed"),
+    "subject_audio": (429, "audio_quota", "this user's daily audio quota is used up"),
+    "client_audio": (429, "audio_quota", "this app's daily audio quota is used up"),
+}
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        store: SecretStore,
+        redis: Redis | None,
+        *,
+        http: httpx.AsyncClient | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if redis is None:
+            raise ValueError(
+                "the relay needs Redis (SPEECHGATE_REDIS_URL or REDIS_URL) for its session rules"
+            )
+        self.settings = settings
+        self.store = store
+        self.redis = redis
+        self.http = http or httpx.AsyncClient()
+        self.keyspace = Keyspace(settings.redis_prefix)
+        self.metrics = RelayMetrics(registry or CollectorRegistry())
+        self.auth = Authenticator(
+            settings, JwksCache(self.http, settings.idp_jwks_min_refresh_s, settings.idp_jwks_max_age_s)
+        )
+        self.clients = ClientRegistry(store, ttl=settings.client_cache_s)
+        self.sessions = RedisSessions(redis, self.keyspace, settings.lease_s)
+        self.revocations = RedisRevocations(redis, self.keyspace)
+        key = KeyCredentials(store, settings.speech_key)
+        self.credentials: Credentials = key
+        if settings.upstream_auth == "sts":
+            self.credentials = StsCredentials(key, sts_base_for(settings.speech_region, None), self.http)
+        self.live: dict[str, Live] = {}
+        self.draining = False
+        self._pending: dict[uuid.UUID, Pending] = {}
+        self._listener = EventListener(redis, self.keyspace, self.on_event)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- the handshake ----------------------------------------------------------------------
+
+    async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path, params = split_target(request.path)
+        if path == "/healthz":
+            return _json(connection, 200, {"status": "ok"})
+        if path == "/readyz":
+            return _json(
+                connection,
+                503 if self.draining else 200,
+                {"status": "draining" if self.draining else "ready"},
+            )
+        if path == "/metrics":
+            response = connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return response
+        try:
+            pending = await self._admit(request, path, params)
+        except Refusal as refusal:
+            self.metrics.refused.labels(refusal.error).inc()
+            log.info("refused %s: %s (%s)", path, refusal.error, refusal.message)  # path only: no query
+            headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else {}
+            return _json(
+                connection, refusal.status, {"error": refusal.error, "message": refusal.message}, headers
+            )
+        except HANDSHAKE_ERRORS as exc:
+            log.error("cannot check a handshake: %s", type(exc).__name__)
+            return _json(
+                connection, 503, {"error": "unavailable", "message": "retry shortly"}, {"Retry-After": "2"}
+            )
+        self._pending[connection.id] = pending
+        return None
+
+    async def _admit(self, request: Request, path: str, params: list[tuple[str, str]]) -> Pending:
+        door = self._door(path)
+        if self.draining:
+            raise Refusal(503, "draining", "this relay is shutting down; connect again", 1)
+        claims = await self.auth.verify(find_token(request.headers, params, door == "plain"))
+        language = dict((k.lower(), v) for k, v in params).get("language")
+        authorize(claims, "speech:synthesize" if path == SYNTHESIS_PATH else "speech:recognize", language)
+        policy = await self.clients.get(claims.client_id)
+        if policy is None or policy == DISABLED or not isinstance(policy, ClientPolicy) or not policy.enabled:
+            raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
+        reason = await self.revocations.revoked(claims)
+        if reason is not None:
+            raise Refusal(401, "token_revoked", reason)
+        stream_id = uuid.uuid4().hex
+        may_start = time.time() < claims.exp
+        admission = await self.sessions.admit(claims, policy, stream_id, may_start)
+        if not admission.admitted:
+            status, error, message = REFUSALS[admission.reason]
+            retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
+            raise Refusal(status, error, message, retry)
+        return Pending(claims, policy, stream_id, admission.started_ms, door, path, params)
+
+    @staticmethod
+    def _door(path: str) -> str:
+        if path == SYNTHESIS_PATH:
+            return "azure"
+        if path.startswith(RECOGNITION_PREFIX) and path.endswith("/cognitiveservices/v1"):
+            mode = path.removeprefix(RECOGNITION_PREFIX).split("/", 1)[0]
+            if mode in RECOGNITION_MODES:
+                return "azure"
+        if path == PLAIN_PATH:
+            return "plain"
+        raise Refusal(
+            404,
+            "not_found",
+            f"no such endpoint; use {RECOGNITION_PREFIX}<mode>/cognitiveservices/v1, "
+            f"{SYNTHESIS_PATH} or {PLAIN_PATH}",
+        )
+
+    # --- streams ----------------------------------------------------------------------------
+
+    async def handler(self, connection: ServerConnection) -> None:
+        pending = self._pending.pop(connection.id)
+        stream = Stream(pending.claims, pending.stream_id, pending.started_ms)
+        live = Live(connection, stream, pending.door)
+        self.live[stream.stream_id] = live
+        self.metrics.active.labels(live.door).inc()
+        try:
+            remaining = stream.session_deadline - time.time()
+            if remaining <= 0:
+                live.end(4000, 4000, "session time limit reached")
+                return
+            deadline = asyncio.get_running_loop().call_later(
+                remaining, live.end, 4000, 4000, "session time limit reached"
+            )
+            try:
+                if live.door == "azure":
+                    await doors.azure(self, live, pending)
+                else:
+                    await doors.plain(self, live, pending)
+            finally:
+                deadline.cancel()
+        finally:
+            del self.live[stream.stream_id]
+            self.metrics.active.labels(live.door).dec()
+            self.metrics.audio.labels(stream.claims.client_id).inc(stream.total_audio_s)
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.sessions.release(stream)
+
+    # --- background work --------------------------------------------------------------------
+
+    async def on_event(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "revoke":
+            for live in list(self.live.values()):
+                claims = live.stream.claims
+                if _covers(event, claims):
+                    live.end(4000, 1008, "token revoked")
+        elif event.get("type") == "reload":
+            what = event.get("what")
+            if what in (None, "speech-key"):
+                self.credentials.invalidate()
+            if what in (None, "client"):
+                self.clients.clear()
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            streams = [live.stream for live in self.live.values() if live.stream.closing_reason is None]
+            policies = {}
+            for s in streams:
+                policy = await self.clients.get(s.claims.client_id)
+                if isinstance(policy, ClientPolicy):
+                    policies[s.claims.client_id] = policy
+            try:
+                over = await self.sessions.heartbeat(streams, policies)
+            except REDIS_ERRORS as exc:
+                log.warning("heartbeat failed (%s); leases renew on the next one", type(exc).__name__)
+                continue
+            for stream, reason in over:
+                live = self.live.get(stream.stream_id)
+                if live is not None:
+                    live.end(4000, 4429, reason)
+
+    # --- running ----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self, host: str, port: int) -> AsyncIterator[Server]:
+        self._listener.start()
+        self._tasks.append(asyncio.create_task(self._heartbeat_forever()))
+        try:
+            async with serve(
+                self.handler,
+                host,
+                port,
+                process_request=self.process_request,
+                subprotocols=[Subprotocol("USP")],
+                select_subprotocol=_usp_if_offered,
+                compression=None,
+                max_size=self.settings.max_frame_bytes,
+                max_queue=16,
+                ping_interval=20,
+                ping_timeout=20,
+                close_timeout=5,
+                server_header=None,
+            ) as server:
+                yield server
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await self._listener.close()
+            await self.sessions.aclose()
+            await self.http.aclose()
+
+    async def drain(self) -> None:
+        """Stop taking streams; close each live one with 1001 after its turn, or at the timeout."""
+        self.draining = True
+        for live in list(self.live.values()):
+            if live.in_turn:
+                live.drain_after_turn = True
+            else:
+                live.end(1001, 1001, "relay draining; reconnect")
+        deadline = time.monotonic() + self.settings.drain_s
+        while self.live and time.monotonic() < deadline:
+            await asyncio.wait(
+                [asyncio.ensure_future(live.ended.wait()) for live in self.live.values()],
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+        for live in list(self.live.values()):
+            live.end(1001, 1001, "relay draining; reconnect")
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        await self.store.close()
+
+
+def _usp_if_offered(connection: ServerConnection, offered: Any) -> Any:
+    return "USP" if "USP" in offered else None
+
+
+def _covers(event: dict[str, Any], claims: AccessClaims) -> bool:
+    if event.get("jti"):
+        return bool(event["jti"] == claims.jti)
+    if event.get("client_id") != claims.client_id:
+        return False
+    if "sub" in event and event["sub"] != claims.sub:
+        return False
+    return claims.iat <= int(event.get("at", 0))
+
+
+def _seconds_to_midnight() -> int:
+    now = time.time()
+    return int(86400 - now % 86400) + 1
+
+
+__all__ = ["Headers", "Relay"]

@@ -1,0 +1,179 @@
+"""Session rules enforced in Redis, so that they hold across any number of relay processes.
+
+- concurrent streams per subject and per client: leases in sorted sets, renewed by a heartbeat;
+  a relay that dies stops renewing and its slots free themselves within the lease time;
+- audio seconds per day per subject and per client, metered from the audio actually forwarded;
+- single-use tokens open one session; a session may reconnect (the SDK does, after Azure closes
+  a connection or the network drops) with the same token, expired or not, while it is within its
+  `max_session_s`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from token_service.claims import AccessClaims
+from token_service.clients import ClientPolicy
+from token_service.keyspace import Keyspace
+from token_service.redisconn import Redis, ScriptRunner
+
+
+@dataclass
+class Stream:
+    """One live stream, as the session rules see it."""
+
+    claims: AccessClaims
+    stream_id: str
+    started_ms: int  # when its session started (reconnects keep the first start)
+    audio_s: float = 0.0  # metered since the last heartbeat
+    total_audio_s: float = 0.0
+    byte_rate: int = 32000
+    closing_reason: str | None = field(default=None)
+
+    def add_audio(self, payload_bytes: int) -> None:
+        seconds = payload_bytes / self.byte_rate
+        self.audio_s += seconds
+        self.total_audio_s += seconds
+
+    @property
+    def session_deadline(self) -> float:
+        return self.started_ms / 1000 + self.claims.max_session_s
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    reason: (
+        str  # "ok", "expired", "used", "subject_streams", "client_streams", "subject_audio", "client_audio"
+    )
+    retry_after_s: int = 0
+    started_ms: int = 0
+
+
+def day(now: float | None = None) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(now))
+
+
+# KEYS: lease_sub, lease_client, session, used, audio_sub, audio_client
+# ARGV: now_ms, lease_ms, max_sub, max_client, stream_id, single_use, session_s, audio_sub_limit,
+#       audio_client_limit, may_start
+_ADMIT = """
+local now = tonumber(ARGV[1])
+local started = redis.call('get', KEYS[3])
+if not started and ARGV[10] ~= '1' then return {0, 'expired', 0, 0} end
+redis.call('zremrangebyscore', KEYS[1], '-inf', now)
+redis.call('zremrangebyscore', KEYS[2], '-inf', now)
+for i, limit in ipairs({ARGV[3], ARGV[4]}) do
+  if redis.call('zcard', KEYS[i]) >= tonumber(limit) then
+    local first = redis.call('zrange', KEYS[i], 0, 0, 'WITHSCORES')
+    local wait = first[2] and math.ceil((tonumber(first[2]) - now) / 1000) or 1
+    return {0, i == 1 and 'subject_streams' or 'client_streams', math.max(wait, 1), 0}
+  end
+end
+if (tonumber(redis.call('get', KEYS[5])) or 0) >= tonumber(ARGV[8]) then return {0, 'subject_audio', 0, 0} end
+if (tonumber(redis.call('get', KEYS[6])) or 0) >= tonumber(ARGV[9]) then return {0, 'client_audio', 0, 0} end
+if not started and ARGV[6] == '1' then
+  if not redis.call('set', KEYS[4], '1', 'NX', 'EX', ARGV[7]) then return {0, 'used', 0, 0} end
+end
+local until_ms = now + tonumber(ARGV[2])
+for i = 1, 2 do
+  redis.call('zadd', KEYS[i], until_ms, ARGV[5])
+  redis.call('pexpire', KEYS[i], tonumber(ARGV[2]) * 2)
+end
+if not started then
+  started = now
+  redis.call('set', KEYS[3], started, 'EX', ARGV[7])
+end
+return {1, 'ok', 0, tonumber(started)}
+"""
+
+
+class RedisSessions:
+    def __init__(self, redis: Redis, keyspace: Keyspace, lease_s: float) -> None:
+        self.redis = redis
+        self.keys = keyspace
+        self.lease_ms = int(lease_s * 1000)
+        self._admit = ScriptRunner(redis, _ADMIT)
+
+    async def admit(
+        self, claims: AccessClaims, policy: ClientPolicy, stream_id: str, may_start: bool
+    ) -> Admission:
+        k, c = self.keys, claims.client_id
+        today = day()
+        keys = [
+            k.lease_subject(c, claims.sub),
+            k.lease_client(c),
+            k.session(c, claims.jti),
+            k.used_jti(c, claims.jti),
+            k.audio_subject(c, today, claims.sub),
+            k.audio_client(c, today),
+        ]
+        args: list[int | str] = [
+            int(time.time() * 1000),
+            self.lease_ms,
+            policy.max_streams_per_subject,
+            policy.max_streams_per_client,
+            stream_id,
+            int(claims.single_use),
+            claims.max_session_s,
+            policy.audio_s_per_day_subject,
+            policy.audio_s_per_day_client,
+            int(may_start),
+        ]
+        admitted, reason, retry, started = await self._admit(keys, args)
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        return Admission(bool(admitted), reason, int(retry), int(started))
+
+    async def heartbeat(
+        self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]
+    ) -> list[tuple[Stream, str]]:
+        """Renew every lease, add the audio metered since last time; the streams over a quota."""
+        if not streams:
+            return []
+        k, today = self.keys, day()
+        until_ms = int(time.time() * 1000) + self.lease_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for s in streams:
+                c = s.claims.client_id
+                pipe.zadd(k.lease_subject(c, s.claims.sub), {s.stream_id: until_ms}, xx=True)
+                pipe.zadd(k.lease_client(c), {s.stream_id: until_ms}, xx=True)
+                pipe.incrbyfloat(k.audio_subject(c, today, s.claims.sub), s.audio_s)
+                pipe.incrbyfloat(k.audio_client(c, today), s.audio_s)
+                pipe.expire(k.audio_subject(c, today, s.claims.sub), 2 * 86400)
+                pipe.expire(k.audio_client(c, today), 2 * 86400)
+                s.audio_s = 0.0
+            results = await pipe.execute()
+        over = []
+        for n, s in enumerate(streams):
+            policy = policies.get(s.claims.client_id)
+            subject_total, client_total = float(results[6 * n + 2]), float(results[6 * n + 3])
+            if policy is None:
+                continue
+            if (
+                subject_total >= policy.audio_s_per_day_subject
+                or client_total >= policy.audio_s_per_day_client
+            ):
+                over.append((s, "daily audio quota used up"))
+        return over
+
+    async def release(self, stream: Stream) -> None:
+        k, c = self.keys, stream.claims.client_id
+        today = day()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(k.lease_subject(c, stream.claims.sub), stream.stream_id)
+            pipe.zrem(k.lease_client(c), stream.stream_id)
+            if stream.audio_s:
+                pipe.incrbyfloat(k.audio_subject(c, today, stream.claims.sub), stream.audio_s)
+                pipe.incrbyfloat(k.audio_client(c, today), stream.audio_s)
+            await pipe.execute()
+        stream.audio_s = 0.0
+
+    async def aclose(self) -> None:
+        await self._admit.aclose()
+
+
+def retry_after(seconds: float) -> int:
+    return max(1, math.ceil(seconds))

@@ -1,0 +1,162 @@
+"""USP, the Azure Speech WebSocket protocol, without I/O: bytes in, messages out, and back.
+
+Text messages: header lines `Name:value` ending in CRLF, a blank CRLF line, then the body.
+Binary messages: a 2-byte big-endian header length, ASCII header lines each ending in CRLF (no
+blank line), then the payload (audio). See shared/reference/azure-speech-websocket.md.
+The relay's hot loop only ever calls `audio_payload_size`; everything else is for the plain front
+door and the fake service.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import struct
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+CRLF = "\r\n"
+TICKS_PER_MS = 10_000  # offsets and durations are 100-ns ticks
+
+
+class ProtocolError(ValueError):
+    """Not a USP message; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One USP message. Header names are kept as sent; `header()` looks them up in any case."""
+
+    headers: dict[str, str]
+    body: bytes = b""
+    binary: bool = False
+
+    def header(self, name: str, default: str = "") -> str:
+        lowered = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == lowered:
+                return value
+        return default
+
+    @property
+    def path(self) -> str:
+        return self.header("Path")
+
+    @property
+    def request_id(self) -> str:
+        return self.header("X-RequestId")
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else {}
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def timestamp() -> str:
+    now = datetime.datetime.now(datetime.UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def _parse_headers(block: str) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in block.split(CRLF):
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            raise ProtocolError(f"header line without a name: {line[:40]!r}")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def parse_text(text: str) -> Message:
+    head, sep, body = text.partition(CRLF + CRLF)
+    if not sep:
+        raise ProtocolError("text message without the blank CRLF line after its headers")
+    return Message(_parse_headers(head), body.encode("utf-8"))
+
+
+def encode_text(
+    path: str,
+    request_id: str | None,
+    body: str | Mapping[str, Any],
+    content_type: str = "application/json",
+    extra: Mapping[str, str] | None = None,
+) -> str:
+    text = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
+    lines = [f"Path:{path}", f"X-Timestamp:{timestamp()}", f"Content-Type:{content_type}"]
+    if request_id:
+        lines.append(f"X-RequestId:{request_id}")
+    lines += [f"{k}:{v}" for k, v in (extra or {}).items()]
+    return CRLF.join(lines) + CRLF + CRLF + text
+
+
+def parse_binary(frame: bytes) -> Message:
+    if len(frame) < 2:
+        raise ProtocolError("binary message shorter than its 2-byte header length")
+    (size,) = struct.unpack_from(">H", frame)
+    if 2 + size > len(frame):
+        raise ProtocolError("binary message header length runs past its end")
+    try:
+        head = frame[2 : 2 + size].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("binary message headers are not ASCII") from None
+    return Message(_parse_headers(head), frame[2 + size :], binary=True)
+
+
+def audio_payload_size(frame: bytes) -> int:
+    """Bytes of payload in a binary frame, for metering: no header is parsed (hot path)."""
+    if len(frame) < 2:
+        return 0
+    return max(0, len(frame) - 2 - ((frame[0] << 8) | frame[1]))
+
+
+def encode_binary(
+    path: str,
+    request_id: str,
+    payload: bytes,
+    content_type: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> bytes:
+    lines = [f"Path:{path}", f"X-RequestId:{request_id}", f"X-Timestamp:{timestamp()}"]
+    if content_type:
+        lines.append(f"Content-Type:{content_type}")
+    lines += [f"{k}:{v}" for k, v in (extra or {}).items()]
+    head = (CRLF.join(lines) + CRLF).encode("ascii")
+    return struct.pack(">H", len(head)) + head + payload
+
+
+def riff_header(sample_rate: int = 16000, bits: int = 16, channels: int = 1) -> bytes:
+    """The 44-byte WAV header the SDK sends first, with RIFF and data sizes 0 (a stream)."""
+    block = channels * bits // 8
+    return (
+        b"RIFF"
+        + struct.pack("<I", 0)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * block, block, bits)
+        + b"data"
+        + struct.pack("<I", 0)
+    )
+
+
+def riff_byte_rate(payload: bytes) -> int | None:
+    """Bytes per second of a payload that starts with a WAV header, else None."""
+    if len(payload) >= 44 and payload[:4] == b"RIFF" and payload[8:12] == b"WAVE":
+        return int(struct.unpack_from("<I", payload, 28)[0]) or None
+    return None
+
+
+@dataclass
+class Turn:
+    """What the plain front door tracks of one recognition turn."""
+
+    request_id: str = field(default_factory=new_request_id)
+    offset_ticks: int = 0
+
+
+def ms(ticks: int | float) -> int:
+    return int(ticks) // TICKS_PER_MS

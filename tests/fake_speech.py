@@ -1,0 +1,182 @@
+"""A local Azure Speech service for the tests: USP over WebSocket, as in the reference transcript.
+
+Recognition: each `speech.context` starts a turn; audio frames are answered with `turn.start`,
+`speech.startDetected`, hypotheses, a `speech.phrase` for every second of audio (conversation
+mode gives several phrases per turn) and, after the empty end-of-audio frame, the last phrase,
+`speech.endDetected` and `turn.end`. Synthesis: `ssml` is answered with `turn.start`, a
+`response`, audio frames and `turn.end`. Failure modes: refuse the handshake with a status, close
+every connection after some seconds, close with a code in the middle of a turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from relay import usp
+
+KEY = "0123456789abcdef0123456789abcdef"
+BYTES_PER_S = 32000
+
+
+@dataclass
+class FakeSpeech:
+    key: str = KEY
+    refuse_status: int | None = None
+    close_after_s: float | None = None  # Azure ends connections after ~10 minutes; tests use less
+    close_mid_turn: int | None = None  # close with this code once audio flows
+    text: str = "Hello from the fake service."
+    handshakes: list[dict[str, Any]] = field(default_factory=list)
+    audio_bytes: int = 0
+    connections: int = 0
+
+    def check(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.handshakes.append({"path": request.path, "headers": dict(request.headers.raw_items())})
+        if self.refuse_status is not None:
+            return connection.respond(HTTPStatus(self.refuse_status), "refused by the fake\n")
+        if request.headers.get("Ocp-Apim-Subscription-Key") != self.key:
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "bad key\n")
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        closer = None
+        if self.close_after_s is not None:
+            closer = asyncio.get_running_loop().call_later(
+                self.close_after_s, lambda: asyncio.ensure_future(ws.close(1000, "connection time limit"))
+            )
+        try:
+            await self._serve(ws)
+        except ConnectionClosed:
+            pass
+        finally:
+            if closer is not None:
+                closer.cancel()
+
+    async def _serve(self, ws: ServerConnection) -> None:
+        request_id = ""
+        heard = 0  # audio bytes in this turn
+        phrases = 0
+        started = False
+        async for message in ws:
+            if isinstance(message, str):
+                msg = usp.parse_text(message)
+                if msg.path == "speech.context":
+                    request_id, heard, phrases, started = msg.request_id, 0, 0, False
+                elif msg.path == "ssml":
+                    await self._synthesize(ws, msg.request_id)
+                continue
+            frame = usp.parse_binary(message)
+            request_id = frame.request_id or request_id
+            payload = frame.body
+            if not started:
+                started = True
+                await self._send(
+                    ws, "turn.start", request_id, {"context": {"serviceTag": usp.new_request_id()}}
+                )
+                await self._send(ws, "speech.startDetected", request_id, {"Offset": 0})
+            if usp.riff_byte_rate(payload):
+                payload = payload[44:]
+            heard += len(payload)
+            self.audio_bytes += len(payload)
+            if self.close_mid_turn is not None and heard > 0:
+                await ws.close(self.close_mid_turn, "closed by the fake mid-turn")
+                return
+            if payload and heard // BYTES_PER_S > phrases:  # a phrase for every second heard
+                phrases += 1
+                await self._phrase(ws, request_id, phrases)
+            elif payload and heard % (BYTES_PER_S // 2) < len(payload):
+                await self._send(
+                    ws,
+                    "speech.hypothesis",
+                    request_id,
+                    {"Text": "hello", "Offset": 0, "Duration": heard * 10_000_000 // BYTES_PER_S},
+                )
+            if not frame.body:  # end of audio
+                phrases += 1
+                await self._phrase(ws, request_id, phrases)
+                await self._send(
+                    ws, "speech.endDetected", request_id, {"Offset": heard * 10_000_000 // BYTES_PER_S}
+                )
+                await self._send(ws, "turn.end", request_id, {})
+                started = False
+
+    async def _phrase(self, ws: ServerConnection, request_id: str, n: int) -> None:
+        await self._send(
+            ws,
+            "speech.phrase",
+            request_id,
+            {
+                "RecognitionStatus": "Success",
+                "Offset": (n - 1) * 10_000_000,
+                "Duration": 8_000_000,
+                "DisplayText": self.text,
+            },
+        )
+
+    async def _synthesize(self, ws: ServerConnection, request_id: str) -> None:
+        stream_id = usp.new_request_id()
+        await self._send(ws, "turn.start", request_id, {"context": {"serviceTag": usp.new_request_id()}})
+        await self._send(ws, "response", request_id, {"audio": {"streamId": stream_id}})
+        for _ in range(3):
+            await ws.send(
+                usp.encode_binary(
+                    "audio", request_id, b"\0" * 3200, "audio/x-wav", extra={"X-StreamId": stream_id}
+                )
+            )
+        await self._send(ws, "turn.end", request_id, {})
+
+    @staticmethod
+    async def _send(ws: ServerConnection, path: str, request_id: str, body: dict[str, Any]) -> None:
+        await ws.send(usp.encode_text(path, request_id, body, "application/json; charset=utf-8"))
+
+
+class FakeSpeechServer:
+    """Runs a FakeSpeech on a free loopback port in a thread: `with FakeSpeechServer(fake) as s:`."""
+
+    def __init__(self, fake: FakeSpeech) -> None:
+        self.fake = fake
+        self.port = 0
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server: Server
+        async with serve(
+            self.fake.handle,
+            "127.0.0.1",
+            0,
+            process_request=self.fake.check,
+            subprotocols=None,
+            compression=None,
+        ) as server:
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            self._ready.set()
+            await self._stop.wait()
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> FakeSpeechServer:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fake speech service did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None
+        assert self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
