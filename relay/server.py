@@ -29,7 +29,7 @@ from websockets.typing import Subprotocol
 from relay import doors
 from relay.auth import Authenticator, Refusal, authorize, find_token, split_target
 from relay.metrics import RelayMetrics
-from relay.sessions import RedisSessions, Stream
+from relay.sessions import MemorySessions, RedisSessions, Stream
 from relay.upstream import RECOGNITION_PREFIX, SYNTHESIS_PATH, Credentials, KeyCredentials, StsCredentials
 from token_service.claims import AccessClaims
 from token_service.clients import DISABLED, ClientPolicy, ClientRegistry
@@ -37,7 +37,7 @@ from token_service.events import EventListener
 from token_service.idp import JwksCache
 from token_service.keyspace import Keyspace
 from token_service.redisconn import REDIS_ERRORS, Redis
-from token_service.revocation import RedisRevocations
+from token_service.revocation import MemoryRevocations, RedisRevocations, Revocations
 from token_service.settings import Settings
 from token_service.speechkeys import sts_base_for
 from token_service.store import SecretStore, StoreError
@@ -116,10 +116,6 @@ class Relay:
         http: httpx.AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        if redis is None:
-            raise ValueError(
-                "the relay needs Redis (SPEECHGATE_REDIS_URL or REDIS_URL) for its session rules"
-            )
         self.settings = settings
         self.store = store
         self.redis = redis
@@ -130,8 +126,15 @@ class Relay:
             settings, JwksCache(self.http, settings.idp_jwks_min_refresh_s, settings.idp_jwks_max_age_s)
         )
         self.clients = ClientRegistry(store, ttl=settings.client_cache_s)
-        self.sessions = RedisSessions(redis, self.keyspace, settings.lease_s)
-        self.revocations = RedisRevocations(redis, self.keyspace)
+        # Without Redis (development) the rules hold in this process only.
+        self.sessions: RedisSessions | MemorySessions = (
+            RedisSessions(redis, self.keyspace, settings.lease_s)
+            if redis
+            else MemorySessions(settings.lease_s)
+        )
+        self.revocations: Revocations = (
+            RedisRevocations(redis, self.keyspace) if redis else MemoryRevocations()
+        )
         key = KeyCredentials(store, settings.speech_key)
         self.credentials: Credentials = key
         if settings.upstream_auth == "sts":
@@ -139,7 +142,7 @@ class Relay:
         self.live: dict[str, Live] = {}
         self.draining = False
         self._pending: dict[uuid.UUID, Pending] = {}
-        self._listener = EventListener(redis, self.keyspace, self.on_event)
+        self._listener = EventListener(redis, self.keyspace, self.on_event) if redis else None
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- the handshake ----------------------------------------------------------------------
@@ -238,6 +241,9 @@ class Relay:
             finally:
                 deadline.cancel()
         finally:
+            if live.closer is not None:  # our close code, not the 1000 of a returning handler
+                with contextlib.suppress(Exception):
+                    await live.closer
             del self.live[stream.stream_id]
             self.metrics.active.labels(live.door).dec()
             self.metrics.audio.labels(stream.claims.client_id).inc(stream.total_audio_s)
@@ -282,7 +288,8 @@ class Relay:
 
     @contextlib.asynccontextmanager
     async def running(self, host: str, port: int) -> AsyncIterator[Server]:
-        self._listener.start()
+        if self._listener is not None:
+            self._listener.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_forever()))
         try:
             async with serve(
@@ -304,7 +311,8 @@ class Relay:
         finally:
             for task in self._tasks:
                 task.cancel()
-            await self._listener.close()
+            if self._listener is not None:
+                await self._listener.close()
             await self.sessions.aclose()
             await self.http.aclose()
 
@@ -326,7 +334,8 @@ class Relay:
             live.end(1001, 1001, "relay draining; reconnect")
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.store.close()
 
 

@@ -177,3 +177,88 @@ class RedisSessions:
 
 def retry_after(seconds: float) -> int:
     return max(1, math.ceil(seconds))
+
+
+class MemorySessions:
+    """The same rules for one process without Redis (`speechgate dev`)."""
+
+    def __init__(self, lease_s: float) -> None:
+        self.lease_s = lease_s
+        self._leases: dict[str, dict[str, float]] = {}  # key -> stream id -> lease end
+        self._sessions: dict[str, float] = {}  # client:jti -> started (s)
+        self._used: set[str] = set()
+        self._audio: dict[str, float] = {}
+
+    def _live(self, key: str, now: float) -> dict[str, float]:
+        leases = {sid: until for sid, until in self._leases.get(key, {}).items() if until > now}
+        self._leases[key] = leases
+        return leases
+
+    async def admit(
+        self, claims: AccessClaims, policy: ClientPolicy, stream_id: str, may_start: bool
+    ) -> Admission:
+        now, c = time.time(), claims.client_id
+        session_key = f"{c}:{claims.jti}"
+        started = self._sessions.get(session_key)
+        if started is not None and now >= started + claims.max_session_s:
+            started = None
+        if started is None and not may_start:
+            return Admission(False, "expired")
+        leases = [self._live(f"{c}:sub:{claims.sub}", now), self._live(f"{c}:all", now)]
+        for leases_of, limit, reason in zip(
+            leases,
+            (policy.max_streams_per_subject, policy.max_streams_per_client),
+            ("subject_streams", "client_streams"),
+            strict=True,
+        ):
+            if len(leases_of) >= limit:
+                return Admission(False, reason, retry_after(min(leases_of.values()) - now))
+        today = day(now)
+        if self._audio.get(f"{c}:{today}:sub:{claims.sub}", 0.0) >= policy.audio_s_per_day_subject:
+            return Admission(False, "subject_audio")
+        if self._audio.get(f"{c}:{today}:all", 0.0) >= policy.audio_s_per_day_client:
+            return Admission(False, "client_audio")
+        if started is None and claims.single_use:
+            if session_key in self._used:
+                return Admission(False, "used")
+            self._used.add(session_key)
+        for leases_of in leases:
+            leases_of[stream_id] = now + self.lease_s
+        if started is None:
+            started = self._sessions[session_key] = now
+        return Admission(True, "ok", 0, int(started * 1000))
+
+    async def heartbeat(
+        self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]
+    ) -> list[tuple[Stream, str]]:
+        now, today, over = time.time(), day(), []
+        for s in streams:
+            c = s.claims.client_id
+            for key in (f"{c}:sub:{s.claims.sub}", f"{c}:all"):
+                self._live(key, now)[s.stream_id] = now + self.lease_s
+            subject_total = self._add(f"{c}:{today}:sub:{s.claims.sub}", s.audio_s)
+            client_total = self._add(f"{c}:{today}:all", s.audio_s)
+            s.audio_s = 0.0
+            policy = policies.get(c)
+            if policy and (
+                subject_total >= policy.audio_s_per_day_subject
+                or client_total >= policy.audio_s_per_day_client
+            ):
+                over.append((s, "daily audio quota used up"))
+        return over
+
+    def _add(self, key: str, seconds: float) -> float:
+        self._audio[key] = self._audio.get(key, 0.0) + seconds
+        return self._audio[key]
+
+    async def release(self, stream: Stream) -> None:
+        c = stream.claims.client_id
+        for key in (f"{c}:sub:{stream.claims.sub}", f"{c}:all"):
+            self._leases.get(key, {}).pop(stream.stream_id, None)
+        today = day()
+        self._add(f"{c}:{today}:sub:{stream.claims.sub}", stream.audio_s)
+        self._add(f"{c}:{today}:all", stream.audio_s)
+        stream.audio_s = 0.0
+
+    async def aclose(self) -> None:
+        return None

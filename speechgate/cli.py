@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import signal
 import sys
 
 import click
 import uvicorn
 
+from relay.server import Relay
 from speechgate import admin
 from token_service.app import create_app
 from token_service.filestore import FileStore
@@ -25,7 +28,7 @@ def _settings() -> Settings:
         raise click.UsageError(str(exc)) from None
 
 
-def _serve(app: object, host: str, port: int, settings: Settings) -> None:
+def _uvicorn(app: object, host: str, port: int, settings: Settings) -> uvicorn.Server:
     config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -36,7 +39,24 @@ def _serve(app: object, host: str, port: int, settings: Settings) -> None:
         forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run()
+    return uvicorn.Server(config)
+
+
+def _serve(app: object, host: str, port: int, settings: Settings) -> None:
+    _uvicorn(app, host, port, settings).run()
+
+
+async def _run_relay(relay: Relay, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: live streams end after their turn."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with relay.running(host, port):
+        logging.getLogger("speechgate.relay").info("relay listening on ws://%s:%d", host, port)
+        await stop.wait()
+        await relay.drain()
+    await relay.aclose()
 
 
 @click.group()
@@ -57,8 +77,22 @@ def dev(host: str | None, port: int | None) -> None:
     port = settings.port if port is None else port
     store = FileStore(settings.store_dir)
     client = asyncio.run(bootstrap(store, settings.store_dir))
-    click.echo(banner(client, f"http://{host}:{port}", settings.redis_url))
-    _serve(create_app(settings, store, open_redis(settings)), host, port, settings)
+    relay_url = f"ws://{settings.relay_host}:{settings.relay_port}"
+    click.echo(banner(client, f"http://{host}:{port}", relay_url, settings))
+    app = create_app(settings, store, open_redis(settings))
+    # The relay checks tokens against this token service, wherever --host/--port put it.
+    relay_settings = dataclasses.replace(
+        settings, jwks_url=settings.jwks_url or f"http://{host}:{port}/.well-known/jwks.json"
+    )
+    relay = Relay(relay_settings, store, open_redis(settings))
+
+    async def both() -> None:
+        # uvicorn handles Ctrl-C for the token service; the relay stops with it.
+        async with relay.running(settings.relay_host, settings.relay_port):
+            await _uvicorn(app, host, port, settings).serve()
+        await relay.aclose()
+
+    asyncio.run(both())
 
 
 @main.command("token-service")
@@ -81,6 +115,20 @@ def token_service(host: str | None, port: int | None) -> None:
 main.add_command(admin.keys)
 main.add_command(admin.clients)
 main.add_command(admin.tokens)
+
+
+@main.command("relay")
+@click.option("--host", default=None, help="Listen address [SPEECHGATE_RELAY_HOST, 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="Listen port [SPEECHGATE_RELAY_PORT, 8001]")
+def relay_command(host: str | None, port: int | None) -> None:
+    """Run the relay (production); SIGTERM drains it."""
+    settings = _settings()
+    try:
+        relay = Relay(settings, open_store(settings), open_redis(settings))
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+    asyncio.run(_run_relay(relay, host or settings.relay_host, settings.relay_port if port is None else port))
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -18,9 +18,11 @@ from token_service.clients import (
     secret_name,
 )
 from token_service.keys import ensure_signing_key
+from token_service.settings import Settings
 from token_service.store import SecretNotFound, SecretStore
 
 DEV_CLIENT_ID = "dev-client"
+SDK_PATH = "/speech/recognition/conversation/cognitiveservices/v1"
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,20 @@ async def bootstrap(store: SecretStore, store_dir: Path, environ: dict[str, str]
     return DevClient(client_id, secret)
 
 
-def banner(client: DevClient, token_url: str, redis_url: str | None) -> str:
-    limits = f"Redis at {redis_url}" if redis_url else "in-memory (set REDIS_URL to share them)"
+def banner(client: DevClient, token_url: str, relay_url: str, settings: Settings) -> str:
+    limits = (
+        f"Redis at {settings.redis_url}" if settings.redis_url else "in-memory (set REDIS_URL to share them)"
+    )
+    if settings.speech_endpoint or settings.speech_region:
+        upstream = settings.speech_endpoint or f"Azure Speech in {settings.speech_region}"
+    else:
+        upstream = "none: set SPEECH_KEY and SPEECH_REGION to reach Azure Speech"
     return f"""
 speechgate dev — development mode, not for production
   token service   {token_url}
+  relay           {relay_url}
+                  Speech SDK endpoint: {relay_url}{SDK_PATH}
+  upstream        {upstream}
   rate limits     {limits}
   dev client      client_id={client.client_id}
                   client_secret={client.client_secret}

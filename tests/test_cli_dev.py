@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.processes import Process, free_port
 
@@ -17,7 +22,10 @@ SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
 def dev(cwd: Path, **env: str) -> Process:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHGATE_") and k != "REDIS_URL"}
     return Process(
-        [SPEECHGATE, "dev", "--port", str(free_port())], "Uvicorn running on", env={**clean, **env}, cwd=cwd
+        [SPEECHGATE, "dev", "--port", str(free_port())],
+        "Uvicorn running on",
+        env={"SPEECHGATE_RELAY_PORT": str(free_port()), **clean, **env},
+        cwd=cwd,
     )
 
 
@@ -92,3 +100,36 @@ def test_token_service_without_signing_key_says_how_to_fix_it(tmp_path: Path) ->
     assert "no enabled signing key" in result.stderr
     assert "speechgate keys rotate-signing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dev_runs_the_relay_beside_the_token_service(tmp_path: Path) -> None:
+    relay_port = free_port()
+    with dev(tmp_path, SPEECHGATE_RELAY_PORT=str(relay_port)) as proc:
+        output = "".join(proc.output)
+        assert f"ws://127.0.0.1:{relay_port}" in output
+        assert "upstream        none: set SPEECH_KEY" in output
+        token = str(run_curl_line(output)["access_token"])
+
+        async def attempt(headers: dict[str, str]) -> int | None:
+            url = f"ws://127.0.0.1:{relay_port}/v1/listen?language=en-US"
+            try:
+                async with connect(url, additional_headers=headers) as ws:
+                    await ws.recv()
+            except InvalidStatus as exc:
+                return exc.response.status_code
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else None
+            return None
+
+        assert asyncio.run(attempt({})) == 401  # refused before the upgrade
+        # Admitted, then told clearly that no Azure Speech is configured.
+        assert asyncio.run(attempt({"Authorization": f"Bearer {token}"})) == 1013
+
+
+def test_relay_command_drains_and_exits_on_sigterm(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "SPEECHGATE_STORE_DIR": str(tmp_path)}
+    proc = Process([SPEECHGATE, "relay", "--port", str(port)], "relay listening", env=env).start()
+    assert proc.proc is not None
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(15) == 0

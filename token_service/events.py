@@ -35,16 +35,20 @@ class EventListener:
         self.retry_s = retry_s
         self.subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self._listen()
             except REDIS_ERRORS as exc:
+                # redis-py may turn a cancellation into a connection error: stop if closing.
                 self.subscribed.clear()
+                if self._closing:
+                    return
                 log.warning("event subscription lost (%s); retrying", type(exc).__name__)
             await asyncio.sleep(self.retry_s)
 
@@ -64,11 +68,12 @@ class EventListener:
                 if isinstance(event, dict):
                     await self.handler(event)
         finally:
-            with contextlib.suppress(*REDIS_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            # Bounded: closing a subscription that is still connecting can wait on its lock.
+            with contextlib.suppress(*REDIS_ERRORS, asyncio.CancelledError):
+                await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=2.0)
