@@ -13,8 +13,9 @@ import httpx
 import pytest
 import redis
 
+from tests.relays import stack  # noqa: F401 - fixtures for every test module
 from tests.servers import ServerThread
-from tests.vault import vault  # noqa: F401 - a fixture for every test module
+from tests.vault import vault  # noqa: F401
 from token_service.app import create_app
 from token_service.clients import ClientPolicy, ensure_hash_key, hash_secret, new_client_secret, save_client
 from token_service.keys import ensure_signing_key

@@ -1,13 +1,29 @@
-"""Running the relay in a thread for the tests, beside a token service and a fake Azure."""
+"""The relay in a thread for the tests, beside a token service and a fake Azure Speech service."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import struct
 import threading
-from dataclasses import dataclass
-from typing import Any
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import azure.cognitiveservices.speech as speechsdk
+import pytest
 
 from relay.server import Relay
+from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
+from token_service.claims import AccessClaims, new_jti, sign
+from token_service.keys import load_keyring
+from token_service.redisconn import connect
+
+if TYPE_CHECKING:
+    from tests.conftest import TokenService
 
 
 class RelayThread:
@@ -59,8 +75,70 @@ class RelayThread:
         self._thread.join(30)
 
 
+def make_wav(path: Path, seconds: float) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(
+            b"".join(struct.pack("<h", int(3000 * math.sin(i / 10))) for i in range(int(16000 * seconds)))
+        )
+    return path
+
+
 @dataclass
-class Endpoints:
-    recognition: str
-    synthesis: str
-    plain: str
+class Stack:
+    service: TokenService
+    fake: FakeSpeech
+    relay: RelayThread
+    wav: Path
+
+    def token(self, client: tuple[str, str], **params: str) -> str:
+        response = self.service.token(*client, **params)
+        assert response.status_code == 200, response.text
+        token: str = response.json()["access_token"]
+        return token
+
+    def expired_token(self, client_id: str) -> str:
+        """A genuine token of ours whose `exp` has passed and which never opened a session."""
+        ring = asyncio.run(load_keyring(self.service.store))
+        now = int(time.time())
+        settings = self.service.settings
+        claims = AccessClaims(
+            iss=settings.issuer,
+            aud=settings.audience,
+            sub=client_id,
+            client_id=client_id,
+            scope="speech:recognize speech:synthesize",
+            iat=now - 600,
+            nbf=now - 600,
+            exp=now - 300,
+            jti=new_jti(),
+            max_session_s=3600,
+            lang=("*",),
+        )
+        return sign(claims, ring.signer)
+
+    def config(self, path: str, token: str | None) -> speechsdk.SpeechConfig:
+        config = speechsdk.SpeechConfig(endpoint=f"{self.relay.url}{path}")
+        if token is not None:
+            config.authorization_token = token
+        return config
+
+
+@pytest.fixture
+def stack(start_service: Any, tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Stack]:
+    service: TokenService = start_service()
+    fake = FakeSpeech()
+    with FakeSpeechServer(fake) as speech:
+        settings = replace(
+            service.settings,
+            speech_endpoint=speech.url,
+            speech_key=KEY,
+            jwks_url=f"{service.url}/.well-known/jwks.json",
+            heartbeat_s=0.2,
+            idp_jwks_min_refresh_s=0.0,
+        )
+        relay = Relay(settings, service.store, connect(redis_url))
+        with RelayThread(relay) as running:
+            yield Stack(service, fake, running, make_wav(tmp_path / "speech.wav", 2.0))

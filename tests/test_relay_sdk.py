@@ -2,100 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import math
-import struct
 import threading
 import time
-import wave
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import azure.cognitiveservices.speech as speechsdk
-import pytest
 
-from relay.server import Relay
-from tests.conftest import TokenService
-from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
-from tests.relays import RelayThread
-from token_service.claims import AccessClaims, new_jti, sign
-from token_service.keys import load_keyring
-from token_service.redisconn import connect
+from tests.fake_speech import KEY
+from tests.processes import wait_until
+from tests.relays import Stack
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 INTERACTIVE = "/speech/recognition/interactive/cognitiveservices/v1?language=en-US"
 SYNTHESIS = "/cognitiveservices/websocket/v1"
-
-
-def make_wav(path: Path, seconds: float) -> Path:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes(
-            b"".join(struct.pack("<h", int(3000 * math.sin(i / 10))) for i in range(int(16000 * seconds)))
-        )
-    return path
-
-
-@dataclass
-class Stack:
-    service: TokenService
-    fake: FakeSpeech
-    relay: RelayThread
-    wav: Path
-
-    def token(self, client: tuple[str, str], **params: str) -> str:
-        response = self.service.token(*client, **params)
-        assert response.status_code == 200, response.text
-        token: str = response.json()["access_token"]
-        return token
-
-    def expired_token(self, client_id: str) -> str:
-        """A genuine token of ours whose `exp` has passed and which never opened a session."""
-        ring = asyncio.run(load_keyring(self.service.store))
-        now = int(time.time())
-        settings = self.service.settings
-        claims = AccessClaims(
-            iss=settings.issuer,
-            aud=settings.audience,
-            sub=client_id,
-            client_id=client_id,
-            scope="speech:recognize speech:synthesize",
-            iat=now - 600,
-            nbf=now - 600,
-            exp=now - 300,
-            jti=new_jti(),
-            max_session_s=3600,
-            lang=("*",),
-        )
-        return sign(claims, ring.signer)
-
-    def config(self, path: str, token: str | None) -> speechsdk.SpeechConfig:
-        config = speechsdk.SpeechConfig(endpoint=f"{self.relay.url}{path}")
-        if token is not None:
-            config.authorization_token = token
-        return config
-
-
-@pytest.fixture
-def stack(start_service: Any, tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Stack]:
-    service: TokenService = start_service()
-    fake = FakeSpeech()
-    with FakeSpeechServer(fake) as speech:
-        settings = replace(
-            service.settings,
-            speech_endpoint=speech.url,
-            speech_key=KEY,
-            jwks_url=f"{service.url}/.well-known/jwks.json",
-            heartbeat_s=0.2,
-            idp_jwks_min_refresh_s=0.0,
-        )
-        relay = Relay(settings, service.store, connect(redis_url))
-        with RelayThread(relay) as running:
-            yield Stack(service, fake, running, make_wav(tmp_path / "speech.wav", 2.0))
 
 
 def recognize_once(
@@ -176,3 +95,50 @@ def test_upstream_gone_cancels_the_turn_with_the_reason(stack: Stack) -> None:
     assert "Azure Speech unavailable" in result.cancellation_details.error_details
     assert "4000" in result.cancellation_details.error_details
     assert time.monotonic() - started < 15  # a clear cancellation, not a hang
+
+
+def _push_recognizer(stack: Stack, token: str, path: str) -> tuple[Any, Any]:
+    push = speechsdk.audio.PushAudioInputStream()
+    recognizer = speechsdk.SpeechRecognizer(
+        speech_config=stack.config(path, token), audio_config=speechsdk.audio.AudioConfig(stream=push)
+    )
+    return push, recognizer
+
+
+def test_revocation_mid_turn_cancels_the_sdk_at_once_with_the_reason(stack: Stack) -> None:
+    client = stack.service.add_client()
+    token = stack.token(client)
+    push, recognizer = _push_recognizer(stack, token, INTERACTIVE)
+    future = recognizer.recognize_once_async()
+    push.write(b"\x01\x00" * 8000)  # half a second: no phrase yet, the turn stays open
+    assert wait_until(lambda: stack.fake.audio_bytes > 0)
+    started = time.monotonic()
+    assert stack.service.http.post("/v1/revoke", auth=client, data={"token": token}).status_code == 200
+    result = future.get()
+    assert result.reason == speechsdk.ResultReason.Canceled
+    assert "token revoked" in result.cancellation_details.error_details
+    assert "4000" in result.cancellation_details.error_details
+    assert time.monotonic() - started < 5  # cancelled, not hanging
+    push.close()
+
+
+def test_azure_closing_the_connection_does_not_break_a_continuous_session(stack: Stack) -> None:
+    stack.fake.close_after_s = 0.6  # as Azure does after ~10 minutes
+    client = stack.service.add_client()
+    push, recognizer = _push_recognizer(stack, stack.token(client), RECOGNITION)
+    texts: list[str] = []
+    errors: list[str] = []
+    stopped = threading.Event()
+    recognizer.recognized.connect(lambda e: texts.append(e.result.text))
+    recognizer.canceled.connect(lambda e: errors.append(str(e.cancellation_details.error_details)))
+    recognizer.session_stopped.connect(lambda e: stopped.set())
+    recognizer.start_continuous_recognition()
+    for _ in range(25):  # 2.5 s of microphone audio, in real time
+        push.write(b"\x01\x00" * 1600)
+        time.sleep(0.1)
+    push.close()
+    assert stopped.wait(30)
+    recognizer.stop_continuous_recognition()
+    assert stack.fake.connections >= 2  # the session crossed an upstream close
+    assert texts
+    assert [e for e in errors if e] == []

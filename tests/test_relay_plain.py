@@ -1,0 +1,174 @@
+"""The plain front door with a `websockets` client, and the session rules of both doors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.relays import Stack
+
+FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
+
+
+def url(stack: Stack, token: str, language: str = "en-US") -> str:
+    return f"{stack.relay.url}/v1/listen?language={language}&format=pcm16k&access_token={token}"
+
+
+async def events_until_close(ws: ClientConnection) -> tuple[list[dict[str, Any]], int | None, str]:
+    events = []
+    with contextlib.suppress(ConnectionClosed):
+        async for message in ws:
+            events.append(json.loads(message))
+    return events, ws.close_code, ws.close_reason or ""
+
+
+async def new_client(stack: Stack, **fields: Any) -> tuple[str, str]:
+    client: tuple[str, str] = await asyncio.to_thread(stack.service.add_client, **fields)
+    return client
+
+
+async def new_token(stack: Stack, client: tuple[str, str], **params: str) -> str:
+    token: str = await asyncio.to_thread(stack.token, client, **params)
+    return token
+
+
+async def test_audio_in_events_out_in_order_and_nothing_lost(stack: Stack) -> None:
+    token = await new_token(stack, await new_client(stack))
+    async with connect(url(stack, token)) as ws:
+        for _ in range(20):  # 2 s of audio
+            await ws.send(FRAME)
+        await ws.send(json.dumps({"type": "end"}))
+        events, code, _ = await events_until_close(ws)
+    assert code == 1000
+    kinds = [e["type"] for e in events]
+    assert kinds.count("final") == 3  # one per second heard, and the last one
+    assert kinds[0] == "partial"
+    finals = [e for e in events if e["type"] == "final"]
+    assert [e["offset_ms"] for e in finals] == [0, 1000, 2000]
+    assert all(e["text"] == "Hello from the fake service." and e["duration_ms"] == 800 for e in finals)
+    assert stack.fake.audio_bytes == 20 * len(FRAME)
+
+
+@pytest.mark.parametrize(
+    ("send", "code", "words"),
+    [
+        ("not json", 1007, "must be JSON"),
+        (json.dumps({"type": "pause"}), 1003, "unknown message type 'pause'"),
+        (b"\0" * 70_000, 1009, ""),
+    ],
+)
+async def test_bad_frames_close_with_their_code(
+    stack: Stack, send: str | bytes, code: int, words: str
+) -> None:
+    token = await new_token(stack, await new_client(stack))
+    async with connect(url(stack, token)) as ws:
+        await ws.send(send)
+        _, closed, reason = await events_until_close(ws)
+    assert closed == code
+    assert words in reason
+
+
+async def test_audio_far_faster_than_real_time_is_refused(stack: Stack) -> None:
+    token = await new_token(stack, await new_client(stack))
+    async with connect(url(stack, token)) as ws:
+        with contextlib.suppress(ConnectionClosed):  # the relay may close while we still send
+            for _ in range(200):  # 20 s of audio at once
+                await ws.send(FRAME)
+        _, code, reason = await events_until_close(ws)
+    assert code == 1008
+    assert "faster than real time" in reason
+
+
+async def _refusal(target: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(target):
+            pass
+    response = info.value.response
+    return response.status_code, json.loads(response.body), dict(response.headers.raw_items())
+
+
+async def test_a_subject_gets_exactly_its_streams_then_429(stack: Stack) -> None:
+    client = await new_client(stack, max_streams_per_subject=2)
+    tokens = [await new_token(stack, client, subject="alice") for _ in range(3)]
+    async with connect(url(stack, tokens[0])), connect(url(stack, tokens[1])):
+        status, body, headers = await _refusal(url(stack, tokens[2]))
+        assert status == 429
+        assert body["error"] == "too_many_streams"
+        assert 1 <= int(headers["Retry-After"]) <= 15
+        other = await new_token(stack, client, subject="bob")
+        async with connect(url(stack, other)):
+            pass  # another user is not limited by alice's streams
+    async with connect(url(stack, tokens[2])):
+        pass  # alice's slots are free again once her streams closed
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "error"),
+    [
+        ({"scope": "speech:synthesize"}, 403, "insufficient_scope"),
+        ({"language": "de-DE"}, 403, "language_not_allowed"),
+    ],
+)
+async def test_scope_and_language_are_checked_at_the_handshake(
+    stack: Stack, params: dict[str, str], status: int, error: str
+) -> None:
+    client = await new_client(stack, languages=["en-US", "de-DE"])
+    token = await new_token(stack, client, **params)
+    status_seen, body, _ = await _refusal(
+        url(stack, token, language="fr-FR" if "language" in params else "en-US")
+    )
+    assert (status_seen, body["error"]) == (status, error)
+
+
+async def test_unknown_path_and_missing_token_are_refused_with_json(stack: Stack) -> None:
+    status, body, _ = await _refusal(f"{stack.relay.url}/nowhere")
+    assert (status, body["error"]) == (404, "not_found")
+    status, body, _ = await _refusal(f"{stack.relay.url}/v1/listen")
+    assert (status, body["error"]) == (401, "missing_token")
+
+
+async def test_revocation_closes_a_live_stream_within_a_second(stack: Stack) -> None:
+    client = await new_client(stack)
+    token = await new_token(stack, client)
+    async with connect(url(stack, token)) as ws:
+        await ws.send(FRAME)
+        started = time.monotonic()
+        revoke = await asyncio.to_thread(
+            stack.service.http.post, "/v1/revoke", auth=client, data={"token": token}
+        )
+        assert revoke.status_code == 200
+        _, code, reason = await asyncio.wait_for(events_until_close(ws), 5)
+    assert code == 1008
+    assert reason == "token revoked"
+    assert time.monotonic() - started < 1.0
+
+
+async def test_daily_audio_quota_closes_the_stream_with_4429(stack: Stack) -> None:
+    client = await new_client(stack, audio_s_per_day_subject=1)
+    async with connect(url(stack, await new_token(stack, client))) as ws:
+        for _ in range(15):  # 1.5 s of audio
+            await ws.send(FRAME)
+        _, code, reason = await asyncio.wait_for(events_until_close(ws), 5)
+    assert code == 4429
+    assert "quota" in reason
+    status, body, headers = await _refusal(
+        url(stack, await new_token(stack, client))
+    )  # and no new stream today
+    assert (status, body["error"]) == (429, "audio_quota")
+    assert int(headers["Retry-After"]) <= 86401
+
+
+async def test_session_time_limit_closes_with_4000(stack: Stack) -> None:
+    client = await new_client(stack, max_session_s=1)
+    async with connect(url(stack, await new_token(stack, client))) as ws:
+        await ws.send(FRAME)
+        _, code, reason = await asyncio.wait_for(events_until_close(ws), 5)
+    assert code == 4000
+    assert "session time limit" in reason
