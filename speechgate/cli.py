@@ -10,6 +10,7 @@ import sys
 
 import click
 import uvicorn
+import uvloop
 
 from relay.server import Relay
 from speechgate import admin
@@ -92,7 +93,7 @@ def dev(host: str | None, port: int | None) -> None:
             await _uvicorn(app, host, port, settings).serve()
         await relay.aclose()
 
-    asyncio.run(both())
+    uvloop.run(both())
 
 
 @main.command("token-service")
@@ -127,7 +128,7 @@ def relay_command(host: str | None, port: int | None) -> None:
         relay = Relay(settings, open_store(settings), open_redis(settings))
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    asyncio.run(_run_relay(relay, host or settings.relay_host, settings.relay_port if port is None else port))
+    uvloop.run(_run_relay(relay, host or settings.relay_host, settings.relay_port if port is None else port))
 
 
 if __name__ == "__main__":  # pragma: no cover

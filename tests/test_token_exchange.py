@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jwt
@@ -261,3 +262,15 @@ def test_symmetric_keys_in_the_jwks_are_never_used(service: TokenService, idp: t
     response = exchange(service, client_id, forged)
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_grant"
+
+
+def test_concurrent_exchanges_on_a_cold_cache_all_wait_for_the_one_fetch(
+    service: TokenService, idp: tuple[FakeIdp, str]
+) -> None:
+    fake, uri = idp
+    client_id = public_client(service, uri)
+    tokens = [fake.id_token("rsa-1", sub=f"user-{n}") for n in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda t: exchange(service, client_id, t).status_code, tokens))
+    assert statuses == [200] * 16
+    assert fake.fetches == 1

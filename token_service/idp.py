@@ -59,6 +59,9 @@ class JwksCache:
 
     async def key(self, jwks_uri: str, kid: str | None) -> jwt.PyJWK | None:
         entry = self._sets.setdefault(jwks_uri, _KeySet())
+        if entry.lock.locked():  # a fetch is in flight: use its result rather than racing it
+            async with entry.lock:
+                pass
         if self._needs_fetch(entry, kid):
             async with entry.lock:
                 if self._needs_fetch(entry, kid):  # another request may have fetched meanwhile

@@ -1,0 +1,206 @@
+"""Benchmark: per-frame round trip through the relay, against the same load sent direct.
+
+N streams of 3,200-byte USP audio frames every 100 ms (real time) to a fake Azure that answers
+each frame at once; in the same run, the same load straight to that fake is the baseline. The
+relay runs as `speechgate relay` with authentication, metering and quota heartbeats on, pinned to
+one core; the load, the fake, Redis and the token service share the other.
+
+    uv run python -m bench.relay_latency [--streams 100,300,600,1000] [--seconds 8]
+
+Prints, per N: p50/p99 direct and through the relay, the added p99, the relay's CPU (share of
+one core) and memory per stream, lost frames; then the largest N whose added p99 stays under 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.token_throughput import server
+from tests.conftest import add_client, prepared_store
+from tests.processes import Process, free_port
+from token_service.filestore import FileStore
+
+PATH = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_load(url: str, token: str, streams: int, seconds: float, relay_pid: int | None) -> dict[str, float]:
+    procs = [
+        subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "0",
+                sys.executable,
+                "-m",
+                "bench.load",
+                url,
+                token,
+                str(streams),
+                str(seconds),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+    ]
+    result: dict[str, float] = {}
+    if relay_pid is not None:
+        rss_before = rss_kib(relay_pid)
+        time.sleep(1.5 + streams * 0.003)  # connected and streaming
+        cpu_start, t_start = cpu_seconds(relay_pid), time.monotonic()
+        time.sleep(seconds / 2)
+        result["rss_kib_per_stream"] = max(0, rss_kib(relay_pid) - rss_before) / streams
+        result["cpu_share"] = (cpu_seconds(relay_pid) - cpu_start) / (time.monotonic() - t_start)
+    texts = [p.communicate()[0] for p in procs]
+    if not all(texts):
+        raise SystemExit(f"the load against {url.split('?')[0]} failed (see above)")
+    outputs = [json.loads(text) for text in texts]
+    rtts = [r for out in outputs for r in out["rtts"]]
+    result.update(
+        sent=sum(o["sent"] for o in outputs),
+        answered=sum(o["answered"] for o in outputs),
+        p50=percentile(rtts, 0.50),
+        p99=percentile(rtts, 0.99),
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", default="100,300,600,1000")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+    counts = [int(n) for n in args.streams.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store_dir = Path(tmp) / "store"
+        store, hash_key = prepared_store(FileStore(store_dir))
+        big = 10**9
+        client_id, secret = add_client(
+            store,
+            hash_key,
+            "bench-relay",
+            rate_limits={"client": "", "subject": "", "ip": ""},
+            max_streams_per_subject=big,
+            max_streams_per_client=big,
+            audio_s_per_day_subject=big,
+            audio_s_per_day_client=big,
+            max_session_s=86400,
+        )
+        redis_port, token_port, echo_port, relay_port = (free_port() for _ in range(4))
+        env = {
+            "SPEECHGATE_STORE_DIR": str(store_dir),
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "SPEECHGATE_REDIS_PREFIX": "sgbench:",
+            "SPEECHGATE_SPEECH_ENDPOINT": f"ws://127.0.0.1:{echo_port}",
+            "SPEECH_KEY": "0" * 32,
+            "SPEECHGATE_JWKS_URL": f"http://127.0.0.1:{token_port}/.well-known/jwks.json",
+            "SPEECHGATE_LOG_LEVEL": "warning",
+        }
+        redis_server = Process(
+            [
+                "taskset",
+                "-c",
+                "0",
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+            ],
+            "Ready to accept connections",
+        )
+        echo = Process(
+            ["taskset", "-c", "0", sys.executable, "-m", "bench.echo_upstream", str(echo_port)],
+            "echo upstream ready",
+        )
+        relay = Process(
+            [
+                "taskset",
+                "-c",
+                "1",
+                str(Path(sys.executable).parent / "speechgate"),
+                "relay",
+                "--port",
+                str(relay_port),
+            ],
+            "relay listening",
+            env={**os.environ, **env},
+        )
+        with redis_server, echo, server("token_service.app:app_from_env", token_port, env, "0", True), relay:
+            response = httpx.post(
+                f"http://127.0.0.1:{token_port}/v1/token",
+                auth=(client_id, secret),
+                data={"grant_type": "client_credentials"},
+            )
+            token = response.json()["access_token"]
+            assert relay.proc is not None
+            rows = []
+            print(
+                f"{'N':>5} {'direct p50/p99 ms':>18} {'relay p50/p99 ms':>17} {'added p99':>9} "
+                f"{'relay CPU':>9} {'KiB/stream':>10} {'lost':>6}"
+            )
+            for n in counts:
+                try:
+                    direct = run_load(f"ws://127.0.0.1:{echo_port}{PATH}", token, n, args.seconds, None)
+                    relayed = run_load(
+                        f"ws://127.0.0.1:{relay_port}{PATH}", token, n, args.seconds, relay.proc.pid
+                    )
+                except SystemExit:
+                    print("".join(relay.output)[-3000:])
+                    raise
+                added = relayed["p99"] - direct["p99"]
+                lost = int(relayed["sent"] - relayed["answered"])
+                rows.append((n, added, lost))
+                print(
+                    f"{n:>5} {direct['p50']:>8.2f} / {direct['p99']:>6.2f}  {relayed['p50']:>7.2f} / "
+                    f"{relayed['p99']:>6.2f} {added:>9.2f} {relayed['cpu_share']:>8.0%} "
+                    f"{relayed['rss_kib_per_stream']:>10.1f} {lost:>6}",
+                    flush=True,
+                )
+            fitting = [n for n, added, lost in rows if added < 50 and lost == 0]
+            print(
+                f"largest N with added p99 < 50 ms and no frame lost: {max(fitting) if fitting else 'none'}"
+            )
+            print(f"median added p99 over the runs: {statistics.median(a for _, a, _ in rows):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
