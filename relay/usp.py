@@ -14,7 +14,7 @@ import json
 import struct
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 CRLF = "\r\n"
@@ -148,14 +148,6 @@ def riff_byte_rate(payload: bytes) -> int | None:
     if len(payload) >= 44 and payload[:4] == b"RIFF" and payload[8:12] == b"WAVE":
         return int(struct.unpack_from("<I", payload, 28)[0]) or None
     return None
-
-
-@dataclass
-class Turn:
-    """What the plain front door tracks of one recognition turn."""
-
-    request_id: str = field(default_factory=new_request_id)
-    offset_ticks: int = 0
 
 
 def ms(ticks: int | float) -> int:

@@ -119,9 +119,13 @@ def start_service(prefix: str, redis_url: str) -> Iterator[Any]:
     """Start token services: `start_service(**settings)`; all are stopped after the test."""
     running: list[TokenService] = []
 
-    def start(store: SecretStore | None = None, with_redis: bool = True, **overrides: Any) -> TokenService:
-        """A given store must be prepared already (it may belong to the server's event loop)."""
-        store, hash_key = prepared_store() if store is None else (store, b"")
+    def start(
+        store: SecretStore | None = None, with_redis: bool = True, hash_key: bytes = b"", **overrides: Any
+    ) -> TokenService:
+        """A given store must be prepared already (it may belong to the server's event loop);
+        pass its `hash_key` to register clients through the returned service."""
+        if store is None:
+            store, hash_key = prepared_store()
         overrides.setdefault("redis_url", redis_url if with_redis else None)
         settings = replace(Settings(redis_prefix=prefix), **overrides)
         redis_client = connect(settings.redis_url) if settings.redis_url else None

@@ -1,0 +1,117 @@
+"""Two relay processes sharing one Redis: global limits, crashed relays, revocation across them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import TokenService, prepared_store
+from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
+from tests.processes import Process, free_port
+from token_service.filestore import FileStore
+
+SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
+
+
+@dataclass
+class Cluster:
+    service: TokenService
+    relays: list[Process]
+    ports: list[int]
+
+    def url(self, n: int, token: str) -> str:
+        return f"ws://127.0.0.1:{self.ports[n]}/v1/listen?language=en-US&access_token={token}"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, start_service: Any, redis_url: str, prefix: str) -> Iterator[Cluster]:
+    store_dir = tmp_path / "store"
+    _, hash_key = prepared_store(FileStore(store_dir))
+    service: TokenService = start_service(store=FileStore(store_dir), hash_key=hash_key)
+    with FakeSpeechServer(FakeSpeech()) as speech:
+        ports = [free_port(), free_port()]
+        env = {
+            **os.environ,
+            "SPEECHGATE_STORE_DIR": str(store_dir),
+            "REDIS_URL": redis_url,
+            "SPEECHGATE_REDIS_PREFIX": prefix,
+            "SPEECHGATE_SPEECH_ENDPOINT": speech.url,
+            "SPEECH_KEY": KEY,
+            "SPEECHGATE_JWKS_URL": f"{service.url}/.well-known/jwks.json",
+            "SPEECHGATE_LEASE_S": "1",
+            "SPEECHGATE_HEARTBEAT_S": "0.25",
+        }
+        relays = [
+            Process([SPEECHGATE, "relay", "--port", str(port)], "relay listening", env=env).start()
+            for port in ports
+        ]
+        try:
+            yield Cluster(service, relays, ports)
+        finally:
+            for relay in relays:
+                relay.stop()
+
+
+async def refused(url: str) -> int:
+    try:
+        async with connect(url):
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+async def test_a_subject_gets_exactly_two_streams_across_both_relays(cluster: Cluster) -> None:
+    client = await asyncio.to_thread(cluster.service.add_client, max_streams_per_subject=2)
+    token = (await asyncio.to_thread(cluster.service.token, *client, subject="alice")).json()["access_token"]
+    async with contextlib.AsyncExitStack() as streams:
+        await streams.enter_async_context(connect(cluster.url(0, token)))
+        await streams.enter_async_context(connect(cluster.url(1, token)))
+        assert await refused(cluster.url(0, token)) == 429
+        assert await refused(cluster.url(1, token)) == 429
+
+
+async def test_a_killed_relay_frees_its_slots_within_the_lease(cluster: Cluster) -> None:
+    client = await asyncio.to_thread(cluster.service.add_client, max_streams_per_subject=1)
+    token = (await asyncio.to_thread(cluster.service.token, *client, subject="bob")).json()["access_token"]
+    ws = await connect(cluster.url(0, token))
+    assert await refused(cluster.url(1, token)) == 429
+    proc = cluster.relays[0].proc
+    assert proc is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    killed_at = time.monotonic()
+    while await refused(cluster.url(1, token)) != 101:  # the lease is 1 s; nobody renews it now
+        assert time.monotonic() - killed_at < 5, "the dead relay's slot was never freed"
+        await asyncio.sleep(0.1)
+    with contextlib.suppress(ConnectionClosed):
+        await ws.close()
+
+
+async def test_revocation_reaches_a_stream_on_the_other_relay_within_a_second(cluster: Cluster) -> None:
+    client = await asyncio.to_thread(cluster.service.add_client)
+    token = (await asyncio.to_thread(cluster.service.token, *client)).json()["access_token"]
+    ws: ClientConnection
+    async with connect(cluster.url(1, token)) as ws:
+        await ws.send(b"\0" * 3200)
+        started = time.monotonic()
+        response = await asyncio.to_thread(
+            cluster.service.http.post, "/v1/revoke", auth=client, data={"token": token}
+        )
+        assert response.status_code == 200
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+        assert ws.close_code == 1008
+        assert time.monotonic() - started < 1.0

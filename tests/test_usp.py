@@ -1,0 +1,106 @@
+"""The sans-I/O USP module, on what the official SDK actually sent (shared/reference/)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from relay import usp
+
+TRANSCRIPT = (
+    Path(__file__).resolve().parents[2] / "shared" / "reference" / "azure-speech-sdk-wire-transcript.log"
+)
+SDK_PATHS = {"speech.config", "speech.context", "synthesis.context", "ssml", "telemetry"}
+
+
+@pytest.fixture(scope="module")
+def transcript() -> str:
+    if not TRANSCRIPT.exists():
+        pytest.fail(f"the reference transcript is missing at {TRANSCRIPT}")
+    return TRANSCRIPT.read_text(encoding="utf-8")
+
+
+def test_every_text_message_the_sdk_sent_parses(transcript: str) -> None:
+    heads = [ast.literal_eval(m) for m in re.findall(r"raw_head=('.*?'|\".*?\")$", transcript, re.M)]
+    assert len(heads) >= 20
+    for head in heads:
+        headers_only = head.split("\r\n\r\n", 1)[0] + "\r\n\r\n"  # some captures run into the body
+        message = usp.parse_text(headers_only + '{"k": 1}')
+        assert message.path in SDK_PATHS
+        assert message.header("x-timestamp")  # any case
+        assert message.json() == {"k": 1}
+        if message.path in ("speech.context", "synthesis.context", "ssml"):
+            assert re.fullmatch(r"[0-9a-f]{32}", message.request_id)
+
+
+def test_every_binary_frame_header_the_sdk_sent_parses_and_meters(transcript: str) -> None:
+    pattern = r"total=(\d+) hdrlen=(\d+) payload=(\d+) cum_payload=\d+\n\s+raw\[:2\+hdrlen\]=(b'.*?')$"
+    frames = re.findall(pattern, transcript, re.M)
+    assert len(frames) >= 10
+    for total, hdrlen, payload, raw in frames:
+        head = ast.literal_eval(raw)
+        assert len(head) == 2 + int(hdrlen)
+        frame = head + b"\0" * int(payload)
+        assert len(frame) == int(total)
+        message = usp.parse_binary(frame)
+        assert message.path == "audio"
+        assert usp.audio_payload_size(frame) == int(payload) == len(message.body)
+
+
+def test_encoded_messages_round_trip() -> None:
+    text = usp.encode_text("speech.phrase", "ab" * 16, {"DisplayText": "hi", "Offset": 10_000_000})
+    assert "\r\n\r\n" in text
+    assert "\n" not in text.replace("\r\n", "")  # CRLF only: the SDK ignores LF-only messages
+    parsed = usp.parse_text(text)
+    assert (parsed.path, parsed.request_id, parsed.json()["DisplayText"]) == (
+        "speech.phrase",
+        "ab" * 16,
+        "hi",
+    )
+    frame = usp.encode_binary("audio", "cd" * 16, b"\1\2\3", "audio/x-wav", extra={"X-StreamId": "1"})
+    message = usp.parse_binary(frame)
+    assert (message.path, message.request_id, message.body, message.header("x-streamid")) == (
+        "audio",
+        "cd" * 16,
+        b"\1\2\3",
+        "1",
+    )
+    assert usp.audio_payload_size(frame) == 3
+
+
+def test_riff_header_matches_the_sdks_and_gives_the_byte_rate() -> None:
+    sdk_header = bytes.fromhex(
+        "524946460000000057415645666d74201000000001000100803e0000007d0000020010006461746100000000"
+    )
+    assert usp.riff_header() == sdk_header
+    assert usp.riff_byte_rate(sdk_header) == 32000
+    assert usp.riff_byte_rate(b"\0" * 44) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ("Path:turn.start\r\n{}", "blank CRLF line"),
+        ("no colon\r\n\r\n{}", "without a name"),
+    ],
+)
+def test_malformed_text_is_a_protocol_error(data: str, words: str) -> None:
+    with pytest.raises(usp.ProtocolError, match=words):
+        usp.parse_text(data)
+
+
+@pytest.mark.parametrize(
+    ("frame", "words"),
+    [
+        (b"\x00", "shorter"),
+        (b"\x00\x10Path:audio", "runs past"),
+        (b"\x00\x02\xff\xfe", "not ASCII"),
+    ],
+)
+def test_malformed_binary_is_a_protocol_error(frame: bytes, words: str) -> None:
+    with pytest.raises(usp.ProtocolError, match=words):
+        usp.parse_binary(frame)
+    assert usp.audio_payload_size(b"\x00") == 0
