@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from typing import Any
 
@@ -172,3 +173,82 @@ async def test_session_time_limit_closes_with_4000(stack: Stack) -> None:
         _, code, reason = await asyncio.wait_for(events_until_close(ws), 5)
     assert code == 4000
     assert "session time limit" in reason
+
+
+async def test_a_rotated_speech_key_is_picked_up_without_a_restart(stack: Stack) -> None:
+    from token_service.speechkeys import SPEECH_KEY_SECRET
+
+    token = await new_token(stack, await new_client(stack))
+    async with connect(url(stack, token)) as ws:  # the relay now holds the first key
+        await ws.send(json.dumps({"type": "end"}))
+        await events_until_close(ws)
+    # Rotation: Azure accepts only the new key from now on; the store holds it as the newest version.
+    new_key = "f" * 32
+    await stack.service.store.set(SPEECH_KEY_SECRET, new_key, tags={"slot": "key2"})
+    stack.fake.key = new_key
+    async with connect(url(stack, token)) as ws:  # Azure's 401 makes the relay read the key again
+        await ws.send(FRAME)
+        await ws.send(json.dumps({"type": "end"}))
+        events, code, _ = await events_until_close(ws)
+    assert code == 1000
+    assert [e["type"] for e in events if e["type"] == "final"] == ["final"]
+    assert stack.fake.handshakes[-1]["headers"]["Ocp-Apim-Subscription-Key"] == new_key
+
+
+async def test_relay_metrics_show_streams_refusals_and_audio(stack: Stack) -> None:
+    import httpx
+
+    client = await new_client(stack)
+    async with connect(url(stack, await new_token(stack, client))) as ws:
+        for _ in range(10):
+            await ws.send(FRAME)
+        await ws.send(json.dumps({"type": "end"}))
+        await events_until_close(ws)
+    await _refusal(f"{stack.relay.url}/v1/listen")
+    async with httpx.AsyncClient() as http:
+        deadline = time.monotonic() + 5
+        while True:  # the stream's figures are booked as its handler finishes, just after the close
+            text = (await http.get(f"http://127.0.0.1:{stack.relay.port}/metrics")).text
+            if 'speechgate_relay_active_streams{door="plain"} 0.0' in text or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+    assert 'speechgate_relay_refusals_total{reason="missing_token"} 1.0' in text
+    audio = re.search(rf'speechgate_relay_audio_seconds_total{{client="{client[0]}"}} (\S+)', text)
+    assert audio is not None
+    assert float(audio.group(1)) == pytest.approx(1.0)  # ten frames of 100 ms
+    assert 'speechgate_relay_active_streams{door="plain"} 0.0' in text
+    assert "speechgate_relay_upstream_connect_seconds_count 1.0" in text
+
+
+async def test_drain_lets_the_turn_finish_then_closes_with_1001(stack: Stack) -> None:
+    from relay import usp
+
+    token = await new_token(stack, await new_client(stack))
+    azure_url = f"{stack.relay.url}/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        connect(azure_url, additional_headers=headers) as mid_turn,
+        connect(azure_url, additional_headers=headers) as idle,
+    ):
+        request_id = usp.new_request_id()
+        await mid_turn.send(usp.encode_text("speech.context", request_id, {}))
+        await mid_turn.send(usp.encode_binary("audio", request_id, usp.riff_header(), "audio/x-wav"))
+        await mid_turn.send(usp.encode_binary("audio", request_id, FRAME))
+        assert usp.parse_text(str(await mid_turn.recv())).path == "turn.start"
+        assert stack.relay.loop is not None
+        drained = asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(stack.relay.relay.drain(), stack.relay.loop)
+        )
+        with contextlib.suppress(ConnectionClosed):
+            await idle.recv()
+        assert idle.close_code == 1001  # nothing in flight: closed at once
+        status, body, _ = await _refusal(azure_url)
+        assert (status, body["error"]) == (503, "draining")
+        await mid_turn.send(usp.encode_binary("audio", request_id, b""))  # end of audio: the turn ends
+        paths = []
+        with contextlib.suppress(ConnectionClosed):
+            async for message in mid_turn:
+                paths.append(usp.parse_text(str(message)).path)
+        assert paths[-1] == "turn.end"  # the turn finished...
+        assert mid_turn.close_code == 1001  # ...then the stream was closed for a reconnect elsewhere
+        await asyncio.wait_for(drained, 10)
