@@ -252,3 +252,27 @@ async def test_drain_lets_the_turn_finish_then_closes_with_1001(stack: Stack) ->
         assert paths[-1] == "turn.end"  # the turn finished...
         assert mid_turn.close_code == 1001  # ...then the stream was closed for a reconnect elsewhere
         await asyncio.wait_for(drained, 10)
+
+
+async def test_token_in_the_query_as_the_javascript_sdk_sends_it_is_read_and_never_forwarded(
+    stack: Stack,
+) -> None:
+    from urllib.parse import quote
+
+    from relay import usp
+
+    token = await new_token(stack, await new_client(stack))
+    target = (
+        f"{stack.relay.url}/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
+        f"&format=simple&Authorization={quote('Bearer ' + token)}&X-ConnectionId=ABC123"
+    )
+    async with connect(target) as ws:
+        request_id = usp.new_request_id()
+        await ws.send(usp.encode_text("speech.context", request_id, {}))
+        await ws.send(usp.encode_binary("audio", request_id, b""))
+        assert usp.parse_text(str(await ws.recv())).path == "turn.start"
+    upstream_path = stack.fake.handshakes[-1]["path"]
+    assert "Authorization" not in upstream_path
+    assert token not in upstream_path
+    assert "language=en-US" in upstream_path
+    assert "X-ConnectionId=ABC123" in upstream_path
