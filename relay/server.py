@@ -29,14 +29,14 @@ from websockets.typing import Subprotocol
 from relay import doors
 from relay.auth import Authenticator, Refusal, authorize, find_token, split_target
 from relay.metrics import RelayMetrics
-from relay.sessions import MemorySessions, RedisSessions, Stream
+from relay.sessions import MemorySessions, RedisSessions, Sessions, Stream
 from relay.upstream import RECOGNITION_PREFIX, SYNTHESIS_PATH, Credentials, KeyCredentials, StsCredentials
 from token_service.claims import AccessClaims
 from token_service.clients import DISABLED, ClientPolicy, ClientRegistry
 from token_service.events import EventListener
 from token_service.idp import JwksCache
 from token_service.keyspace import Keyspace
-from token_service.redisconn import REDIS_ERRORS, Redis
+from token_service.redisconn import REDIS_ERRORS, Redis, RedisHealth
 from token_service.revocation import MemoryRevocations, RedisRevocations, Revocations
 from token_service.settings import Settings
 from token_service.speechkeys import sts_base_for
@@ -80,6 +80,7 @@ class Pending:
     door: str
     path: str
     params: list[tuple[str, str]]
+    sessions: Sessions
 
 
 def _json(
@@ -127,11 +128,11 @@ class Relay:
         )
         self.clients = ClientRegistry(store, ttl=settings.client_cache_s)
         # Without Redis (development) the rules hold in this process only.
-        self.sessions: RedisSessions | MemorySessions = (
-            RedisSessions(redis, self.keyspace, settings.lease_s)
-            if redis
-            else MemorySessions(settings.lease_s)
-        )
+        # Shared rules in Redis; while Redis does not answer (or without it, in development) the
+        # same rules hold in this process only, and a probe switches back when Redis returns.
+        self.health = RedisHealth(redis)
+        self.local_sessions = MemorySessions(settings.lease_s)
+        self.redis_sessions = RedisSessions(redis, self.keyspace, settings.lease_s) if redis else None
         self.revocations: Revocations = (
             RedisRevocations(redis, self.keyspace) if redis else MemoryRevocations()
         )
@@ -152,10 +153,11 @@ class Relay:
         if path == "/healthz":
             return _json(connection, 200, {"status": "ok"})
         if path == "/readyz":
+            degraded = self.redis is not None and not self.health.up
             return _json(
                 connection,
                 503 if self.draining else 200,
-                {"status": "draining" if self.draining else "ready"},
+                {"status": "draining" if self.draining else "degraded" if degraded else "ready"},
             )
         if path == "/metrics":
             response = connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
@@ -188,17 +190,25 @@ class Relay:
         policy = await self.clients.get(claims.client_id)
         if policy is None or policy == DISABLED or not isinstance(policy, ClientPolicy) or not policy.enabled:
             raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
-        reason = await self.revocations.revoked(claims)
-        if reason is not None:
-            raise Refusal(401, "token_revoked", reason)
         stream_id = uuid.uuid4().hex
         may_start = time.time() < claims.exp
-        admission = await self.sessions.admit(claims, policy, stream_id, may_start)
+        sessions: Sessions = self.local_sessions
+        if self.redis_sessions is not None and self.health.up:
+            try:
+                reason = await self.revocations.revoked(claims)
+                if reason is not None:
+                    raise Refusal(401, "token_revoked", reason)
+                admission = await self.redis_sessions.admit(claims, policy, stream_id, may_start)
+                sessions = self.redis_sessions
+            except REDIS_ERRORS as exc:
+                self.health.mark_down(exc)  # revocations cannot be read until Redis is back
+        if sessions is self.local_sessions:
+            admission = await self.local_sessions.admit(claims, policy, stream_id, may_start)
         if not admission.admitted:
             status, error, message = REFUSALS[admission.reason]
             retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
-        return Pending(claims, policy, stream_id, admission.started_ms, door, path, params)
+        return Pending(claims, policy, stream_id, admission.started_ms, door, path, params, sessions)
 
     @staticmethod
     def _door(path: str) -> str:
@@ -221,7 +231,7 @@ class Relay:
 
     async def handler(self, connection: ServerConnection) -> None:
         pending = self._pending.pop(connection.id)
-        stream = Stream(pending.claims, pending.stream_id, pending.started_ms)
+        stream = Stream(pending.claims, pending.stream_id, pending.started_ms, backend=pending.sessions)
         live = Live(connection, stream, pending.door)
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
@@ -248,7 +258,7 @@ class Relay:
             self.metrics.active.labels(live.door).dec()
             self.metrics.audio.labels(stream.claims.client_id).inc(stream.total_audio_s)
             with contextlib.suppress(*REDIS_ERRORS):
-                await self.sessions.release(stream)
+                await stream.backend.release(stream)
 
     # --- background work --------------------------------------------------------------------
 
@@ -274,11 +284,15 @@ class Relay:
                 policy = await self.clients.get(s.claims.client_id)
                 if isinstance(policy, ClientPolicy):
                     policies[s.claims.client_id] = policy
-            try:
-                over = await self.sessions.heartbeat(streams, policies)
-            except REDIS_ERRORS as exc:
-                log.warning("heartbeat failed (%s); leases renew on the next one", type(exc).__name__)
-                continue
+            over = await self.local_sessions.heartbeat(
+                [s for s in streams if s.backend is self.local_sessions], policies
+            )
+            shared = [s for s in streams if s.backend is self.redis_sessions]
+            if shared and self.redis_sessions is not None:
+                try:
+                    over += await self.redis_sessions.heartbeat(shared, policies)
+                except REDIS_ERRORS as exc:  # the leases renew on the next beat, or run out
+                    self.health.mark_down(exc)
             for stream, reason in over:
                 live = self.live.get(stream.stream_id)
                 if live is not None:
@@ -313,7 +327,9 @@ class Relay:
                 task.cancel()
             if self._listener is not None:
                 await self._listener.close()
-            await self.sessions.aclose()
+            await self.health.close()
+            if self.redis_sessions is not None:
+                await self.redis_sessions.aclose()
             await self.http.aclose()
 
     async def drain(self) -> None:

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from token_service.claims import AccessClaims
 from token_service.clients import ClientPolicy
@@ -32,6 +33,7 @@ class Stream:
     total_audio_s: float = 0.0
     byte_rate: int = 32000
     closing_reason: str | None = field(default=None)
+    backend: Any = None  # the Sessions that admitted it, and so release it
 
     def add_audio(self, payload_bytes: int) -> None:
         seconds = payload_bytes / self.byte_rate
@@ -41,6 +43,18 @@ class Stream:
     @property
     def session_deadline(self) -> float:
         return self.started_ms / 1000 + self.claims.max_session_s
+
+
+class Sessions(Protocol):
+    async def admit(
+        self, claims: AccessClaims, policy: ClientPolicy, stream_id: str, may_start: bool
+    ) -> Admission: ...
+
+    async def heartbeat(
+        self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]
+    ) -> list[tuple[Stream, str]]: ...
+
+    async def release(self, stream: Stream) -> None: ...
 
 
 @dataclass(frozen=True)

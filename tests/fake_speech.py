@@ -33,6 +33,7 @@ class FakeSpeech:
     close_after_s: float | None = None  # Azure ends connections after ~10 minutes; tests use less
     close_mid_turn: int | None = None  # close with this code once audio flows
     text: str = "Hello from the fake service."
+    phrase_every_s: float = 1.0  # a phrase for every this much audio heard
     handshakes: list[dict[str, Any]] = field(default_factory=list)
     audio_bytes: int = 0
     connections: int = 0
@@ -89,7 +90,7 @@ class FakeSpeech:
             if self.close_mid_turn is not None and heard > 0:
                 await ws.close(self.close_mid_turn, "closed by the fake mid-turn")
                 return
-            if payload and heard // BYTES_PER_S > phrases:  # a phrase for every second heard
+            if payload and heard // int(BYTES_PER_S * self.phrase_every_s) > phrases:
                 phrases += 1
                 await self._phrase(ws, request_id, phrases)
             elif payload and heard % (BYTES_PER_S // 2) < len(payload):

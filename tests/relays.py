@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import struct
 import threading
@@ -127,18 +128,31 @@ class Stack:
 
 
 @pytest.fixture
-def stack(start_service: Any, tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Stack]:
-    service: TokenService = start_service()
-    fake = FakeSpeech()
-    with FakeSpeechServer(fake) as speech:
-        settings = replace(
-            service.settings,
-            speech_endpoint=speech.url,
-            speech_key=KEY,
-            jwks_url=f"{service.url}/.well-known/jwks.json",
-            heartbeat_s=0.2,
-            idp_jwks_min_refresh_s=0.0,
-        )
-        relay = Relay(settings, service.store, connect(redis_url))
-        with RelayThread(relay) as running:
-            yield Stack(service, fake, running, make_wav(tmp_path / "speech.wav", 2.0))
+def stack_factory(start_service: Any, tmp_path: Path, redis_url: str) -> Iterator[Any]:
+    """`stack_factory(**settings)`: a token service, a fake Azure and a relay; stopped after the test."""
+    with contextlib.ExitStack() as cleanup:
+
+        def make(**overrides: Any) -> Stack:
+            service: TokenService = start_service()
+            fake = FakeSpeech()
+            speech = cleanup.enter_context(FakeSpeechServer(fake))
+            settings = replace(
+                service.settings,
+                speech_endpoint=speech.url,
+                speech_key=KEY,
+                jwks_url=f"{service.url}/.well-known/jwks.json",
+                heartbeat_s=0.2,
+                idp_jwks_min_refresh_s=0.0,
+                **overrides,
+            )
+            relay = Relay(settings, service.store, connect(settings.redis_url or redis_url))
+            running = cleanup.enter_context(RelayThread(relay))
+            return Stack(service, fake, running, make_wav(tmp_path / "speech.wav", 2.0))
+
+        yield make
+
+
+@pytest.fixture
+def stack(stack_factory: Any) -> Stack:
+    made: Stack = stack_factory()
+    return made

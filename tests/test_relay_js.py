@@ -28,14 +28,16 @@ def node() -> str:
     if binary is None or shutil.which("npm") is None:
         pytest.fail("these tests need Node.js and npm (.ci/run installs them)")
     if not (JS / "node_modules" / "microsoft-cognitiveservices-speech-sdk").exists():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True,
-                       timeout=300)
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True, timeout=300
+        )
     return binary
 
 
 def run_js(node: str, *args: str) -> dict[str, Any]:
-    result = subprocess.run([node, str(JS / "speech.js"), *args], capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [node, str(JS / "speech.js"), *args], capture_output=True, text=True, timeout=60, check=False
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, (result.stdout, result.stderr)
     out: dict[str, Any] = json.loads(lines[-1])

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import TokenService, prepared_store
 from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
-from tests.processes import Process, free_port
+from tests.processes import Process, RedisServer, free_port
 from token_service.filestore import FileStore
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
@@ -115,3 +116,31 @@ async def test_revocation_reaches_a_stream_on_the_other_relay_within_a_second(cl
                 pass
         assert ws.close_code == 1008
         assert time.monotonic() - started < 1.0
+
+
+async def test_relay_keeps_admitting_streams_while_redis_is_down(tmp_path: Path, stack_factory: Any) -> None:
+    own = RedisServer(tmp_path)
+    own.start()
+    try:
+        stack = await asyncio.to_thread(stack_factory, redis_url=own.url)
+        client = await asyncio.to_thread(stack.service.add_client)
+        token = (await asyncio.to_thread(stack.service.token, *client)).json()["access_token"]
+        url = f"{stack.relay.url}/v1/listen?language=en-US&access_token={token}"
+        own.stop()
+        async with connect(url) as ws:  # per-process rules while Redis is away
+            await ws.send(b"\0" * 3200)
+            await ws.send('{"type": "end"}')
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in ws:
+                    pass
+            assert ws.close_code == 1000
+        async with httpx.AsyncClient() as http:
+            ready = f"http://127.0.0.1:{stack.relay.port}/readyz"
+            assert (await http.get(ready)).json()["status"] == "degraded"
+            own.start()
+            deadline = time.monotonic() + 10
+            while (await http.get(ready)).json()["status"] != "ready":
+                assert time.monotonic() < deadline, "the relay never went back to Redis"
+                await asyncio.sleep(0.1)
+    finally:
+        own.stop()

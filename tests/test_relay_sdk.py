@@ -142,3 +142,16 @@ def test_azure_closing_the_connection_does_not_break_a_continuous_session(stack:
     assert stack.fake.connections >= 2  # the session crossed an upstream close
     assert texts
     assert [e for e in errors if e] == []
+
+
+def test_quota_used_up_mid_turn_cancels_the_sdk_with_the_reason(stack: Stack) -> None:
+    stack.fake.phrase_every_s = 60.0  # the turn stays open: no phrase until the audio ends
+    client = stack.service.add_client(audio_s_per_day_subject=1)
+    push, recognizer = _push_recognizer(stack, stack.token(client), INTERACTIVE)
+    future = recognizer.recognize_once_async()
+    push.write(b"\x01\x00" * 24000)  # one and a half seconds: the daily second is used up
+    result = future.get()
+    assert result.reason == speechsdk.ResultReason.Canceled
+    assert "daily audio quota used up" in result.cancellation_details.error_details
+    assert "4000" in result.cancellation_details.error_details
+    push.close()
