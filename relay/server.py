@@ -30,7 +30,14 @@ from relay import doors
 from relay.auth import Authenticator, Refusal, authorize, find_token, split_target
 from relay.metrics import RelayMetrics
 from relay.sessions import MemorySessions, RedisSessions, Sessions, Stream
-from relay.upstream import RECOGNITION_PREFIX, SYNTHESIS_PATH, Credentials, KeyCredentials, StsCredentials
+from relay.upstream import (
+    RECOGNITION_PREFIX,
+    SYNTHESIS_PATH,
+    Credentials,
+    EntraCredentials,
+    KeyCredentials,
+    StsCredentials,
+)
 from token_service.claims import AccessClaims
 from token_service.clients import DISABLED, ClientPolicy, ClientRegistry
 from token_service.events import EventListener
@@ -138,6 +145,9 @@ class Relay:
         )
         key = KeyCredentials(store, settings.speech_key)
         self.credentials: Credentials = key
+        if settings.upstream_auth == "entra":
+            assert settings.speech_resource_id is not None  # Settings.validate makes sure
+            self.credentials = EntraCredentials(settings.speech_resource_id)
         if settings.upstream_auth == "sts":
             self.credentials = StsCredentials(key, sts_base_for(settings.speech_region, None), self.http)
         self.live: dict[str, Live] = {}
@@ -328,6 +338,7 @@ class Relay:
             if self._listener is not None:
                 await self._listener.close()
             await self.health.close()
+            await self.credentials.aclose()
             if self.redis_sessions is not None:
                 await self.redis_sessions.aclose()
             await self.http.aclose()

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -56,6 +56,8 @@ class Credentials(Protocol):
 
     def invalidate(self) -> None: ...
 
+    async def aclose(self) -> None: ...
+
 
 class KeyCredentials:
     """The subscription key, read from the store (or SPEECH_KEY) and kept until invalidated."""
@@ -87,6 +89,9 @@ class KeyCredentials:
     def invalidate(self) -> None:
         self._key = None
 
+    async def aclose(self) -> None:
+        return None
+
 
 class StsCredentials:
     """A 10-minute STS token exchanged from the key, renewed at 9 minutes."""
@@ -114,6 +119,35 @@ class StsCredentials:
     def invalidate(self) -> None:
         self._token = None
         self.key_source.invalidate()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class EntraCredentials:
+    """Keyless: a Microsoft Entra ID token from azure-identity (managed or workload identity),
+    sent as `Bearer aad#<resource id>#<token>`, which is what Azure Speech expects over WebSocket."""
+
+    SCOPE = "https://cognitiveservices.azure.com/.default"
+
+    def __init__(self, resource_id: str, credential: Any = None) -> None:
+        from azure.identity.aio import DefaultAzureCredential
+
+        self.resource_id = resource_id
+        self.credential = credential or DefaultAzureCredential()
+
+    async def headers(self) -> dict[str, str]:
+        try:
+            token = await self.credential.get_token(self.SCOPE)  # cached by azure-identity until near expiry
+        except Exception as exc:  # azure-identity raises several kinds; none may reach the app
+            raise UpstreamError(f"no Entra ID token for Azure Speech ({type(exc).__name__})", True) from None
+        return {"Authorization": f"Bearer aad#{self.resource_id}#{token.token}"}
+
+    def invalidate(self) -> None:
+        return None  # azure-identity renews its tokens itself
+
+    async def aclose(self) -> None:
+        await self.credential.close()
 
 
 async def open_upstream(

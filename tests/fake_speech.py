@@ -34,6 +34,7 @@ class FakeSpeech:
     close_mid_turn: int | None = None  # close with this code once audio flows
     text: str = "Hello from the fake service."
     phrase_every_s: float = 1.0  # a phrase for every this much audio heard
+    bearer_tokens: set[str] = field(default_factory=set)  # accepted as `Authorization: Bearer …` too
     handshakes: list[dict[str, Any]] = field(default_factory=list)
     audio_bytes: int = 0
     connections: int = 0
@@ -42,7 +43,8 @@ class FakeSpeech:
         self.handshakes.append({"path": request.path, "headers": dict(request.headers.raw_items())})
         if self.refuse_status is not None:
             return connection.respond(HTTPStatus(self.refuse_status), "refused by the fake\n")
-        if request.headers.get("Ocp-Apim-Subscription-Key") != self.key:
+        bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if request.headers.get("Ocp-Apim-Subscription-Key") != self.key and bearer not in self.bearer_tokens:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "bad key\n")
         return None
 

@@ -136,15 +136,14 @@ def stack_factory(start_service: Any, tmp_path: Path, redis_url: str) -> Iterato
             service: TokenService = start_service()
             fake = FakeSpeech()
             speech = cleanup.enter_context(FakeSpeechServer(fake))
-            settings = replace(
-                service.settings,
-                speech_endpoint=speech.url,
-                speech_key=KEY,
-                jwks_url=f"{service.url}/.well-known/jwks.json",
-                heartbeat_s=0.2,
-                idp_jwks_min_refresh_s=0.0,
-                **overrides,
-            )
+            defaults: dict[str, Any] = {
+                "speech_endpoint": speech.url,
+                "speech_key": KEY,
+                "jwks_url": f"{service.url}/.well-known/jwks.json",
+                "heartbeat_s": 0.2,
+                "idp_jwks_min_refresh_s": 0.0,
+            }
+            settings = replace(service.settings, **{**defaults, **overrides})
             relay = Relay(settings, service.store, connect(settings.redis_url or redis_url))
             running = cleanup.enter_context(RelayThread(relay))
             return Stack(service, fake, running, make_wav(tmp_path / "speech.wav", 2.0))

@@ -155,3 +155,23 @@ def test_quota_used_up_mid_turn_cancels_the_sdk_with_the_reason(stack: Stack) ->
     assert "daily audio quota used up" in result.cancellation_details.error_details
     assert "4000" in result.cancellation_details.error_details
     push.close()
+
+
+def test_keyless_entra_id_upstream_through_managed_identity(stack_factory: Any, vault: Any) -> None:
+    resource = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.CognitiveServices/accounts/speech"
+    stack: Stack = stack_factory(upstream_auth="entra", speech_resource_id=resource, speech_key=None)
+    stack.fake.key = "no key is accepted"
+    stack.fake.bearer_tokens = {f"aad#{resource}#{t}" for t in vault.fake.tokens}  # refreshed below
+    original = vault.fake.tokens
+
+    class Tokens(set[str]):  # every token the identity endpoint issues is accepted by the fake Azure
+        def add(self, token: str) -> None:
+            super().add(token)
+            stack.fake.bearer_tokens.add(f"aad#{resource}#{token}")
+
+    vault.fake.tokens = Tokens(original)
+    result = recognize_once(stack, stack.token(stack.service.add_client()))
+    assert result.reason == speechsdk.ResultReason.RecognizedSpeech, result.cancellation_details
+    headers = {k.lower(): v for k, v in stack.fake.handshakes[-1]["headers"].items()}
+    assert headers["authorization"].startswith(f"Bearer aad#{resource}#")
+    assert "ocp-apim-subscription-key" not in headers
