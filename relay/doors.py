@@ -13,6 +13,7 @@ Close codes are chosen for how the clients react (shared/reference/azure-speech-
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -142,17 +143,6 @@ async def _pump(live: Live, outgoing: Any, incoming: Any, upstream: ClientConnec
 # --- plain: raw PCM in, JSON events out -----------------------------------------------------------
 
 
-def _event(kind: str, body: dict[str, Any]) -> str:
-    return json.dumps(
-        {
-            "type": kind,
-            "text": body.get("DisplayText", body.get("Text", "")),
-            "offset_ms": usp.ms(body.get("Offset", 0)),
-            "duration_ms": usp.ms(body.get("Duration", 0)),
-        }
-    )
-
-
 SPEECH_CONFIG = {
     "context": {
         "system": {"name": "speechgate", "version": "1"},
@@ -163,35 +153,101 @@ SPEECH_CONFIG = {
 }
 
 
-async def plain(relay: Relay, live: Live, pending: Pending) -> None:
-    params = dict((k.lower(), v) for k, v in pending.params)
-    language = params.get("language", "en-US")
-    query = f"language={language}&format=simple"
-    try:
+class _PlainUpstream:
+    """The plain door's Azure side: one recognition over as many connections as Azure needs.
+
+    Azure ends a connection after about 10 minutes. The app must not notice: the audio not yet
+    covered by a final result is kept (bounded), and on a new connection it is sent again first;
+    offsets from the new connection are shifted to stay on the app's time line.
+    """
+
+    MAX_REPLAY_BYTES = 60 * usp.PCM16K_BYTES_PER_S
+
+    def __init__(self, relay: Relay, live: Live, pending: Pending, language: str) -> None:
+        self.relay, self.live, self.pending, self.language = relay, live, pending, language
+        self.chunks: collections.deque[tuple[int, bytes]] = collections.deque()  # (position, audio)
+        self.buffered = 0
+        self.position = 0  # audio bytes the app has sent
+        self.base = 0  # where the current connection's audio starts, in the app's audio
+        self.connection: ClientConnection | None = None
+        self.request_id = ""
+        self.ended = False
+
+    async def connect(self) -> None:
+        self.connection = None
+        query = f"language={self.language}&format=simple"
         upstream = await _connect(
-            relay,
-            pending,
+            self.relay,
+            self.pending,
             "/speech/recognition/conversation/cognitiveservices/v1",
             query,
-            {"X-ConnectionId": pending.stream_id},
+            {"X-ConnectionId": usp.new_request_id()},
         )
+        self.request_id = usp.new_request_id()
+        self.base = self.chunks[0][0] if self.chunks else self.position
+        await upstream.send(usp.encode_text("speech.config", None, SPEECH_CONFIG))
+        await upstream.send(
+            usp.encode_text(
+                "speech.context",
+                self.request_id,
+                {"phraseDetection": {"language": self.language}, "audio": {"streams": {"1": None}}},
+            )
+        )
+        await upstream.send(self._frame(usp.riff_header(), "audio/x-wav"))
+        for _, chunk in list(self.chunks):  # what Azure had not confirmed yet
+            await upstream.send(self._frame(chunk))
+        if self.ended:
+            await upstream.send(self._frame(b""))
+        self.connection = self.live.upstream = upstream
+
+    def _frame(self, payload: bytes, content_type: str | None = None) -> bytes:
+        return usp.encode_binary("audio", self.request_id, payload, content_type, extra={"X-StreamId": "1"})
+
+    async def send(self, chunk: bytes) -> None:
+        self.chunks.append((self.position, chunk))
+        self.position += len(chunk)
+        self.buffered += len(chunk)
+        while self.buffered > self.MAX_REPLAY_BYTES:  # bounded, whatever Azure does
+            self.buffered -= len(self.chunks.popleft()[1])
+        await self._send(self._frame(chunk))
+
+    async def end(self) -> None:
+        self.ended = True
+        await self._send(self._frame(b""))
+
+    async def _send(self, frame: bytes) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(ConnectionClosed):  # replayed on the next connection
+                await self.connection.send(frame)
+
+    def event(self, kind: str, body: dict[str, Any]) -> str:
+        shift = self.base * 1000 // usp.PCM16K_BYTES_PER_S
+        return json.dumps(
+            {
+                "type": kind,
+                "text": body.get("DisplayText", body.get("Text", "")),
+                "offset_ms": shift + usp.ms(body.get("Offset", 0)),
+                "duration_ms": usp.ms(body.get("Duration", 0)),
+            }
+        )
+
+    def confirmed(self, body: dict[str, Any]) -> None:
+        """Audio up to the end of a final result never needs sending again."""
+        end_ms = usp.ms(body.get("Offset", 0)) + usp.ms(body.get("Duration", 0))
+        end = self.base + end_ms * usp.PCM16K_BYTES_PER_S // 1000
+        while self.chunks and self.chunks[0][0] + len(self.chunks[0][1]) <= end:
+            self.buffered -= len(self.chunks.popleft()[1])
+
+
+async def plain(relay: Relay, live: Live, pending: Pending) -> None:
+    params = dict((k.lower(), v) for k, v in pending.params)
+    azure = _PlainUpstream(relay, live, pending, params.get("language", "en-US"))
+    try:
+        await azure.connect()
     except UpstreamError as exc:
         live.end(1013, 1013, f"Azure Speech unavailable: {exc}")
         return
-    live.upstream = upstream
     stream, client = live.stream, live.connection
-    request_id = usp.new_request_id()
-    await upstream.send(usp.encode_text("speech.config", None, SPEECH_CONFIG))
-    await upstream.send(
-        usp.encode_text(
-            "speech.context",
-            request_id,
-            {"phraseDetection": {"language": language}, "audio": {"streams": {"1": None}}},
-        )
-    )
-    await upstream.send(
-        usp.encode_binary("audio", request_id, usp.riff_header(), "audio/x-wav", extra={"X-StreamId": "1"})
-    )
     live.in_turn = True
     opened = time.monotonic()
     finished = asyncio.Event()
@@ -203,9 +259,7 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
                 if _flooding(live, opened):
                     live.end(1008, 1008, "audio sent much faster than real time")
                     return
-                await upstream.send(
-                    usp.encode_binary("audio", request_id, message, extra={"X-StreamId": "1"})
-                )
+                await azure.send(message)
                 continue
             try:
                 kind = json.loads(message).get("type")
@@ -215,26 +269,48 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
             if kind != "end":
                 live.end(1003, 1003, f'unknown message type {kind!r}; send audio or {{"type": "end"}}')
                 return
-            await upstream.send(usp.encode_binary("audio", request_id, b"", extra={"X-StreamId": "1"}))
+            await azure.end()
             await finished.wait()
             return
 
     async def azure_to_app() -> None:
-        async for message in upstream:
-            if type(message) is not str:
-                continue
-            msg = usp.parse_text(message)
-            if msg.path == "speech.hypothesis":
-                await client.send(_event("partial", msg.json()))
-            elif msg.path == "speech.phrase":
-                body = msg.json()
-                if body.get("RecognitionStatus") == "Success":
-                    await client.send(_event("final", body))
-            elif msg.path == "turn.end":
-                live.in_turn = False
-                finished.set()
-                with contextlib.suppress(ConnectionClosed):
-                    await client.close(1000, "done")
+        while True:
+            assert azure.connection is not None
+            async for message in azure.connection:
+                if type(message) is not str:
+                    continue
+                msg = usp.parse_text(message)
+                if msg.path == "speech.hypothesis":
+                    await client.send(azure.event("partial", msg.json()))
+                elif msg.path == "speech.phrase":
+                    body = msg.json()
+                    if body.get("RecognitionStatus") == "Success":
+                        await client.send(azure.event("final", body))
+                        azure.confirmed(body)
+                elif msg.path == "turn.end":
+                    live.in_turn = False
+                    finished.set()
+                    with contextlib.suppress(ConnectionClosed):
+                        await client.close(1000, "done")
+                    return
+            if live.stream.closing_reason is not None:
+                return
+            try:  # Azure ended the connection mid-recognition: carry on over a new one
+                await azure.connect()
+            except UpstreamError as exc:
+                live.end(1011, 1011, f"Azure Speech failed: {exc}")
                 return
 
-    await _pump(live, app_to_azure(), azure_to_app(), upstream)
+    tasks = [asyncio.ensure_future(app_to_azure()), asyncio.ensure_future(azure_to_app())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await task
+        if azure.connection is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await azure.connection.close()
+        live.ended.set()

@@ -19,6 +19,7 @@ from typing import Any
 
 CRLF = "\r\n"
 TICKS_PER_MS = 10_000  # offsets and durations are 100-ns ticks
+PCM16K_BYTES_PER_S = 32_000  # 16 kHz, 16-bit, mono
 
 
 class ProtocolError(ValueError):

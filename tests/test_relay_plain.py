@@ -276,3 +276,21 @@ async def test_token_in_the_query_as_the_javascript_sdk_sends_it_is_read_and_nev
     assert token not in upstream_path
     assert "language=en-US" in upstream_path
     assert "X-ConnectionId=ABC123" in upstream_path
+
+
+async def test_azure_ending_the_connection_goes_unnoticed_on_the_plain_door(stack: Stack) -> None:
+    stack.fake.close_after_s = 0.7  # as Azure does after about 10 minutes
+    token = await new_token(stack, await new_client(stack))
+    async with connect(url(stack, token)) as ws:
+        for _ in range(25):  # 2.5 s of microphone audio, in real time
+            await ws.send(FRAME)
+            await asyncio.sleep(0.1)
+        await ws.send(json.dumps({"type": "end"}))
+        events, code, _ = await events_until_close(ws)
+    assert code == 1000
+    assert stack.fake.connections >= 3  # the recognition crossed at least two upstream closes
+    finals = [e for e in events if e["type"] == "final"]
+    assert finals
+    offsets = [e["offset_ms"] for e in finals]
+    assert offsets == sorted(offsets)  # one time line for the app, whatever the connections
+    assert stack.fake.audio_bytes >= 25 * len(FRAME)  # nothing lost (replayed audio may count twice)
