@@ -27,7 +27,7 @@ import httpx
 
 from bench.token_throughput import server
 from tests.conftest import add_client, prepared_store
-from tests.processes import Process, free_port
+from tests.processes import Process, RedisServer, free_port
 from token_service.filestore import FileStore
 
 PATH = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
@@ -118,35 +118,17 @@ def main() -> None:
             audio_s_per_day_client=big,
             max_session_s=86400,
         )
-        redis_port, token_port, echo_port, relay_port = (free_port() for _ in range(4))
+        redis_server = RedisServer(Path(tmp), cpus="0")
+        token_port, echo_port, relay_port = (free_port() for _ in range(3))
         env = {
             "SPEECHGATE_STORE_DIR": str(store_dir),
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "REDIS_URL": redis_server.url,
             "SPEECHGATE_REDIS_PREFIX": "sgbench:",
             "SPEECHGATE_SPEECH_ENDPOINT": f"ws://127.0.0.1:{echo_port}",
             "SPEECH_KEY": "0" * 32,
             "SPEECHGATE_JWKS_URL": f"http://127.0.0.1:{token_port}/.well-known/jwks.json",
             "SPEECHGATE_LOG_LEVEL": "warning",
         }
-        redis_server = Process(
-            [
-                "taskset",
-                "-c",
-                "0",
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-            ],
-            "Ready to accept connections",
-        )
         echo = Process(
             ["taskset", "-c", "0", sys.executable, "-m", "bench.echo_upstream", str(echo_port)],
             "echo upstream ready",

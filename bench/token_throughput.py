@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import add_client, prepared_store
-from tests.processes import Process, free_port
+from tests.processes import Process, RedisServer, free_port
 from token_service.filestore import FileStore
 
 WRK_SCRIPT = """
@@ -112,27 +112,8 @@ def main() -> None:
         sys.exit("needs wrk and taskset: apt-get install wrk util-linux")
     with tempfile.TemporaryDirectory() as tmp:
         # A Redis of our own, pinned beside the load generator, so the server's core is its own.
-        redis_port = free_port()
-        redis_server = Process(
-            [
-                "taskset",
-                "-c",
-                "1",
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-            ],
-            "Ready to accept connections",
-        )
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        redis_server = RedisServer(Path(tmp), cpus="1")
+        redis_url = redis_server.url
         store, hash_key = prepared_store(FileStore(Path(tmp) / "store"))
         unlimited = {"client": "100000000/minute", "subject": "100000000/minute", "ip": "100000000/minute"}
         client_id, secret = add_client(store, hash_key, "bench-client", rate_limits=unlimited)

@@ -22,7 +22,6 @@ import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -383,6 +382,3 @@ def _covers(event: dict[str, Any], claims: AccessClaims) -> bool:
 def _seconds_to_midnight() -> int:
     now = time.time()
     return int(86400 - now % 86400) + 1
-
-
-__all__ = ["Headers", "Relay"]

@@ -76,13 +76,14 @@ class Process:
 class RedisServer:
     """A redis-server of the test's own on a free port, which the test may stop and start again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, cpus: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; .ci/run installs it")
         self.binary = binary
         self.port = free_port()
         self.workdir = workdir
+        self.pin = ["taskset", "-c", cpus] if cpus else []  # benchmarks pin it to a core
         self.process: Process | None = None
 
     @property
@@ -109,6 +110,13 @@ class RedisServer:
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True)

@@ -145,7 +145,7 @@ async def load_keyring(store: SecretStore) -> KeyRing:
 async def add_signing_key(store: SecretStore) -> SigningKey:
     """Store a new key pair as the newest version: it becomes the signer on the next load."""
     pem = generate_pem()
-    kid = thumbprint(public_jwk(load_signing_key(_unsaved(pem)).public_key))
+    kid = load_signing_key(_unsaved(pem)).kid
     stored = await store.set(
         SIGNING_KEY_SECRET,
         pem,
