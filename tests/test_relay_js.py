@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.processes import wait_until
 from tests.relays import Stack
 
 JS = Path(__file__).parent / "js"
@@ -60,10 +62,33 @@ def test_js_sdk_synthesizes_through_the_relay(node: str, stack: Stack) -> None:
     assert out["bytes"] >= 3 * 3200
 
 
-def test_js_sdk_reports_a_refused_token(node: str, stack: Stack) -> None:
-    out = run_js(node, "recognize", f"{stack.relay.url}{RECOGNITION}", "not-a-token", str(stack.wav))
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("missing", "401"),
+        ("expired", "401"),
+        ("revoked", "401"),
+        ("wrongly scoped", "403"),
+        ("malformed", "401"),
+    ],
+)
+def test_js_sdk_reports_a_refused_token(node: str, stack: Stack, kind: str, status: str) -> None:
+    client = stack.service.add_client()
+    if kind == "missing":
+        token = ""
+    elif kind == "expired":
+        token = stack.expired_token(client[0])
+    elif kind == "revoked":
+        token = stack.token(client)
+        assert stack.service.http.post("/v1/revoke", auth=client, data={"token": token}).status_code == 200
+    elif kind == "wrongly scoped":
+        token = stack.token(client, scope="speech:synthesize")
+    else:
+        token = "not-a-token"
+    out = run_js(node, "recognize", f"{stack.relay.url}{RECOGNITION}", token, str(stack.wav))
     assert out["reason"] == "Canceled"
-    assert "401" in out["details"]
+    assert status in out["details"]
+    assert stack.fake.handshakes == []  # nothing refused reaches Azure
 
 
 def test_js_sdk_cancels_at_once_when_azure_is_gone(node: str, stack: Stack) -> None:
@@ -72,3 +97,45 @@ def test_js_sdk_cancels_at_once_when_azure_is_gone(node: str, stack: Stack) -> N
     out = run_js(node, "recognize", f"{stack.relay.url}{RECOGNITION}", token, str(stack.wav))
     assert out["reason"] == "Canceled"
     assert "Azure Speech unavailable" in out["details"]
+
+
+def _hold(node: str, stack: Stack, token: str, seconds: float) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [node, str(JS / "speech.js"), "hold", f"{stack.relay.url}{RECOGNITION}", token, str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "streaming"
+    return proc
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=30)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines, (out, err)
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def test_js_sdk_cancels_at_once_when_its_token_is_revoked_mid_turn(node: str, stack: Stack) -> None:
+    stack.fake.phrase_every_s = 60.0  # the turn stays open
+    client = stack.service.add_client()
+    token = stack.token(client)
+    proc = _hold(node, stack, token, 0.5)
+    assert wait_until(lambda: stack.fake.audio_bytes > 0)
+    started = time.monotonic()
+    assert stack.service.http.post("/v1/revoke", auth=client, data={"token": token}).status_code == 200
+    out = _result(proc)
+    assert out["reason"] == "Canceled"
+    assert "token revoked" in out["details"]
+    assert time.monotonic() - started < 5  # a cancellation, not the 20 s hang the script waits for
+
+
+def test_js_sdk_cancels_at_once_when_the_quota_runs_out_mid_turn(node: str, stack: Stack) -> None:
+    stack.fake.phrase_every_s = 60.0
+    token = stack.token(stack.service.add_client(audio_s_per_day_subject=1))
+    out = _result(_hold(node, stack, token, 1.5))
+    assert out["reason"] == "Canceled"
+    assert "daily audio quota used up" in out["details"]

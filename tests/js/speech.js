@@ -1,5 +1,6 @@
 // Drives the official JavaScript Speech SDK against an endpoint; prints one JSON line.
 // node speech.js recognize|synthesize ENDPOINT TOKEN [WAV]
+// node speech.js hold ENDPOINT TOKEN SECONDS: push SECONDS of audio and keep the turn open
 "use strict";
 const fs = require("fs");
 const sdk = require("microsoft-cognitiveservices-speech-sdk");
@@ -18,7 +19,19 @@ function canceled(result) {
   return { reason: "Canceled", code: sdk.CancellationErrorCode[details.ErrorCode], details: details.errorDetails };
 }
 
-if (mode === "recognize") {
+if (mode === "hold") {
+  const push = sdk.AudioInputStream.createPushStream(sdk.AudioStreamFormat.getWaveFormatPCM(16000, 16, 1));
+  const recognizer = new sdk.SpeechRecognizer(config, sdk.AudioConfig.fromStreamInput(push));
+  recognizer.recognizeOnceAsync(
+    (result) => done(result.reason === sdk.ResultReason.Canceled ? canceled(result)
+      : { reason: sdk.ResultReason[result.reason], text: result.text }),
+    (error) => done({ reason: "Error", details: String(error) }),
+  );
+  const samples = new Int16Array(Math.round(16000 * Number(wav))).fill(1);
+  push.write(samples.buffer);
+  console.log("streaming");  // the test acts now; the turn stays open until the relay ends it
+  setTimeout(() => done({ reason: "Timeout" }), 20000);
+} else if (mode === "recognize") {
   const audio = sdk.AudioConfig.fromWavFileInput(fs.readFileSync(wav));
   const recognizer = new sdk.SpeechRecognizer(config, audio);
   recognizer.recognizeOnceAsync(
