@@ -49,6 +49,9 @@ from token_service.speechkeys import sts_base_for
 from token_service.store import SecretStore, StoreError
 
 log = logging.getLogger("speechgate.relay")
+# websockets logs request lines (with their query, where tokens may be) at DEBUG: never below INFO.
+_ws_log = logging.getLogger("speechgate.relay.websockets")
+_ws_log.setLevel(logging.INFO)
 
 RECOGNITION_MODES = ("conversation", "interactive", "dictation")
 HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
@@ -329,6 +332,7 @@ class Relay:
                 ping_timeout=20,
                 close_timeout=5,
                 server_header=None,
+                logger=_ws_log,
             ) as server:
                 yield server
         finally:

@@ -26,6 +26,8 @@ from token_service.speechkeys import SPEECH_KEY_SECRET
 from token_service.store import SecretNotFound, SecretStore, StoreError
 
 log = logging.getLogger("speechgate.relay.upstream")
+_ws_log = logging.getLogger("speechgate.relay.upstream.websockets")
+_ws_log.setLevel(logging.INFO)  # its DEBUG lines hold URLs and headers (the key)
 
 RECOGNITION_PREFIX = "/speech/recognition/"
 SYNTHESIS_PATH = "/cognitiveservices/websocket/v1"
@@ -167,6 +169,7 @@ async def open_upstream(
                 open_timeout=10,
                 ping_interval=None,
                 user_agent_header=None,
+                logger=_ws_log,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.fake_speech import KEY
 from tests.relays import Stack
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
@@ -294,3 +296,21 @@ async def test_azure_ending_the_connection_goes_unnoticed_on_the_plain_door(stac
     offsets = [e["offset_ms"] for e in finals]
     assert offsets == sorted(offsets)  # one time line for the app, whatever the connections
     assert stack.fake.audio_bytes >= 25 * len(FRAME)  # nothing lost (replayed audio may count twice)
+
+
+async def test_no_token_or_key_reaches_the_logs_even_at_debug(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = await new_token(stack, await new_client(stack))
+    async with connect(url(stack, token)) as ws:  # the token rides in the query
+        await ws.send(FRAME)
+        await ws.send(json.dumps({"type": "end"}))
+        await events_until_close(ws)
+    await _refusal(url(stack, token[:-4] + "AAAA"))  # a refused one is logged too
+    # Everything but this test's own client and the fake Azure, which log what they send and get.
+    ours = [r for r in caplog.records if r.name not in ("websockets.client", "websockets.server")]
+    logged = "\n".join(r.getMessage() for r in ours)
+    assert "refused /v1/listen" in logged  # the log is captured at all
+    for secret in (token, token.split(".")[2], KEY):
+        assert secret not in logged
