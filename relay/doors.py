@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
@@ -63,6 +64,19 @@ async def _connect(
         raise
     finally:
         relay.metrics.upstream_connect.observe(time.perf_counter() - started)
+
+
+async def _stop(live: Live, tasks: Sequence[asyncio.Future[None]], upstream: ClientConnection | None) -> None:
+    """End both directions of a stream and its Azure connection; the stream is over."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await task
+    if upstream is not None:
+        with contextlib.suppress(ConnectionClosed):
+            await upstream.close()
+    live.ended.set()
 
 
 def _flooding(live: Live, opened: float) -> bool:
@@ -130,14 +144,7 @@ async def _pump(live: Live, outgoing: Any, incoming: Any, upstream: ClientConnec
                 with contextlib.suppress(ConnectionClosed):
                     await upstream.close(1000, "client done")
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await task
-        with contextlib.suppress(ConnectionClosed):
-            await upstream.close()
-        live.ended.set()
+        await _stop(live, tasks, upstream)
 
 
 # --- plain: raw PCM in, JSON events out -----------------------------------------------------------
@@ -305,12 +312,4 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await task
-        if azure.connection is not None:
-            with contextlib.suppress(ConnectionClosed):
-                await azure.connection.close()
-        live.ended.set()
+        await _stop(live, tasks, azure.connection)
