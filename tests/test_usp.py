@@ -18,8 +18,6 @@ SDK_PATHS = {"speech.config", "speech.context", "synthesis.context", "ssml", "te
 
 @pytest.fixture(scope="module")
 def transcript() -> str:
-    if not TRANSCRIPT.exists():
-        pytest.fail(f"the reference transcript is missing at {TRANSCRIPT}")
     return TRANSCRIPT.read_text(encoding="utf-8")
 
 
