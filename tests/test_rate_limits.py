@@ -180,17 +180,23 @@ def test_per_process_limits_apply_while_redis_is_down(tmp_path: Path, start_serv
 
 
 @pytest.mark.parametrize(
-    "uri",
+    ("uri", "kind", "where"),
     [
-        "redis+sentinel://127.0.0.1:26379/mymaster",
-        "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
-        "async+redis://127.0.0.1:6379/0",
-        "rediss://127.0.0.1:6380/0",
+        ("redis+sentinel://127.0.0.1:26379/mymaster", "Redis", None),  # the master, found through sentinels
+        ("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "RedisCluster", None),
+        ("async+redis://127.0.0.1:6379/3", "Redis", ("127.0.0.1", 6379, 3)),
+        ("rediss://127.0.0.1:6380/0", "Redis", ("127.0.0.1", 6380, 0)),
     ],
 )
-def test_limits_style_redis_uris_are_understood(uri: str) -> None:
-    client = connect(uri)
-    assert client is not None
+def test_limits_style_redis_uris_are_understood(
+    uri: str, kind: str, where: tuple[str, int, int] | None
+) -> None:
+    client = connect(uri)  # makes no connection yet
+    assert type(client).__name__ == kind
+    if where is not None:
+        options = client.connection_pool.connection_kwargs  # type: ignore[union-attr]
+        assert (options["host"], options["port"], options["db"]) == where
+        assert options["socket_timeout"] == 0.5  # a slow Redis becomes the fallback, not slow requests
 
 
 def test_unknown_redis_uri_scheme_is_a_clear_error() -> None:
