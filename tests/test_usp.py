@@ -10,9 +10,8 @@ import pytest
 
 from relay import usp
 
-TRANSCRIPT = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "azure-speech-sdk-wire-transcript.log"
-)
+# The lines of shared/reference/azure-speech-sdk-wire-transcript.log these tests read, kept with them.
+TRANSCRIPT = Path(__file__).parent / "data" / "usp_capture.txt"
 SDK_PATHS = {"speech.config", "speech.context", "synthesis.context", "ssml", "telemetry"}
 
 
