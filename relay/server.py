@@ -83,7 +83,6 @@ class Live:
 @dataclass(frozen=True)
 class Pending:
     claims: AccessClaims
-    policy: ClientPolicy
     stream_id: str
     started_ms: int
     door: str
@@ -220,7 +219,7 @@ class Relay:
             status, error, message = REFUSALS[admission.reason]
             retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
-        return Pending(claims, policy, stream_id, admission.started_ms, door, path, params, sessions)
+        return Pending(claims, stream_id, admission.started_ms, door, path, params, sessions)
 
     @staticmethod
     def _door(path: str) -> str:
