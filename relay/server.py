@@ -124,6 +124,7 @@ class Relay:
         *,
         http: httpx.AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -141,7 +142,7 @@ class Relay:
         self.health = RedisHealth(redis)
         self.local_sessions = MemorySessions(settings.lease_s)
         self.redis_sessions = RedisSessions(redis, self.keyspace, settings.lease_s) if redis else None
-        self.revocations: Revocations = (
+        self.revocations: Revocations = revocations or (
             RedisRevocations(redis, self.keyspace) if redis else MemoryRevocations()
         )
         key = KeyCredentials(store, settings.speech_key)
@@ -214,6 +215,10 @@ class Relay:
             except REDIS_ERRORS as exc:
                 self.health.mark_down(exc)  # revocations cannot be read until Redis is back
         if sessions is self.local_sessions:
+            if self.redis is None:  # development: revocations live in this process
+                reason = await self.revocations.revoked(claims)
+                if reason is not None:
+                    raise Refusal(401, "token_revoked", reason)
             admission = await self.local_sessions.admit(claims, policy, stream_id, may_start)
         if not admission.admitted:
             status, error, message = REFUSALS[admission.reason]

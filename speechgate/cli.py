@@ -17,6 +17,7 @@ from speechgate import admin
 from token_service.app import create_app
 from token_service.filestore import FileStore
 from token_service.keys import load_keyring
+from token_service.revocation import MemoryRevocations
 from token_service.runtime import open_redis, open_store
 from token_service.settings import Settings, SettingsError
 from token_service.store import StoreError
@@ -80,12 +81,17 @@ def dev(host: str | None, port: int | None) -> None:
     client = asyncio.run(bootstrap(store, settings.store_dir))
     relay_url = f"ws://{settings.relay_host}:{settings.relay_port}"
     click.echo(banner(client, f"http://{host}:{port}", relay_url, settings))
-    app = create_app(settings, store, open_redis(settings))
+    redis = open_redis(settings)
+    # Without Redis the two services share revocations in this process.
+    shared = None if redis else MemoryRevocations()
+    app = create_app(settings, store, redis, revocations=shared)
     # The relay checks tokens against this token service, wherever --host/--port put it.
     relay_settings = dataclasses.replace(
         settings, jwks_url=settings.jwks_url or f"http://{host}:{port}/.well-known/jwks.json"
     )
-    relay = Relay(relay_settings, store, open_redis(settings))
+    relay = Relay(relay_settings, store, open_redis(settings), revocations=shared)
+    if shared is not None:
+        shared.subscribe(relay.on_event)
 
     async def both() -> None:
         # uvicorn handles Ctrl-C for the token service; the relay stops with it.

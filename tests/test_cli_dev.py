@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -11,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
 from tests.processes import Process, free_port
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
@@ -133,3 +136,46 @@ def test_relay_command_drains_and_exits_on_sigterm(tmp_path: Path, redis_url: st
     assert proc.proc is not None
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(15) == 0
+
+
+def test_dev_without_redis_closes_a_revoked_stream_and_refuses_its_token(tmp_path: Path) -> None:
+    relay_port = free_port()
+    with (
+        FakeSpeechServer(FakeSpeech()) as speech,
+        dev(
+            tmp_path,
+            SPEECHGATE_RELAY_PORT=str(relay_port),
+            SPEECHGATE_SPEECH_ENDPOINT=speech.url,
+            SPEECH_KEY=KEY,
+        ) as proc,
+    ):
+        output = "".join(proc.output)
+        client = credentials(output)
+        token = str(run_curl_line(output)["access_token"])
+        token_url = re.search(r"token service\s+(\S+)", output)
+        assert token_url is not None
+        listen = f"ws://127.0.0.1:{relay_port}/v1/listen?language=en-US"
+        headers = {"Authorization": f"Bearer {token}"}
+
+        async def scenario() -> tuple[int | None, int | None]:
+            async with connect(listen, additional_headers=headers) as ws:
+                await ws.send(b"\0" * 3200)
+                revoked = await asyncio.to_thread(
+                    httpx.post, f"{token_url.group(1)}/v1/revoke", auth=client, data={"token": token}
+                )
+                assert revoked.status_code == 200
+
+                async def drained() -> None:
+                    with contextlib.suppress(ConnectionClosed):
+                        async for _ in ws:
+                            pass
+
+                await asyncio.wait_for(drained(), 10)  # closed at once, or the test fails here
+                closed = ws.close_code
+            try:
+                async with connect(listen, additional_headers=headers):
+                    return closed, None
+            except InvalidStatus as exc:
+                return closed, exc.response.status_code
+
+        assert asyncio.run(scenario()) == (1008, 401)

@@ -372,7 +372,10 @@ def create_app(
     *,
     http: httpx.AsyncClient | None = None,
     registry: CollectorRegistry | None = None,
+    revocations: Revocations | None = None,
 ) -> Starlette:
+    """`revocations` defaults to Redis, or to this process alone without Redis; `speechgate dev`
+    passes one it shares with the relay running beside it."""
     metrics = TokenMetrics(registry or CollectorRegistry())
     health = RedisHealth(redis, on_change=lambda up: metrics.redis_up.set(1 if up else 0))
     keyspace = Keyspace(settings.redis_prefix)
@@ -386,7 +389,7 @@ def create_app(
         clients=ClientRegistry(store, ttl=settings.client_cache_s),
         limiter=FailoverLimiter(RedisLimiter(redis, keyspace) if redis else None, health, LocalLimiter()),
         health=health,
-        revocations=RedisRevocations(redis, keyspace) if redis else MemoryRevocations(),
+        revocations=revocations or (RedisRevocations(redis, keyspace) if redis else MemoryRevocations()),
         jwks_cache=JwksCache(http_client, settings.idp_jwks_min_refresh_s, settings.idp_jwks_max_age_s),
     )
     max_body = settings.max_body_bytes

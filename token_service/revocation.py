@@ -12,7 +12,8 @@ revocation is also published so relays close live streams at once.
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from token_service.claims import AccessClaims
 from token_service.events import publish
@@ -66,15 +67,22 @@ class RedisRevocations:
 
 
 class MemoryRevocations:
-    """For a single process without Redis (`speechgate dev`)."""
+    """For a single process without Redis (`speechgate dev`): the token service and the relay
+    share one instance, and the relay subscribes to it as it would to the Redis channel."""
 
     def __init__(self) -> None:
         self._until: dict[str, int] = {}
+        self._subscribers: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
+
+    def subscribe(self, handler: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._subscribers.append(handler)
 
     async def revoke_jti(self, jti: str, until: int) -> None:
         now = time.time()
         self._until = {k: v for k, v in self._until.items() if v > now}
         self._until[jti] = until
+        for handler in self._subscribers:
+            await handler({"type": "revoke", "jti": jti})
 
     async def revoked(self, claims: AccessClaims) -> str | None:
         return "token revoked" if self._until.get(claims.jti, 0) > time.time() else None
