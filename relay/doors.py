@@ -16,7 +16,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,8 +29,6 @@ from relay.upstream import UpstreamError, open_upstream, upstream_url
 
 if TYPE_CHECKING:
     from relay.server import Live, Pending, Relay
-
-log = logging.getLogger("speechgate.relay")
 
 # Audio may arrive faster than real time for a while (the SDK sends ~5 s of a file at once, then
 # twice real time); beyond this, a client is flooding.
@@ -47,9 +44,7 @@ async def close_both(live: Live, code: int, reason: str) -> None:
             await live.upstream.close(1000, "client gone")
 
 
-async def _connect(
-    relay: Relay, pending: Pending, path: str, query: str, extra: dict[str, str]
-) -> ClientConnection:
+async def _connect(relay: Relay, path: str, query: str, extra: dict[str, str]) -> ClientConnection:
     started = time.perf_counter()
     try:
         return await open_upstream(
@@ -91,7 +86,7 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
     assert request is not None
     extra = {k: v for k, v in request.headers.raw_items() if k.lower() in ("x-connectionid", "user-agent")}
     try:
-        upstream = await _connect(relay, pending, pending.path, upstream_query(pending.params), extra)
+        upstream = await _connect(relay, pending.path, upstream_query(pending.params), extra)
     except UpstreamError as exc:
         live.end(4000, 1013, f"Azure Speech unavailable: {exc}")
         return
@@ -170,8 +165,8 @@ class _PlainUpstream:
 
     MAX_REPLAY_BYTES = 60 * usp.PCM16K_BYTES_PER_S
 
-    def __init__(self, relay: Relay, live: Live, pending: Pending, language: str) -> None:
-        self.relay, self.live, self.pending, self.language = relay, live, pending, language
+    def __init__(self, relay: Relay, live: Live, language: str) -> None:
+        self.relay, self.live, self.language = relay, live, language
         self.chunks: collections.deque[tuple[int, bytes]] = collections.deque()  # (position, audio)
         self.buffered = 0
         self.position = 0  # audio bytes the app has sent
@@ -185,7 +180,6 @@ class _PlainUpstream:
         query = f"language={self.language}&format=simple"
         upstream = await _connect(
             self.relay,
-            self.pending,
             "/speech/recognition/conversation/cognitiveservices/v1",
             query,
             {"X-ConnectionId": usp.new_request_id()},
@@ -248,7 +242,7 @@ class _PlainUpstream:
 
 async def plain(relay: Relay, live: Live, pending: Pending) -> None:
     params = dict((k.lower(), v) for k, v in pending.params)
-    azure = _PlainUpstream(relay, live, pending, params.get("language", "en-US"))
+    azure = _PlainUpstream(relay, live, params.get("language", "en-US"))
     try:
         await azure.connect()
     except UpstreamError as exc:

@@ -38,12 +38,12 @@ from relay.upstream import (
     StsCredentials,
 )
 from token_service.claims import AccessClaims
-from token_service.clients import DISABLED, ClientPolicy, ClientRegistry
+from token_service.clients import ClientPolicy, ClientRegistry
 from token_service.events import EventListener
 from token_service.idp import JwksCache
 from token_service.keyspace import Keyspace
 from token_service.redisconn import REDIS_ERRORS, Redis, RedisHealth
-from token_service.revocation import MemoryRevocations, RedisRevocations, Revocations
+from token_service.revocation import Revocations, revocations_for
 from token_service.settings import Settings
 from token_service.speechkeys import sts_base_for
 from token_service.store import SecretStore, StoreError
@@ -136,15 +136,12 @@ class Relay:
             settings, JwksCache(self.http, settings.idp_jwks_min_refresh_s, settings.idp_jwks_max_age_s)
         )
         self.clients = ClientRegistry(store, ttl=settings.client_cache_s)
-        # Without Redis (development) the rules hold in this process only.
         # Shared rules in Redis; while Redis does not answer (or without it, in development) the
         # same rules hold in this process only, and a probe switches back when Redis returns.
         self.health = RedisHealth(redis)
         self.local_sessions = MemorySessions(settings.lease_s)
         self.redis_sessions = RedisSessions(redis, self.keyspace, settings.lease_s) if redis else None
-        self.revocations: Revocations = revocations or (
-            RedisRevocations(redis, self.keyspace) if redis else MemoryRevocations()
-        )
+        self.revocations = revocations or revocations_for(redis, self.keyspace)
         key = KeyCredentials(store, settings.speech_key)
         self.credentials: Credentials = key
         if settings.upstream_auth == "entra":
@@ -200,31 +197,32 @@ class Relay:
         language = dict((k.lower(), v) for k, v in params).get("language")
         authorize(claims, "speech:synthesize" if path == SYNTHESIS_PATH else "speech:recognize", language)
         policy = await self.clients.get(claims.client_id)
-        if policy is None or policy == DISABLED or not isinstance(policy, ClientPolicy) or not policy.enabled:
+        if not isinstance(policy, ClientPolicy) or not policy.enabled:  # unknown or disabled
             raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
         stream_id = uuid.uuid4().hex
         may_start = time.time() < claims.exp
         sessions: Sessions = self.local_sessions
         if self.redis_sessions is not None and self.health.up:
             try:
-                reason = await self.revocations.revoked(claims)
-                if reason is not None:
-                    raise Refusal(401, "token_revoked", reason)
+                await self._refuse_if_revoked(claims)
                 admission = await self.redis_sessions.admit(claims, policy, stream_id, may_start)
                 sessions = self.redis_sessions
             except REDIS_ERRORS as exc:
                 self.health.mark_down(exc)  # revocations cannot be read until Redis is back
         if sessions is self.local_sessions:
             if self.redis is None:  # development: revocations live in this process
-                reason = await self.revocations.revoked(claims)
-                if reason is not None:
-                    raise Refusal(401, "token_revoked", reason)
+                await self._refuse_if_revoked(claims)
             admission = await self.local_sessions.admit(claims, policy, stream_id, may_start)
         if not admission.admitted:
             status, error, message = REFUSALS[admission.reason]
             retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
         return Pending(claims, stream_id, admission.started_ms, door, path, params, sessions)
+
+    async def _refuse_if_revoked(self, claims: AccessClaims) -> None:
+        reason = await self.revocations.revoked(claims)
+        if reason is not None:
+            raise Refusal(401, "token_revoked", reason)
 
     @staticmethod
     def _door(path: str) -> str:

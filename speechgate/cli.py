@@ -89,6 +89,7 @@ def dev(host: str | None, port: int | None) -> None:
     relay_settings = dataclasses.replace(
         settings, jwks_url=settings.jwks_url or f"http://{host}:{port}/.well-known/jwks.json"
     )
+    # Each service gets its own Redis client: each closes what it owns at shutdown.
     relay = Relay(relay_settings, store, open_redis(settings), revocations=shared)
     if shared is not None:
         shared.subscribe(relay.on_event)

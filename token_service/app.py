@@ -49,7 +49,7 @@ from token_service.ratelimit import (
     checks_for,
 )
 from token_service.redisconn import REDIS_ERRORS, Redis, RedisHealth
-from token_service.revocation import MemoryRevocations, RedisRevocations, Revocations
+from token_service.revocation import Revocations, revocations_for
 from token_service.settings import Settings
 from token_service.store import SecretStore, StoreError
 
@@ -389,7 +389,7 @@ def create_app(
         clients=ClientRegistry(store, ttl=settings.client_cache_s),
         limiter=FailoverLimiter(RedisLimiter(redis, keyspace) if redis else None, health, LocalLimiter()),
         health=health,
-        revocations=revocations or (RedisRevocations(redis, keyspace) if redis else MemoryRevocations()),
+        revocations=revocations or revocations_for(redis, keyspace),
         jwks_cache=JwksCache(http_client, settings.idp_jwks_min_refresh_s, settings.idp_jwks_max_age_s),
     )
     max_body = settings.max_body_bytes

@@ -86,3 +86,8 @@ class MemoryRevocations:
 
     async def revoked(self, claims: AccessClaims) -> str | None:
         return "token revoked" if self._until.get(claims.jti, 0) > time.time() else None
+
+
+def revocations_for(redis: Redis | None, keyspace: Keyspace) -> Revocations:
+    """Redis when there is one; else this process alone."""
+    return RedisRevocations(redis, keyspace) if redis is not None else MemoryRevocations()
