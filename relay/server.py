@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -56,6 +56,8 @@ _ws_log.setLevel(logging.INFO)
 RECOGNITION_MODES = ("conversation", "interactive", "dictation")
 HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
 PLAIN_PATH = "/v1/listen"
+# Plain HTTP pages served beside the WebSocket endpoints (the dev demo).
+Route = Callable[[ServerConnection, Request], Awaitable[Response]]
 
 
 @dataclass
@@ -125,8 +127,10 @@ class Relay:
         http: httpx.AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
         revocations: Revocations | None = None,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         self.settings = settings
+        self.routes = dict(routes or {})
         self.store = store
         self.redis = redis
         self.http = http or httpx.AsyncClient()
@@ -172,6 +176,9 @@ class Relay:
             response = connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return response
+        route = self.routes.get(path)
+        if route is not None:
+            return await route(connection, request)
         try:
             pending = await self._admit(request, path, params)
         except Refusal as refusal:

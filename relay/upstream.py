@@ -152,6 +152,13 @@ class EntraCredentials:
         await self.credential.close()
 
 
+def _detail(body: bytes | bytearray | None) -> str:
+    """The first line of a refusal's body, short and printable, for the app's close reason."""
+    lines = (body or b"").decode("utf-8", "replace").strip().splitlines()
+    line = lines[0] if lines else ""
+    return line[:80] if line.isprintable() else ""
+
+
 async def open_upstream(
     url: str, credentials: Credentials, extra: Mapping[str, str], attempts: int, max_size: int
 ) -> ClientConnection:
@@ -176,7 +183,12 @@ async def open_upstream(
             if status in (401, 403):
                 credentials.invalidate()  # a rotated key: read it again before the next try
             retryable = status in (401, 408, 429) or status >= 500
-            error = UpstreamError(f"Azure Speech refused the connection ({status})", retryable, status)
+            detail = _detail(exc.response.body)
+            error = UpstreamError(
+                f"Azure Speech refused the connection ({status}{': ' + detail if detail else ''})",
+                retryable,
+                status,
+            )
         except (OSError, TimeoutError, WebSocketException) as exc:
             error = UpstreamError(f"Azure Speech unreachable ({type(exc).__name__})", True)
         if not error.retryable or attempt == attempts:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
 import signal
 import sys
 
 import click
+import httpx
 import uvicorn
 import uvloop
 
@@ -65,13 +68,17 @@ async def _run_relay(relay: Relay, host: str, port: int) -> None:
 def main() -> None:
     """speechgate: Azure Speech for apps that hold no Azure key."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise in a CLI
 
 
 @main.command()
 @click.option("--host", default=None, help="Token service address [SPEECHGATE_HOST, 127.0.0.1]")
 @click.option("--port", type=int, default=None, help="Token service port [SPEECHGATE_PORT, 8000]")
 def dev(host: str | None, port: int | None) -> None:
-    """Run speechgate on embedded defaults: a local file store, a dev client, in-memory limits."""
+    """Run speechgate on embedded defaults: a local file store, a dev client, in-memory limits,
+    and an offline recognizer while no Azure Speech is configured."""
+    from relay.offline import OfflineSpeech
+    from speechgate.demo import demo_routes
     from speechgate.dev import banner, bootstrap
 
     settings = _settings()
@@ -79,26 +86,40 @@ def dev(host: str | None, port: int | None) -> None:
     port = settings.port if port is None else port
     store = FileStore(settings.store_dir)
     client = asyncio.run(bootstrap(store, settings.store_dir))
-    relay_url = f"ws://{settings.relay_host}:{settings.relay_port}"
-    click.echo(banner(client, f"http://{host}:{port}", relay_url, settings))
+    token_url = f"http://{host}:{port}"
+    offline = not (settings.speech_endpoint or settings.speech_region)
+    click.echo(banner(client, token_url, f"ws://{settings.relay_host}:{settings.relay_port}", settings))
     redis = open_redis(settings)
     # Without Redis the two services share revocations in this process.
     shared = None if redis else MemoryRevocations()
     app = create_app(settings, store, redis, revocations=shared)
     # The relay checks tokens against this token service, wherever --host/--port put it.
     relay_settings = dataclasses.replace(
-        settings, jwks_url=settings.jwks_url or f"http://{host}:{port}/.well-known/jwks.json"
+        settings, jwks_url=settings.jwks_url or f"{token_url}/.well-known/jwks.json"
     )
-    # Each service gets its own Redis client: each closes what it owns at shutdown.
-    relay = Relay(relay_settings, store, open_redis(settings), revocations=shared)
-    if shared is not None:
-        shared.subscribe(relay.on_event)
 
     async def both() -> None:
-        # uvicorn handles Ctrl-C for the token service; the relay stops with it.
-        async with relay.running(settings.relay_host, settings.relay_port):
-            await _uvicorn(app, host, port, settings).serve()
-        await relay.aclose()
+        async with contextlib.AsyncExitStack() as stack:
+            config = relay_settings
+            if offline:  # the relay reaches it as it would Azure: same doors, same code
+                endpoint = await stack.enter_async_context(OfflineSpeech().running())
+                config = dataclasses.replace(config, speech_endpoint=endpoint, speech_key="offline")
+            http = httpx.AsyncClient()
+            stack.push_async_callback(http.aclose)
+            # Each service gets its own Redis client: each closes what it owns at shutdown.
+            relay = Relay(
+                config,
+                store,
+                open_redis(settings),
+                revocations=shared,
+                routes=demo_routes(client, token_url, http),
+            )
+            if shared is not None:
+                shared.subscribe(relay.on_event)
+            # uvicorn handles Ctrl-C for the token service; the relay stops with it.
+            async with relay.running(settings.relay_host, settings.relay_port):
+                await _uvicorn(app, host, port, settings).serve()
+            await relay.aclose()
 
     uvloop.run(both())
 
@@ -136,6 +157,88 @@ def relay_command(host: str | None, port: int | None) -> None:
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
     uvloop.run(_run_relay(relay, host or settings.relay_host, settings.relay_port if port is None else port))
+
+
+@main.command("stream")
+@click.argument("wav", metavar="FILE.wav")
+@click.option("--token-url", default=None, help="Token service [http://SPEECHGATE_HOST:SPEECHGATE_PORT]")
+@click.option("--relay-url", default=None, help="Relay [ws://SPEECHGATE_RELAY_HOST:SPEECHGATE_RELAY_PORT]")
+@click.option("--client-id", default=None, help="Client credentials [the dev client's]")
+@click.option("--client-secret", default=None, envvar="SPEECHGATE_CLIENT_SECRET", help="[the dev client's]")
+@click.option("--language", default="en-US", show_default=True)
+@click.option("--fast", is_flag=True, help="Send faster than real time (as fast as the relay allows).")
+@click.option("--sdk", is_flag=True, help="Go through the official Speech SDK (the Azure-compatible door).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per event, then a summary line.")
+def stream_command(
+    wav: str,
+    token_url: str | None,
+    relay_url: str | None,
+    client_id: str | None,
+    client_secret: str | None,
+    language: str,
+    fast: bool,
+    sdk: bool,
+    as_json: bool,
+) -> None:
+    """Transcribe a WAV file through the relay, as an app would: token, stream, results."""
+    from pathlib import Path
+
+    from speechgate import stream
+    from speechgate.dev import saved_client
+    from speechgate.wav import WavError, read_pcm16k
+
+    settings = _settings()
+    try:
+        pcm = read_pcm16k(Path(wav))
+    except WavError as exc:
+        raise click.UsageError(str(exc)) from None
+    token_url = token_url or f"http://{settings.host}:{settings.port}"
+    relay_url = relay_url or f"ws://{settings.relay_host}:{settings.relay_port}"
+    if client_id is None or client_secret is None:
+        saved = saved_client(settings.store_dir)
+        if saved is None:
+            raise click.UsageError(
+                f"no dev client in {settings.store_dir}: start `speechgate dev` here first, "
+                "or pass --client-id and --client-secret"
+            )
+        client_id, client_secret = client_id or saved.client_id, client_secret or saved.client_secret
+    tty = sys.stdout.isatty() and not as_json
+
+    def show(event: dict[str, object]) -> None:
+        if as_json:
+            click.echo(json.dumps(event))
+        elif event["type"] == "partial":
+            if tty:  # one line, rewritten in place
+                click.echo(f"\r\033[K{event['text']}"[:200], nl=False)
+        else:
+            click.echo(("\r\033[K" if tty else "") + str(event["text"]))
+
+    try:
+        token = stream.get_token(token_url, client_id, client_secret)
+        if sdk:
+            result = stream.stream_sdk(relay_url, token, pcm, fast=fast, language=language, listener=show)
+        else:
+            result = asyncio.run(
+                stream.stream_plain(relay_url, token, pcm, fast=fast, language=language, listener=show)
+            )
+    except stream.StreamError as exc:
+        if tty:
+            click.echo("\r\033[K", nl=False)
+        raise click.ClickException(str(exc)) from None
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+
+    def seconds(value: object) -> str:
+        return "-" if value is None else f"{value:.2f} s"
+
+    click.echo(
+        f"{summary['audio_s']:.1f} s of audio, {summary['finals']} final result(s); first partial after "
+        f"{seconds(summary['first_partial_s'])}; finals at most {seconds(summary['final_latency_s'])} "
+        "after their audio was sent",
+        err=True,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,19 @@ class DevClient:
     client_secret: str
 
 
+def _saved_path(store_dir: Path) -> Path:
+    return store_dir / "dev-client.json"
+
+
+def saved_client(store_dir: Path) -> DevClient | None:
+    """The dev client `speechgate dev` made in this store, for the tools that act as an app."""
+    path = _saved_path(store_dir)
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return DevClient(saved["client_id"], saved["client_secret"])
+
+
 async def bootstrap(store: SecretStore, store_dir: Path, environ: dict[str, str] | None = None) -> DevClient:
     """Make sure the store has a signing key and a development client; return its credentials.
 
@@ -40,7 +53,7 @@ async def bootstrap(store: SecretStore, store_dir: Path, environ: dict[str, str]
     env = os.environ if environ is None else environ
     await ensure_signing_key(store)
     hash_key = await ensure_hash_key(store)
-    saved_path = store_dir / "dev-client.json"
+    saved_path = _saved_path(store_dir)
     saved: dict[str, str] = {}
     if saved_path.exists():
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
@@ -76,7 +89,12 @@ def banner(client: DevClient, token_url: str, relay_url: str, settings: Settings
     if settings.speech_endpoint or settings.speech_region:
         upstream = settings.speech_endpoint or f"Azure Speech in {settings.speech_region}"
     else:
-        upstream = "none: set SPEECH_KEY and SPEECH_REGION to reach Azure Speech"
+        upstream = (
+            "OFFLINE recognizer (PocketSphinx): English only, low accuracy, no synthesis;\n"
+            "                  set SPEECH_KEY and SPEECH_REGION for Azure Speech"
+        )
+    demo = relay_url.replace("ws://", "http://", 1) + "/demo"
+    credentials = f"{client.client_id}:{client.client_secret}"
     return f"""
 speechgate dev — development mode, not for production
   token service   {token_url}
@@ -87,6 +105,10 @@ speechgate dev — development mode, not for production
   dev client      client_id={client.client_id}
                   client_secret={client.client_secret}
 
-Get a token:
-  curl -s -u '{client.client_id}:{client.client_secret}' -d grant_type=client_credentials {token_url}/v1/token
+Try it:
+  1. get a token:
+     curl -s -u '{credentials}' -d grant_type=client_credentials {token_url}/v1/token
+  2. transcribe a WAV file (16 kHz mono is best; others are converted):
+     uv run speechgate stream some.wav
+  3. talk to it: open {demo} in a browser
 """

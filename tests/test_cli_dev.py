@@ -107,10 +107,18 @@ def test_token_service_without_signing_key_says_how_to_fix_it(tmp_path: Path) ->
 
 def test_dev_runs_the_relay_beside_the_token_service(tmp_path: Path) -> None:
     relay_port = free_port()
-    with dev(tmp_path, SPEECHGATE_RELAY_PORT=str(relay_port)) as proc:
+    gone = f"ws://127.0.0.1:{free_port()}"  # a configured upstream replaces the offline recognizer
+    with dev(
+        tmp_path,
+        SPEECHGATE_RELAY_PORT=str(relay_port),
+        SPEECHGATE_SPEECH_ENDPOINT=gone,
+        SPEECH_KEY=KEY,
+        SPEECHGATE_UPSTREAM_CONNECT_ATTEMPTS="1",
+    ) as proc:
         output = "".join(proc.output)
         assert f"ws://127.0.0.1:{relay_port}" in output
-        assert "upstream        none: set SPEECH_KEY" in output
+        assert f"upstream        {gone}" in output
+        assert "OFFLINE" not in output
         token = str(run_curl_line(output)["access_token"])
 
         async def attempt(headers: dict[str, str]) -> int | None:
@@ -125,7 +133,7 @@ def test_dev_runs_the_relay_beside_the_token_service(tmp_path: Path) -> None:
             return None
 
         assert asyncio.run(attempt({})) == 401  # refused before the upgrade
-        # Admitted, then told clearly that no Azure Speech is configured.
+        # Admitted, then told clearly that Azure Speech cannot be reached.
         assert asyncio.run(attempt({"Authorization": f"Bearer {token}"})) == 1013
 
 
@@ -134,6 +142,7 @@ def test_relay_command_drains_and_exits_on_sigterm(tmp_path: Path, redis_url: st
     env = {**os.environ, "REDIS_URL": redis_url, "SPEECHGATE_STORE_DIR": str(tmp_path)}
     proc = Process([SPEECHGATE, "relay", "--port", str(port)], "relay listening", env=env).start()
     assert proc.proc is not None
+    assert httpx.get(f"http://127.0.0.1:{port}/demo").status_code == 404  # the demo is for dev only
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(15) == 0
 

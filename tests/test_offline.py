@@ -1,0 +1,269 @@
+"""The offline recognizer: its USP turns on real speech, and `speechgate dev` serving it end to end
+(the reference client, the official Speech SDK) with no Azure account."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import azure.cognitiveservices.speech as speechsdk
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from relay.offline import DecoderPool, Event, OfflineTurn
+from speechgate.wav import read_pcm16k
+from tests.processes import Process, free_port
+from tests.test_cli_dev import SPEECHGATE, credentials
+
+SPEECH_WAV = Path(__file__).parent / "data" / "speech.wav"  # espeak-ng: two sentences, 1 s apart
+TICKS_PER_S = 10_000_000
+INTERACTIVE = "/speech/recognition/interactive/cognitiveservices/v1?language=en-US"
+
+
+@pytest.fixture(scope="module")
+def pool() -> DecoderPool:
+    return DecoderPool()
+
+
+def run_turn(pool: DecoderPool, pcm: bytes, **options: Any) -> list[Event]:
+    turn = OfflineTurn(pool.take(), **options)
+    events: list[Event] = []
+    for offset in range(0, len(pcm), 3200):
+        events += turn.feed(pcm[offset : offset + 3200])
+    events += turn.finish()
+    turn.close()
+    pool.give_back(turn.decoder)
+    return events
+
+
+def test_a_turn_gives_what_azure_gives_in_order_with_plausible_times(pool: DecoderPool) -> None:
+    pcm = read_pcm16k(SPEECH_WAV)
+    audio_ticks = len(pcm) * TICKS_PER_S // 32000
+    events = run_turn(pool, pcm)
+    paths = [path for path, _ in events]
+    assert paths[0] == "turn.start"
+    assert paths[1] == "speech.startDetected"
+    assert paths[-2:] == ["speech.endDetected", "turn.end"]
+    assert paths.index("speech.hypothesis") < paths.index("speech.phrase")
+    phrases = [body for path, body in events if path == "speech.phrase"]
+    assert len(phrases) == 2  # one per sentence: the pause between them ends the first
+    for body in phrases:
+        assert body["RecognitionStatus"] == "Success"
+        assert body["DisplayText"][0].isupper()
+        assert body["DisplayText"].endswith(".")
+        assert 0 < body["Offset"] < body["Offset"] + body["Duration"] <= audio_ticks
+    # The second sentence starts after the first one ends (and after the 1 s pause in the file).
+    assert phrases[1]["Offset"] >= phrases[0]["Offset"] + phrases[0]["Duration"] + TICKS_PER_S // 2
+    assert events[-2][1]["Offset"] == audio_ticks - audio_ticks % (TICKS_PER_S * 3 // 100)
+
+
+def test_interactive_mode_ends_the_turn_after_the_first_phrase(pool: DecoderPool) -> None:
+    events = run_turn(pool, read_pcm16k(SPEECH_WAV), mode="interactive")
+    paths = [path for path, _ in events]
+    assert paths.count("speech.phrase") == 1
+    assert paths.count("turn.end") == 1
+    assert paths[-1] == "turn.end"
+
+
+def test_detailed_format_gives_nbest_with_a_confidence(pool: DecoderPool) -> None:
+    events = run_turn(pool, read_pcm16k(SPEECH_WAV), detailed=True)
+    (first, *_) = [body for path, body in events if path == "speech.phrase"]
+    best = first["NBest"][0]
+    assert "DisplayText" not in first
+    assert best["Lexical"]
+    assert best["Display"] == best["Lexical"][0].upper() + best["Lexical"][1:] + "."
+    assert 0.0 <= best["Confidence"] <= 1.0
+
+
+def test_silence_gives_a_no_match_phrase_so_the_sdks_do_not_hang(pool: DecoderPool) -> None:
+    events = run_turn(pool, bytes(32000))
+    phrases = [body for path, body in events if path == "speech.phrase"]
+    # 1 s of silence, less what does not fill a 30 ms frame.
+    assert phrases == [{"RecognitionStatus": "InitialSilenceTimeout", "Offset": 0, "Duration": 9_900_000}]
+    # Interactive mode gives up by itself after 5 s of silence, as Azure does.
+    events = run_turn(pool, bytes(6 * 32000), mode="interactive")
+    assert [path for path, _ in events].count("turn.end") == 1
+    (phrase,) = [body for path, body in events if path == "speech.phrase"]
+    assert phrase["RecognitionStatus"] == "InitialSilenceTimeout"
+    assert 5 * TICKS_PER_S <= phrase["Duration"] < 5.03 * TICKS_PER_S  # at the 30 ms frame it happened
+
+
+def test_a_continuation_turn_keeps_the_stream_time_line(pool: DecoderPool) -> None:
+    pcm = read_pcm16k(SPEECH_WAV)
+    plain = [b for p, b in run_turn(pool, pcm) if p == "speech.phrase"]
+    later = [b for p, b in run_turn(pool, pcm, base_s=60.0) if p == "speech.phrase"]
+    assert [b["Offset"] - 60 * TICKS_PER_S for b in later] == [b["Offset"] for b in plain]
+
+
+# --- `speechgate dev` with no Azure account ------------------------------------------------
+
+
+@dataclass
+class Dev:
+    cwd: Path
+    env: dict[str, str]
+    relay_url: str
+    output: str
+
+    def stream(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [SPEECHGATE, "stream", *args],
+            capture_output=True,
+            text=True,
+            cwd=self.cwd,
+            env={**os.environ, **self.env, **(env or {})},
+            timeout=90,
+            check=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def offline_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
+    cwd = tmp_path_factory.mktemp("dev")
+    env = {"SPEECHGATE_PORT": str(free_port()), "SPEECHGATE_RELAY_PORT": str(free_port())}
+    clean = {k: v for k, v in os.environ.items() if k not in ("SPEECH_KEY", "SPEECH_REGION")}
+    with Process([SPEECHGATE, "dev"], "Uvicorn running on", env={**clean, **env}, cwd=cwd) as proc:
+        yield Dev(cwd, env, f"ws://127.0.0.1:{env['SPEECHGATE_RELAY_PORT']}", "".join(proc.output))
+
+
+def test_dev_says_it_recognizes_offline_and_how_to_try_it(offline_dev: Dev) -> None:
+    output = offline_dev.output
+    assert "OFFLINE recognizer (PocketSphinx): English only, low accuracy" in output
+    assert "uv run speechgate stream some.wav" in output
+    assert f"{offline_dev.relay_url.replace('ws://', 'http://')}/demo" in output
+
+
+def test_stream_prints_finals_and_a_summary(offline_dev: Dev) -> None:
+    result = offline_dev.stream(str(SPEECH_WAV), "--fast")
+    assert result.returncode == 0, result.stderr
+    finals = result.stdout.splitlines()
+    assert len(finals) == 2
+    assert all(line.strip() and line.endswith(".") for line in finals)
+    assert "4.8 s of audio, 2 final result(s); first partial after" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_stream_json_events_in_real_time(offline_dev: Dev) -> None:
+    result = offline_dev.stream(str(SPEECH_WAV), "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "partial"
+    assert kinds.count("final") == 2
+    assert kinds[-1] == "summary"
+    summary = events[-1]
+    assert summary["audio_s"] == 4.83
+    # Real time: the first partial comes while the file is still being sent, not after it.
+    assert 0 < summary["first_partial_s"] < 4.0
+    assert 0 < summary["final_latency_s"] < 3.0
+    finals = [e for e in events if e["type"] == "final"]
+    assert 0 < finals[0]["offset_ms"] < finals[1]["offset_ms"] < 4830
+
+
+def test_stream_through_the_official_sdk(offline_dev: Dev) -> None:
+    result = offline_dev.stream(str(SPEECH_WAV), "--sdk", "--fast", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    finals = [e for e in events if e["type"] == "final"]
+    assert len(finals) == 2
+    assert all(e["text"] for e in finals)
+    assert 0 < finals[0]["offset_ms"] < finals[1]["offset_ms"] < 4830
+
+
+def token(dev: Dev) -> str:
+    client_id, secret = credentials(dev.output)
+    answer = httpx.post(
+        f"http://127.0.0.1:{dev.env['SPEECHGATE_PORT']}/v1/token",
+        data={"grant_type": "client_credentials"},
+        auth=(client_id, secret),
+    )
+    return str(answer.json()["access_token"])
+
+
+def sdk_config(dev: Dev, path: str) -> speechsdk.SpeechConfig:
+    config = speechsdk.SpeechConfig(endpoint=f"{dev.relay_url}{path}")
+    config.authorization_token = token(dev)
+    return config
+
+
+def test_the_official_sdk_recognizes_once_offline(offline_dev: Dev) -> None:
+    recognizer = speechsdk.SpeechRecognizer(
+        speech_config=sdk_config(offline_dev, INTERACTIVE),
+        audio_config=speechsdk.audio.AudioConfig(filename=str(SPEECH_WAV)),
+    )
+    result = recognizer.recognize_once()
+    assert result.reason == speechsdk.ResultReason.RecognizedSpeech, result.cancellation_details
+    assert result.text
+    assert 0 < result.offset < result.offset + result.duration < 2 * TICKS_PER_S  # the first sentence
+
+
+def test_synthesis_offline_is_cancelled_with_the_reason(offline_dev: Dev) -> None:
+    synthesizer = speechsdk.SpeechSynthesizer(
+        speech_config=sdk_config(offline_dev, "/cognitiveservices/websocket/v1"), audio_config=None
+    )
+    result = synthesizer.speak_text_async("hello").get()
+    assert result.reason == speechsdk.ResultReason.Canceled
+    assert "offline recognizer: recognition only, no synthesis" in result.cancellation_details.error_details
+
+
+def test_another_language_offline_is_refused_with_the_reason(offline_dev: Dev) -> None:
+    async def attempt() -> tuple[int | None, str]:
+        url = f"{offline_dev.relay_url}/v1/listen?language=de-DE"
+        async with connect(url, additional_headers={"Authorization": f"Bearer {token(offline_dev)}"}) as ws:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.recv()
+            return ws.close_code, ws.close_reason or ""
+
+    code, reason = asyncio.run(attempt())
+    assert code == 1013
+    assert "offline recognizer: English (en-US) only" in reason
+
+
+def test_stream_errors_say_what_to_fix(offline_dev: Dev, tmp_path: Path) -> None:
+    missing = offline_dev.stream(str(tmp_path / "nope.wav"))
+    assert missing.returncode == 2
+    assert "nope.wav: no such file" in missing.stderr
+    not_wav = tmp_path / "notes.wav"
+    not_wav.write_text("not audio")
+    bad = offline_dev.stream(str(not_wav))
+    assert bad.returncode == 2
+    assert "notes.wav: not a PCM WAV file" in bad.stderr
+    refused = offline_dev.stream(str(SPEECH_WAV), "--client-id", "dev-client", "--client-secret", "wrong")
+    assert refused.returncode == 1
+    assert "the token service refused the client (401)" in refused.stderr
+    nowhere = offline_dev.stream(str(SPEECH_WAV), "--relay-url", f"ws://127.0.0.1:{free_port()}")
+    assert nowhere.returncode == 1
+    assert "cannot reach the relay at ws://127.0.0.1:" in nowhere.stderr
+    for result in (missing, bad, refused, nowhere):
+        assert "Traceback" not in result.stderr
+
+
+def test_stream_converts_other_wavs(offline_dev: Dev, tmp_path: Path) -> None:
+    # The fixture as 44.1 kHz stereo 8-bit: converted by the client, recognized the same way.
+    pcm = array.array("h", read_pcm16k(SPEECH_WAV))
+    converted = tmp_path / "stereo.wav"
+    with wave.open(str(converted), "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(1)
+        out.setframerate(44100)
+        frames = bytearray()
+        for i in range(len(pcm) * 44100 // 16000):
+            sample = (pcm[i * 16000 // 44100] >> 8) + 128
+            frames += bytes((sample, sample))
+        out.writeframes(bytes(frames))
+    result = offline_dev.stream(str(converted), "--fast", "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[-1]["audio_s"] == 4.83
+    assert [e for e in events if e["type"] == "final"]
