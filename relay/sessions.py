@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from token_service.claims import AccessClaims
 from token_service.clients import ClientPolicy
-from token_service.keyspace import Keyspace
+from token_service.keyspace import Keyspace, day
 from token_service.redisconn import Redis, ScriptRunner
 
 
@@ -65,10 +65,6 @@ class Admission:
     )
     retry_after_s: int = 0
     started_ms: int = 0
-
-
-def day(now: float | None = None) -> str:
-    return time.strftime("%Y%m%d", time.gmtime(now))
 
 
 # KEYS: lease_sub, lease_client, session, used, audio_sub, audio_client

@@ -17,6 +17,7 @@ import uvloop
 
 from relay.server import Relay
 from speechgate import admin
+from speechgate.quotas import quotas
 from token_service.app import create_app
 from token_service.filestore import FileStore
 from token_service.keys import load_keyring
@@ -144,6 +145,7 @@ def token_service(host: str | None, port: int | None) -> None:
 main.add_command(admin.keys)
 main.add_command(admin.clients)
 main.add_command(admin.tokens)
+main.add_command(quotas)
 
 
 @main.command("relay")

@@ -89,12 +89,12 @@ def test_sliding_window_lets_the_previous_window_decay(
     async def run() -> tuple[list[bool], int, list[bool]]:
         client = connect(redis_url)
         limiter = RedisLimiter(client, keyspace)
-        first = [(await limiter.hit("c1", checks)).allowed for _ in range(11)]
-        refused = await limiter.hit("c1", checks)
+        first = [(await limiter.hit("c1", "someone", checks)).allowed for _ in range(11)]
+        refused = await limiter.hit("c1", "someone", checks)
         # Windows are timed by key TTLs: 30.5 s left of the 120 s TTL means the window ended
         # 29.5 s ago, so the previous window's 10 hits now weigh floor(10 * 30.5 / 60) = 5.
         sync_redis.pexpire(keyspace.rate("c1", "client", "c1", 10, 60), 30_500)
-        after = [(await limiter.hit("c1", checks)).allowed for _ in range(6)]
+        after = [(await limiter.hit("c1", "someone", checks)).allowed for _ in range(6)]
         await client.aclose()
         return first, refused.retry_after_s, after
 
@@ -108,7 +108,7 @@ def test_local_limiter_counts_exactly_too() -> None:
     async def run() -> list[bool]:
         limiter = LocalLimiter()
         checks = checks_for("c", "alice", "10.0.0.1", "3/minute", "2/minute", "")
-        return [(await limiter.hit("c", checks)).allowed for _ in range(3)]
+        return [(await limiter.hit("c", "someone", checks)).allowed for _ in range(3)]
 
     assert asyncio.run(run()) == [True, True, False]
 
@@ -212,9 +212,9 @@ def test_limits_survive_a_flushed_script_cache(tmp_path: Path) -> None:
     async def run() -> list[bool]:
         client = connect(own.url)
         limiter = RedisLimiter(client, Keyspace("sg:"))
-        results = [(await limiter.hit("c", checks)).allowed]
+        results = [(await limiter.hit("c", "someone", checks)).allowed]
         await client.script_flush()  # as after a Redis restart or failover
-        results += [(await limiter.hit("c", checks)).allowed for _ in range(3)]
+        results += [(await limiter.hit("c", "someone", checks)).allowed for _ in range(3)]
         await limiter.aclose()
         await client.aclose()
         return results

@@ -94,7 +94,7 @@ def limit_counts(uri: str, prefix: str) -> list[bool]:
         client = connect(uri)
         limiter = RedisLimiter(client, Keyspace(prefix))
         checks = checks_for("tenant", "alice", "10.1.2.3", "5/minute", "3/minute", "4/minute")
-        results = [(await limiter.hit("tenant", checks)).allowed for _ in range(4)]
+        results = [(await limiter.hit("tenant", "someone", checks)).allowed for _ in range(4)]
         keyspace = Keyspace(prefix)
         revocations = RedisRevocations(client, keyspace)
         now = int(time.time())

@@ -129,7 +129,7 @@ class TokenService:
         address = request.client.host if request.client else "unknown"
         limits_ = policy.rate_limits
         checks = checks_for(policy.client_id, subject, address, limits_.client, limits_.subject, limits_.ip)
-        decision = await self.limiter.hit(policy.client_id, checks)
+        decision = await self.limiter.hit(policy.client_id, subject, checks)
         headers = {**oauth.NO_STORE, **_ratelimit_headers(checks, decision)}
         if not decision.allowed:
             headers["Retry-After"] = str(decision.retry_after_s)

@@ -140,6 +140,15 @@ class ClientPolicy:
                 raise PolicyError(f"{name} must be a non-negative integer")
         if not 10 <= self.token_ttl_s <= 3600:
             raise PolicyError("token_ttl_s must be between 10 and 3600 seconds")
+        for kind in ("client", "subject", "ip"):
+            text = getattr(self.rate_limits, kind)
+            try:
+                if text:
+                    limits.parse_many(text)
+            except ValueError:
+                raise PolicyError(
+                    f"rate limit {kind}={text!r} is not like '20/minute;300/hour' (empty: no limit)"
+                ) from None
         if self.public and self.idp is None:
             raise PolicyError("a public client (no secret) needs an identity provider (idp)")
 

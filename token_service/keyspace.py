@@ -6,7 +6,13 @@ Redis holds only short-lived state. Keys that one operation touches together sha
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+
+def day(now: float | None = None) -> str:
+    """The UTC day daily quotas count in, as the audio keys name it: YYYYMMDD."""
+    return time.strftime("%Y%m%d", time.gmtime(now))
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,11 @@ class Keyspace:
 
     def audio_client(self, client_id: str, day: str) -> str:
         return f"{self.prefix}audio:{{{client_id}}}:{day}:all"
+
+    def stats(self, client_id: str, minute: int) -> str:
+        """Hash of tokens issued and refused in one minute (epoch minutes): `issued`, `refused`,
+        and `issued:<subject>`, `refused:<subject>`."""
+        return f"{self.prefix}stats:{{{client_id}}}:{minute}"
 
     @property
     def events(self) -> str:

@@ -73,15 +73,16 @@ def checks_for(
 
 
 class Limiter(Protocol):
-    async def hit(self, client_id: str, checks: Sequence[Check]) -> Decision: ...
+    async def hit(self, client_id: str, subject: str, checks: Sequence[Check]) -> Decision: ...
 
 
-_ALLOWED = Decision(True, 0, (), ())
-
-# KEYS: per check, the previous then the current window's key. ARGV: per check, limit and window (s).
+# KEYS: per check, the previous then the current window's key; last, the client's stats of this minute.
+# ARGV: per check, limit and window (s); last, the subject.
 # Returns {allowed, retry_ms, remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}.
+# The stats (tokens issued and refused by the limits, per client and per subject, in one hash per
+# minute) ride along in the same round trip: `speechgate quotas` reads them.
 _SCRIPT = """
-local n = #ARGV / 2
+local n = (#ARGV - 1) / 2
 local allowed = 1
 local retry = 0
 local out = {0, 0}
@@ -127,6 +128,11 @@ if allowed == 1 then
     end
   end
 end
+local stats = KEYS[#KEYS]
+local outcome = allowed == 1 and 'issued' or 'refused'
+redis.call('hincrby', stats, outcome, 1)
+redis.call('hincrby', stats, outcome .. ':' .. ARGV[#ARGV], 1)
+redis.call('expire', stats, 180)
 out[1] = allowed
 out[2] = retry
 return out
@@ -138,15 +144,15 @@ class RedisLimiter:
         self.keyspace = keyspace
         self._script = ScriptRunner(redis, _SCRIPT)
 
-    async def hit(self, client_id: str, checks: Sequence[Check]) -> Decision:
-        if not checks:
-            return _ALLOWED
+    async def hit(self, client_id: str, subject: str, checks: Sequence[Check]) -> Decision:
         keys: list[str] = []
         args: list[int | str] = []
         for check in checks:
             current = self.keyspace.rate(client_id, check.policy, check.ident, check.amount, check.window_s)
             keys += (current + "/-1", current)
             args += (check.amount, check.window_s)
+        keys.append(self.keyspace.stats(client_id, int(time.time() // 60)))
+        args.append(subject)
         values = [int(v) for v in await self._script(keys, args)]
         return Decision(
             allowed=values[0] == 1,
@@ -165,7 +171,7 @@ class LocalLimiter:
     def __init__(self) -> None:
         self._strategy = SlidingWindowCounterRateLimiter(MemoryStorage())
 
-    async def hit(self, client_id: str, checks: Sequence[Check]) -> Decision:
+    async def hit(self, client_id: str, subject: str, checks: Sequence[Check]) -> Decision:
         strategy = self._strategy
         passed = [await strategy.test(c.item, client_id, c.policy, c.ident) for c in checks]
         if all(passed):
@@ -196,10 +202,10 @@ class FailoverLimiter:
         if self.redis is not None:
             await self.redis.aclose()
 
-    async def hit(self, client_id: str, checks: Sequence[Check]) -> Decision:
+    async def hit(self, client_id: str, subject: str, checks: Sequence[Check]) -> Decision:
         if self.redis is not None and self.health.up:
             try:
-                return await self.redis.hit(client_id, checks)
+                return await self.redis.hit(client_id, subject, checks)
             except REDIS_ERRORS as exc:
                 self.health.mark_down(exc)
-        return await self.local.hit(client_id, checks)
+        return await self.local.hit(client_id, subject, checks)
