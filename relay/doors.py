@@ -17,7 +17,7 @@ import collections
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
@@ -74,6 +74,19 @@ async def _stop(live: Live, tasks: Sequence[asyncio.Future[None]], upstream: Cli
     live.ended.set()
 
 
+SAMPLE_MASK = 15  # the forward-time histogram observes 1 frame in 16: timing each costs more than it tells
+
+
+async def _timed(relay: Relay, direction: str, send: Awaitable[None]) -> None:
+    started = time.perf_counter()
+    await send
+    relay.metrics.forward.labels(direction).observe(time.perf_counter() - started)
+
+
+def _is_result(message: str) -> bool:
+    return "Path:speech.hypothesis" in message or "Path:speech.phrase" in message
+
+
 def _flooding(live: Live, opened: float) -> bool:
     return live.stream.total_audio_s > BURST_S + MAX_SPEEDUP * (time.monotonic() - opened)
 
@@ -95,6 +108,7 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
     opened = time.monotonic()
 
     async def app_to_azure() -> None:
+        frames = 0
         async for message in client:
             if type(message) is bytes:
                 size = usp.audio_payload_size(message)
@@ -103,21 +117,32 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                     if message[start : start + 4] == b"RIFF":  # the first frame of a turn: a WAV header
                         stream.byte_rate = usp.riff_byte_rate(message[start:]) or stream.byte_rate
                         size = max(0, size - 44)
+                        live.turn_audio_at = time.perf_counter()
                     stream.add_audio(size)
                     if _flooding(live, opened):
                         live.end(4000, 1008, "audio sent much faster than real time")
                         return
             elif "Path:speech.context" in message or "Path:synthesis.context" in message:
                 live.in_turn = True
-            await upstream.send(message)
+            frames += 1
+            if frames & SAMPLE_MASK:
+                await upstream.send(message)
+            else:
+                await _timed(relay, "up", upstream.send(message))
 
     async def azure_to_app() -> None:
         async for message in upstream:
             await client.send(message)
-            if type(message) is str and "Path:turn.end" in message:
-                live.in_turn = False
-                if live.drain_after_turn:
-                    live.end(1001, 1001, "relay draining; reconnect")
+            if type(message) is str:
+                if live.turn_audio_at is not None and _is_result(message):
+                    relay.metrics.first_result.labels("azure").observe(
+                        time.perf_counter() - live.turn_audio_at
+                    )
+                    live.turn_audio_at = None
+                if "Path:turn.end" in message:
+                    live.in_turn = False
+                    if live.drain_after_turn:
+                        live.end(1001, 1001, "relay draining; reconnect")
 
     await _pump(live, app_to_azure(), azure_to_app(), upstream)
 
@@ -133,6 +158,7 @@ async def _pump(live: Live, outgoing: Any, incoming: Any, upstream: ClientConnec
                 code = upstream.close_code or 1011
                 if live.in_turn or code not in (1000, 1001):
                     code = 1011
+                live.code = code
                 with contextlib.suppress(ConnectionClosed):
                     await live.connection.close(code, "Azure Speech closed the connection")
             else:
@@ -256,6 +282,8 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
     async def app_to_azure() -> None:
         async for message in client:
             if type(message) is bytes:
+                if stream.total_audio_s == 0:
+                    live.turn_audio_at = time.perf_counter()
                 stream.add_audio(len(message))
                 if _flooding(live, opened):
                     live.end(1008, 1008, "audio sent much faster than real time")
@@ -281,6 +309,11 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
                 if type(message) is not str:
                     continue
                 msg = usp.parse_text(message)
+                if live.turn_audio_at is not None and msg.path in ("speech.hypothesis", "speech.phrase"):
+                    relay.metrics.first_result.labels("plain").observe(
+                        time.perf_counter() - live.turn_audio_at
+                    )
+                    live.turn_audio_at = None
                 if msg.path == "speech.hypothesis":
                     await client.send(azure.event("partial", msg.json()))
                 elif msg.path == "speech.phrase":
@@ -290,6 +323,7 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
                         azure.confirmed(body)
                 elif msg.path == "turn.end":
                     live.in_turn = False
+                    live.code = 1000
                     finished.set()
                     with contextlib.suppress(ConnectionClosed):
                         await client.close(1000, "done")

@@ -70,6 +70,8 @@ class Live:
     in_turn: bool = False
     drain_after_turn: bool = False
     upstream: Any = None
+    turn_audio_at: float | None = None  # when the current turn's first audio came, until a result
+    code: int | None = None  # the close code the relay chose, when it chose one
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     closer: asyncio.Task[None] | None = None
 
@@ -78,7 +80,7 @@ class Live:
         if self.stream.closing_reason is not None:
             return
         self.stream.closing_reason = reason
-        code = azure_code if self.door == "azure" else plain_code
+        code = self.code = azure_code if self.door == "azure" else plain_code
         self.closer = asyncio.ensure_future(doors.close_both(self, code, reason))
 
 
@@ -142,7 +144,7 @@ class Relay:
         self.clients = ClientRegistry(store, ttl=settings.client_cache_s)
         # Shared rules in Redis; while Redis does not answer (or without it, in development) the
         # same rules hold in this process only, and a probe switches back when Redis returns.
-        self.health = RedisHealth(redis)
+        self.health = RedisHealth(redis, on_change=lambda up: self.metrics.redis_up.set(1 if up else 0))
         self.local_sessions = MemorySessions(settings.lease_s)
         self.redis_sessions = RedisSessions(redis, self.keyspace, settings.lease_s) if redis else None
         self.revocations = revocations or revocations_for(redis, self.keyspace)
@@ -183,7 +185,19 @@ class Relay:
             pending = await self._admit(request, path, params)
         except Refusal as refusal:
             self.metrics.refused.labels(refusal.error).inc()
-            log.info("refused %s: %s (%s)", path, refusal.error, refusal.message)  # path only: no query
+            log.info(  # the path only: the query may hold a token
+                "handshake refused",
+                extra={
+                    "fields": {
+                        "event": "refused",
+                        "connection_id": str(connection.id),
+                        "path": path,
+                        "status": refusal.status,
+                        "reason": refusal.error,
+                        "message": refusal.message,
+                    }
+                },
+            )
             headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else {}
             return _json(
                 connection, refusal.status, {"error": refusal.error, "message": refusal.message}, headers
@@ -256,6 +270,7 @@ class Relay:
         live = Live(connection, stream, pending.door)
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
+        opened = time.monotonic()
         try:
             remaining = stream.session_deadline - time.time()
             if remaining <= 0:
@@ -277,7 +292,26 @@ class Relay:
                     await live.closer
             del self.live[stream.stream_id]
             self.metrics.active.labels(live.door).dec()
-            self.metrics.audio.labels(stream.claims.client_id).inc(stream.total_audio_s)
+            self._meter(stream)
+            code = live.code or connection.close_code
+            self.metrics.closed.labels(live.door, str(code)).inc()
+            log.info(
+                "stream ended",
+                extra={
+                    "fields": {
+                        "event": "stream",
+                        "connection_id": str(connection.id),
+                        "stream_id": stream.stream_id,
+                        "client": stream.claims.client_id,
+                        "door": live.door,
+                        "path": pending.path,
+                        "close_code": code,
+                        "outcome": stream.closing_reason or "done",
+                        "duration_s": round(time.monotonic() - opened, 3),
+                        "audio_s": round(stream.total_audio_s, 3),
+                    }
+                },
+            )
             with contextlib.suppress(*REDIS_ERRORS):
                 await stream.backend.release(stream)
 
@@ -296,25 +330,36 @@ class Relay:
             if what in (None, "client"):
                 self.clients.clear()
 
+    def _meter(self, stream: Stream) -> None:
+        """Bring the audio-seconds metric up to date with what the stream has forwarded."""
+        self.metrics.audio.labels(stream.claims.client_id).inc(stream.total_audio_s - stream.in_metrics_s)
+        stream.in_metrics_s = stream.total_audio_s
+
     async def _heartbeat_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             streams = [live.stream for live in self.live.values() if live.stream.closing_reason is None]
             policies = {}
             for s in streams:
+                self._meter(s)
                 policy = await self.clients.get(s.claims.client_id)
                 if isinstance(policy, ClientPolicy):
                     policies[s.claims.client_id] = policy
-            over = await self.local_sessions.heartbeat(
-                [s for s in streams if s.backend is self.local_sessions], policies
-            )
+            beats = [
+                await self.local_sessions.heartbeat(
+                    [s for s in streams if s.backend is self.local_sessions], policies
+                )
+            ]
             shared = [s for s in streams if s.backend is self.redis_sessions]
             if shared and self.redis_sessions is not None:
                 try:
-                    over += await self.redis_sessions.heartbeat(shared, policies)
+                    beats.append(await self.redis_sessions.heartbeat(shared, policies))
                 except REDIS_ERRORS as exc:  # the leases renew on the next beat, or run out
                     self.health.mark_down(exc)
-            for stream, reason in over:
+            for beat in beats:
+                for client_id, share in beat.audio_use.items():
+                    self.metrics.quota_use.labels(client_id, "audio_day").set(share)
+            for stream, reason in [entry for beat in beats for entry in beat.over]:
                 live = self.live.get(stream.stream_id)
                 if live is not None:
                     live.end(4000, 4429, reason)

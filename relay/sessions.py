@@ -31,6 +31,7 @@ class Stream:
     started_ms: int  # when its session started (reconnects keep the first start)
     audio_s: float = 0.0  # metered since the last heartbeat
     total_audio_s: float = 0.0
+    in_metrics_s: float = 0.0  # how much of total_audio_s the Prometheus counter has
     byte_rate: int = 32000
     closing_reason: str | None = field(default=None)
     backend: Any = None  # the Sessions that admitted it, and so release it
@@ -50,11 +51,24 @@ class Sessions(Protocol):
         self, claims: AccessClaims, policy: ClientPolicy, stream_id: str, may_start: bool
     ) -> Admission: ...
 
-    async def heartbeat(
-        self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]
-    ) -> list[tuple[Stream, str]]: ...
+    async def heartbeat(self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]) -> Beat: ...
 
     async def release(self, stream: Stream) -> None: ...
+
+
+@dataclass
+class Beat:
+    """What a heartbeat found: the streams over a quota, and each client's share of its daily audio."""
+
+    over: list[tuple[Stream, str]] = field(default_factory=list)
+    audio_use: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stream: Stream, policy: ClientPolicy | None, subject_s: float, client_s: float) -> None:
+        if policy is None:
+            return
+        self.audio_use[policy.client_id] = client_s / max(policy.audio_s_per_day_client, 1)
+        if subject_s >= policy.audio_s_per_day_subject or client_s >= policy.audio_s_per_day_client:
+            self.over.append((stream, "daily audio quota used up"))
 
 
 @dataclass(frozen=True)
@@ -137,12 +151,11 @@ class RedisSessions:
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
         return Admission(bool(admitted), reason, int(retry), int(started))
 
-    async def heartbeat(
-        self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]
-    ) -> list[tuple[Stream, str]]:
+    async def heartbeat(self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]) -> Beat:
         """Renew every lease, add the audio metered since last time; the streams over a quota."""
+        beat = Beat()
         if not streams:
-            return []
+            return beat
         k, today = self.keys, day()
         until_ms = int(time.time() * 1000) + self.lease_ms
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -156,18 +169,11 @@ class RedisSessions:
                 pipe.expire(k.audio_client(c, today), 2 * 86400)
                 s.audio_s = 0.0
             results = await pipe.execute()
-        over = []
         for n, s in enumerate(streams):
-            policy = policies.get(s.claims.client_id)
-            subject_total, client_total = float(results[6 * n + 2]), float(results[6 * n + 3])
-            if policy is None:
-                continue
-            if (
-                subject_total >= policy.audio_s_per_day_subject
-                or client_total >= policy.audio_s_per_day_client
-            ):
-                over.append((s, "daily audio quota used up"))
-        return over
+            beat.add(
+                s, policies.get(s.claims.client_id), float(results[6 * n + 2]), float(results[6 * n + 3])
+            )
+        return beat
 
     async def release(self, stream: Stream) -> None:
         k, c = self.keys, stream.claims.client_id
@@ -238,10 +244,8 @@ class MemorySessions:
             started = self._sessions[session_key] = now
         return Admission(True, "ok", 0, int(started * 1000))
 
-    async def heartbeat(
-        self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]
-    ) -> list[tuple[Stream, str]]:
-        now, today, over = time.time(), day(), []
+    async def heartbeat(self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]) -> Beat:
+        now, today, beat = time.time(), day(), Beat()
         for s in streams:
             c = s.claims.client_id
             for key in (f"{c}:sub:{s.claims.sub}", f"{c}:all"):
@@ -249,13 +253,8 @@ class MemorySessions:
             subject_total = self._add(f"{c}:{today}:sub:{s.claims.sub}", s.audio_s)
             client_total = self._add(f"{c}:{today}:all", s.audio_s)
             s.audio_s = 0.0
-            policy = policies.get(c)
-            if policy and (
-                subject_total >= policy.audio_s_per_day_subject
-                or client_total >= policy.audio_s_per_day_client
-            ):
-                over.append((s, "daily audio quota used up"))
-        return over
+            beat.add(s, policies.get(c), subject_total, client_total)
+        return beat
 
     def _add(self, key: str, seconds: float) -> float:
         self._audio[key] = self._audio.get(key, 0.0) + seconds

@@ -18,6 +18,7 @@ import uvloop
 from relay.server import Relay
 from speechgate import admin
 from speechgate.quotas import quotas
+from token_service import logs
 from token_service.app import create_app
 from token_service.filestore import FileStore
 from token_service.keys import load_keyring
@@ -29,9 +30,11 @@ from token_service.store import StoreError
 
 def _settings() -> Settings:
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
+    logs.configure(settings.log_level, settings.log_format)
+    return settings
 
 
 def _uvicorn(app: object, host: str, port: int, settings: Settings) -> uvicorn.Server:
@@ -40,6 +43,7 @@ def _uvicorn(app: object, host: str, port: int, settings: Settings) -> uvicorn.S
         host=host,
         port=port,
         log_level=settings.log_level,
+        log_config=None,  # ours (token_service/logs.py): one format for every line
         access_log=False,  # query strings may carry tokens; we log requests ourselves
         proxy_headers=True,
         forwarded_allow_ips=settings.forwarded_allow_ips,
@@ -68,8 +72,7 @@ async def _run_relay(relay: Relay, host: str, port: int) -> None:
 @click.group()
 def main() -> None:
     """speechgate: Azure Speech for apps that hold no Azure key."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise in a CLI
+    logs.configure("info", "text")  # until a command reads its settings
 
 
 @main.command()

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.fake_speech import KEY
 from tests.relays import Stack
+from token_service.logs import JsonFormatter
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
 
@@ -322,7 +323,12 @@ async def test_no_token_or_key_reaches_the_logs_even_at_debug(
     await _refusal(url(stack, token[:-4] + "AAAA"))  # a refused one is logged too
     # Everything but this test's own client and the fake Azure, which log what they send and get.
     ours = [r for r in caplog.records if r.name not in ("websockets.client", "websockets.server")]
-    logged = "\n".join(r.getMessage() for r in ours)
-    assert "refused /v1/listen" in logged  # the log is captured at all
+    logged = "\n".join(JsonFormatter().format(r) for r in ours)  # as production writes them
+    lines = [json.loads(line) for line in logged.splitlines()]
+    (refused,) = [line for line in lines if line.get("event") == "refused"]
+    assert (refused["path"], refused["status"], refused["reason"]) == ("/v1/listen", 401, "invalid_token")
+    (ended,) = [line for line in lines if line.get("event") == "stream"]
+    assert (ended["door"], ended["close_code"], ended["outcome"]) == ("plain", 1000, "done")
+    assert ended["audio_s"] == 0.1
     for secret in (token, token.split(".")[2], KEY):
         assert secret not in logged

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import TokenService
 from token_service.clients import secret_name
+from token_service.logs import JsonFormatter
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 
@@ -443,11 +444,25 @@ def test_metrics_count_issued_and_refused_tokens(service: TokenService) -> None:
     client_id, secret = service.add_client()
     service.token(client_id, secret)
     service.token(client_id, secret + "x")
+    service.token(client_id, secret, scope="speech:everything")
+    service.http.get("/no/such/page")
     text = service.http.get("/metrics").text
     assert f'speechgate_tokens_issued_total{{client="{client_id}",grant="client_credentials"}} 1.0' in text
-    assert 'speechgate_tokens_refused_total{grant="client_credentials",reason="invalid_client"} 1.0' in text
+    # Refused before authentication: no client label (ids from the internet would grow the series).
+    assert (
+        'speechgate_tokens_refused_total{client="-",grant="client_credentials",reason="invalid_client"} 1.0'
+        in text
+    )
+    assert (
+        f'speechgate_tokens_refused_total{{client="{client_id}",grant="client_credentials",'
+        'reason="invalid_scope"} 1.0' in text
+    )
+    assert 'speechgate_http_requests_total{route="/v1/token",status="200"} 1.0' in text
+    assert 'speechgate_http_requests_total{route="/v1/token",status="401"} 1.0' in text
+    assert 'speechgate_http_requests_total{route="other",status="404"} 1.0' in text
     assert "speechgate_redis_up 1.0" in text
     assert "speechgate_token_request_seconds_count" in text
+    assert 'speechgate_key_created_timestamp_seconds{key="signing"}' in text
 
 
 def test_metadata_jwks_openapi_and_health(service: TokenService) -> None:
@@ -482,3 +497,34 @@ def test_request_without_redis_uses_per_process_limits(start_service: Any) -> No
     statuses = [service.token(client_id, secret).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
     assert service.http.get("/readyz").json()["checks"]["redis"].startswith("not configured")
+
+
+def test_one_json_access_line_per_request_without_secrets(
+    service: TokenService, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="speechgate.access")
+    client_id, secret = service.add_client()
+    issued = service.http.post(
+        "/v1/token",
+        auth=(client_id, secret),
+        data={"grant_type": "client_credentials"},
+        headers={"X-Request-Id": "trace-42.a_b"},
+    )
+    refused = service.token(client_id, secret + "x")
+    odd = service.http.get("/healthz", headers={"X-Request-Id": "no spaces; " + "x" * 80})
+    assert issued.headers["x-request-id"] == "trace-42.a_b"  # a caller's id is kept for tracing
+    assert len(odd.headers["x-request-id"]) == 32  # a strange one is replaced
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "speechgate.access"]
+    token_lines = [line for line in lines if line["path"] == "/v1/token"]
+    assert [(x["status"], x["client"], x["outcome"]) for x in token_lines] == [
+        (200, client_id, "issued"),
+        (401, None, "invalid_client"),
+    ]
+    assert token_lines[0]["request_id"] == "trace-42.a_b"
+    assert token_lines[1]["request_id"] == refused.headers["x-request-id"]
+    assert all(
+        x["event"] == "request" and x["method"] == "POST" and x["duration_ms"] > 0 for x in token_lines
+    )
+    everything = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    for secret_text in (secret, issued.json()["access_token"]):
+        assert secret_text not in everything

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -37,6 +38,7 @@ from token_service.events import EventListener
 from token_service.idp import IdpUnavailable, JwksCache, SubjectTokenError, verify_subject_token
 from token_service.keys import KeyRing, load_keyring
 from token_service.keyspace import Keyspace
+from token_service.logs import AccessLog
 from token_service.metrics import TokenMetrics
 from token_service.oauth import OAuthError, invalid_client, invalid_request, require
 from token_service.openapi import openapi_document
@@ -51,6 +53,7 @@ from token_service.ratelimit import (
 from token_service.redisconn import REDIS_ERRORS, Redis, RedisHealth
 from token_service.revocation import Revocations, revocations_for
 from token_service.settings import Settings
+from token_service.speechkeys import SPEECH_KEY_SECRET
 from token_service.store import SecretStore, StoreError
 
 log = logging.getLogger("speechgate.token")
@@ -118,6 +121,7 @@ class TokenService:
             raise OAuthError("unsupported_grant_type", f"grant_type must be one of: {', '.join(GRANTS)}")
         client_id, secret = oauth.client_credentials(request.headers.get("authorization"), params)
         policy = await self.authenticate(client_id, secret)
+        request.state.client_id = policy.client_id  # for the access log and metrics: authenticated only
         if grant == oauth.GRANT_CLIENT_CREDENTIALS:
             subject = self._subject_for_client(policy, params)
         else:
@@ -263,6 +267,11 @@ class TokenService:
         self.metrics.store_up.set(1)
         self.metrics.store_last_success.set(self.store_ok_at)
         self.metrics.signing_keys.set(len(self.keyring.keys))
+        self.metrics.key_created.labels("signing").set(self.keyring.signer.created)
+        with contextlib.suppress(StoreError):  # SecretNotFound too: no speech key in the store
+            speech = [v for v in await self.store.versions(SPEECH_KEY_SECRET) if v.enabled]
+            if speech:
+                self.metrics.key_created.labels("speech").set(speech[-1].created)
 
     async def on_event(self, event: dict[str, Any]) -> None:
         """A key reload published by the CLI: every replica re-reads at once."""
@@ -402,9 +411,13 @@ def create_app(
                 request.headers.get("content-type"), await _read_body(request, max_body)
             )
             grant = params.get("grant_type")
-            return await service.issue(request, params)
+            response = await service.issue(request, params)
+            request.state.outcome = "issued"
+            return response
         except OAuthError as exc:
-            metrics.refused.labels(_grant_label(grant), exc.error).inc()
+            client = getattr(request.state, "client_id", None) or "-"
+            metrics.refused.labels(client, _grant_label(grant), exc.error).inc()
+            request.state.outcome = exc.error
             log.info("token refused: %s: %s", exc.error, exc.description)
             return _error(exc)
         finally:
@@ -415,8 +428,11 @@ def create_app(
             params = oauth.parse_body(
                 request.headers.get("content-type"), await _read_body(request, max_body)
             )
-            return await service.revoke(request, params)
+            response = await service.revoke(request, params)
+            request.state.outcome = "revoked"
+            return response
         except OAuthError as exc:
+            request.state.outcome = exc.error
             log.info("revocation refused: %s: %s", exc.error, exc.description)
             return _error(exc)
 
@@ -503,6 +519,7 @@ def create_app(
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
+        middleware=[Middleware(AccessLog, on_done=metrics.count_request)],
     )
     app.state.service = service
     return app

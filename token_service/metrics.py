@@ -4,6 +4,26 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+ROUTES = frozenset(
+    (
+        "/v1/token",
+        "/v1/revoke",
+        "/.well-known/jwks.json",
+        "/.well-known/oauth-authorization-server",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    )
+)
+
+
+def redis_up_gauge(registry: CollectorRegistry) -> Gauge:
+    """The same gauge on both services; the scrape's job label tells them apart."""
+    return Gauge(
+        "speechgate_redis_up", "1 while Redis answers, 0 while rules are per-process", registry=registry
+    )
+
 
 class TokenMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -15,8 +35,14 @@ class TokenMetrics:
         )
         self.refused = Counter(
             "speechgate_tokens_refused",
-            "Token requests refused, by OAuth error code",
-            ["grant", "reason"],
+            "Token requests refused, by client ('-' before it is authenticated) and OAuth error code",
+            ["client", "grant", "reason"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "speechgate_http_requests",
+            "HTTP requests answered, by route and status code",
+            ["route", "status"],
             registry=registry,
         )
         self.revoked = Counter("speechgate_tokens_revoked", "Tokens revoked", registry=registry)
@@ -26,9 +52,7 @@ class TokenMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=registry,
         )
-        self.redis_up = Gauge(
-            "speechgate_redis_up", "1 while Redis answers, 0 while limits are per-process", registry=registry
-        )
+        self.redis_up = redis_up_gauge(registry)
         self.store_up = Gauge(
             "speechgate_key_store_up", "1 when the last read of the key store succeeded", registry=registry
         )
@@ -40,3 +64,13 @@ class TokenMetrics:
         self.signing_keys = Gauge(
             "speechgate_signing_keys", "Signing keys published in the JWKS", registry=registry
         )
+        self.key_created = Gauge(
+            "speechgate_key_created_timestamp_seconds",
+            "When the key in use was created (age = time() - this)",
+            ["key"],
+            registry=registry,
+        )
+
+    def count_request(self, path: str, status: int) -> None:
+        # Only known routes become label values: made-up paths must not grow the series.
+        self.requests.labels(path if path in ROUTES else "other", str(status)).inc()

@@ -43,6 +43,7 @@ class Settings:
     # Proxies whose X-Forwarded-For we believe (uvicorn's --forwarded-allow-ips).
     forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "info"
+    log_format: str = "auto"  # json | text | auto: JSON unless stderr is a terminal
     # The relay: where Azure Speech is, and how it authenticates there.
     speech_region: str | None = None
     speech_endpoint: str | None = None  # a custom domain, sovereign cloud or local fake
@@ -82,6 +83,10 @@ class Settings:
             raise SettingsError("SPEECHGATE_KEY_VAULT_URL must be an https:// URL")
         if not self.issuer.startswith(("https://", "http://")):
             raise SettingsError("SPEECHGATE_ISSUER must be an http(s) URL")
+        if self.log_format not in ("auto", "json", "text"):
+            raise SettingsError("SPEECHGATE_LOG_FORMAT must be auto, json or text")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError("SPEECHGATE_LOG_LEVEL must be debug, info, warning or error")
         if self.upstream_auth not in ("key", "sts", "entra"):
             raise SettingsError("SPEECHGATE_UPSTREAM_AUTH must be key, sts or entra")
         if self.upstream_auth == "entra" and not self.speech_resource_id:
@@ -114,6 +119,7 @@ ENV_NAMES: dict[str, str] = {
     "idp_leeway_s": "SPEECHGATE_IDP_LEEWAY_S",
     "forwarded_allow_ips": "SPEECHGATE_FORWARDED_ALLOW_IPS",
     "log_level": "SPEECHGATE_LOG_LEVEL",
+    "log_format": "SPEECHGATE_LOG_FORMAT",
     "speech_region": "SPEECH_REGION",
     "speech_endpoint": "SPEECHGATE_SPEECH_ENDPOINT",
     "speech_key": "SPEECH_KEY",
