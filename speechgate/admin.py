@@ -199,6 +199,31 @@ def keys_list(as_json: bool) -> None:
     output(as_json, found, "\n".join(lines))
 
 
+@keys.command("init")
+@json_option
+def keys_init(as_json: bool) -> None:
+    """Create the first signing key and the secret-hash key if the store has none (idempotent:
+    a deployment runs it before the services start)."""
+
+    async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> dict[str, Any]:
+        try:
+            await signing.load_keyring(store)
+            created = False
+        except signing.NoSigningKey:
+            await signing.ensure_signing_key(store)
+            created = True
+        await clientdb.ensure_hash_key(store)
+        return {"created": created, "signer_kid": (await signing.load_keyring(store)).signer.kid}
+
+    result = run(op)
+    if result["created"]:
+        audit("keys.init", signer_kid=result["signer_kid"])
+    text = ("created the first signing key " if result["created"] else "already set up; signing with ") + str(
+        result["signer_kid"]
+    )
+    output(as_json, result, text)
+
+
 @keys.command("rotate-signing")
 @click.option(
     "--grace",

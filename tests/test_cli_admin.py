@@ -463,3 +463,13 @@ def test_speech_key_rotation_through_the_management_api(vault: Vault, tmp_path: 
     assert listed[-1]["slot"] == "key2"
     bad = cli("keys", "rotate-speech", "--azure-resource", "/not/a/resource", "--yes", code=1)
     assert "--azure-resource must be" in bad.output
+
+
+def test_keys_init_creates_once_and_is_idempotent(cli: Cli) -> None:
+    first = cli("keys", "init", "--json")
+    made = json.loads(first.stdout)
+    assert made["created"] is True
+    assert [line["audit"] for line in audit_lines(first)] == ["keys.init"]
+    again = cli("keys", "init", "--json")
+    assert json.loads(again.stdout) == {"created": False, "signer_kid": made["signer_kid"]}
+    assert audit_lines(again) == []

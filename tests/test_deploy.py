@@ -1,0 +1,193 @@
+"""deploy/: the manifests against the Kubernetes schemas, the alerting rules through promtool, and
+every metric the dashboard and the alerts use against what the running services export."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kubernetes_validate
+import pytest
+import yaml
+from websockets.sync.client import connect
+
+from tests.relays import Stack
+from token_service.settings import ENV_NAMES
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+K8S = DEPLOY / "k8s"
+KUBERNETES_VERSION = "1.33.0"  # the oldest AKS version still in support when this was written
+METRIC = re.compile(r"\bspeechgate_[a-z_]+")
+HISTOGRAM_OR_COUNTER = re.compile(r"_(bucket|sum|count|total|created)$")
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+
+
+def kustomizations() -> list[Path]:
+    return sorted(K8S.rglob("kustomization.yaml"))
+
+
+def manifests() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("path", manifests(), ids=lambda p: str(p.relative_to(K8S)))
+def test_every_manifest_validates_against_the_kubernetes_schemas(path: Path) -> None:
+    docs = documents(path)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # raises on any error
+
+
+def test_kustomizations_name_files_that_exist_and_cover_every_manifest() -> None:
+    named: set[Path] = set()
+    for kustomization in kustomizations():
+        spec = documents(kustomization)[0]
+        assert spec["kind"] == "Kustomization"
+        for entry in spec.get("resources", []) + [p["path"] for p in spec.get("patches", [])]:
+            target = (kustomization.parent / entry).resolve()
+            assert target.exists(), f"{kustomization}: {entry} does not exist"
+            named.add(target)
+    assert {p.resolve() for p in manifests()} <= named  # no manifest is forgotten
+
+
+def test_workloads_are_hardened_and_probed() -> None:
+    deployments = [d for p in manifests() for d in documents(p) if d["kind"] in ("Deployment", "Job")]
+    assert {d["metadata"]["name"] for d in deployments} == {
+        "speechgate-token-service",
+        "speechgate-relay",
+        "speechgate-keys-init",
+    }
+    for workload in deployments:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["serviceAccountName"] == "speechgate"
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            assert "memory" in container["resources"]["limits"]
+            if workload["kind"] == "Deployment":
+                for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    assert container[probe]["httpGet"]["path"] in ("/healthz", "/readyz")
+    relay = next(d for d in deployments if d["metadata"]["name"] == "speechgate-relay")
+    config = next(d for d in documents(K8S / "base" / "configmap.yaml"))
+    drain_s = int(config["data"]["SPEECHGATE_DRAIN_S"])
+    assert relay["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain_s
+
+
+def test_configuration_names_only_settings_that_exist() -> None:
+    """A typo in an environment variable would be ignored at run time: catch it here."""
+    known = set(ENV_NAMES.values()) | {"REDIS_URL"}
+    configmaps = [d for p in manifests() for d in documents(p) if d["kind"] == "ConfigMap"]
+    names = {name for c in configmaps for name in c["data"]}
+    compose = documents(DEPLOY / "compose.yaml")[0]
+    names |= set(compose["x-speechgate"]["environment"])
+    assert names
+    assert names <= known, names - known
+
+
+def test_compose_runs_redis_token_service_and_relay_from_the_image() -> None:
+    compose = documents(DEPLOY / "compose.yaml")[0]
+    services = compose["services"]
+    assert set(services) == {"redis", "init", "token-service", "relay"}
+    assert services["token-service"]["command"] == ["token-service"]
+    assert services["relay"]["command"] == ["relay"]
+    assert compose["x-speechgate"]["build"]["dockerfile"] == "deploy/Dockerfile"
+
+
+def test_dockerfile_is_multi_stage_non_root_without_build_tools_in_the_final_stage() -> None:
+    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    stages = re.split(r"^FROM ", text, flags=re.MULTILINE)[1:]
+    assert len(stages) == 2
+    build, final = stages
+    assert "uv sync --frozen --no-dev" in build
+    assert "uv" not in re.sub(r"--from=build /app/.venv", "", final).split()  # no uv in the final image
+    for tool in ("gcc", "build-essential", "apt-get install"):
+        assert tool not in final
+    assert re.search(r"^USER 10001", final, flags=re.MULTILINE)
+    assert 'ENTRYPOINT ["speechgate"]' in final
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.fail("promtool is not installed: apt-get install prometheus (.ci/run does)")
+    return found
+
+
+def test_alerting_rules_pass_promtool_check_and_their_unit_tests(promtool: str) -> None:
+    rules = DEPLOY / "prometheus"
+    check = subprocess.run(
+        [promtool, "check", "rules", "alerts.yaml"], cwd=rules, capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 8 rules found" in check.stdout
+    tested = subprocess.run(
+        [promtool, "test", "rules", "alerts.test.yaml"],
+        cwd=rules,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_the_alerts_cover_what_sres_must_hear_about() -> None:
+    rules = documents(DEPLOY / "prometheus" / "alerts.yaml")[0]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} == {
+        "SpeechgateRedisDown",
+        "SpeechgateKeyStoreStale",
+        "SpeechgateUpstreamFailures",
+        "SpeechgateHigh5xxRate",
+        "SpeechgateTokenRefusalsRising",
+        "SpeechgateStreamRefusalsRising",
+        "SpeechgateTenantNearDailyQuota",
+        "SpeechgateKeyTooOld",
+    }
+
+
+def _used_metrics() -> set[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "speechgate.json").read_text(encoding="utf-8"))
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    rules = documents(DEPLOY / "prometheus" / "alerts.yaml")[0]["groups"][0]["rules"]
+    exprs += [str(r["expr"]) for r in rules]
+    return {HISTOGRAM_OR_COUNTER.sub("", m) for e in exprs for m in METRIC.findall(e)}
+
+
+def _exported(text: str) -> set[str]:
+    """Every family the scrape declares (labelled ones too, before their first sample)."""
+    return {
+        HISTOGRAM_OR_COUNTER.sub("", line.split()[2])
+        for line in text.splitlines()
+        if line.startswith("# TYPE ")
+    }
+
+
+def test_every_metric_the_dashboard_and_alerts_use_is_exported(stack: Stack) -> None:
+    # Traffic first: a token, a refused one, a stream with results, a refused handshake.
+    client = stack.service.add_client()
+    token = stack.token(client)
+    assert stack.service.token(client[0], "wrong").status_code == 401
+    with connect(
+        f"{stack.relay.url}/v1/listen?language=en-US", additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
+        for _ in range(20):
+            ws.send(b"\0" * 3200)
+        ws.send(json.dumps({"type": "end"}))
+        while json.loads(ws.recv()).get("type") != "final":
+            pass
+    with pytest.raises(Exception, match="401"), connect(f"{stack.relay.url}/v1/listen"):
+        pass
+    exported = _exported(stack.service.http.get("/metrics").text)
+    exported |= _exported(httpx.get(stack.relay.url.replace("ws://", "http://") + "/metrics").text)
+    used = _used_metrics()
+    assert len(used) >= 15
+    assert used <= exported, f"used but not exported: {sorted(used - exported)}"
