@@ -8,7 +8,9 @@ one core; the load, the fake, Redis and the token service share the other.
     uv run python -m bench.relay_latency [--streams 100,300,600,1000] [--seconds 8]
 
 Prints, per N: p50/p99 direct and through the relay, the added p99, the relay's CPU (share of
-one core) and memory per stream, lost frames; then the largest N whose added p99 stays under 50 ms.
+one core) and memory per stream, lost frames, and the same relay with the splice off
+(SPEECHGATE_SPLICE=0: frames through websockets' message API) as the splice's own baseline; then
+the largest N whose added p99 stays under 50 ms.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def main() -> None:
             max_session_s=86400,
         )
         redis_server = RedisServer(Path(tmp), cpus="0")
-        token_port, echo_port, relay_port = (free_port() for _ in range(3))
+        token_port, echo_port, relay_port, messages_port = (free_port() for _ in range(4))
         env = {
             "SPEECHGATE_STORE_DIR": str(store_dir),
             "REDIS_URL": redis_server.url,
@@ -127,26 +129,37 @@ def main() -> None:
             "SPEECHGATE_SPEECH_ENDPOINT": f"ws://127.0.0.1:{echo_port}",
             "SPEECH_KEY": "0" * 32,
             "SPEECHGATE_JWKS_URL": f"http://127.0.0.1:{token_port}/.well-known/jwks.json",
-            "SPEECHGATE_LOG_LEVEL": "warning",
         }
         echo = Process(
             ["taskset", "-c", "0", sys.executable, "-m", "bench.echo_upstream", str(echo_port)],
             "echo upstream ready",
         )
-        relay = Process(
-            [
-                "taskset",
-                "-c",
-                "1",
-                str(Path(sys.executable).parent / "speechgate"),
-                "relay",
-                "--port",
-                str(relay_port),
-            ],
-            "relay listening",
-            env={**os.environ, **env},
-        )
-        with redis_server, echo, server("token_service.app:app_from_env", token_port, env, "0", True), relay:
+
+        def relay_process(port: int, splice: bool) -> Process:
+            return Process(
+                [
+                    "taskset",
+                    "-c",
+                    "1",
+                    str(Path(sys.executable).parent / "speechgate"),
+                    "relay",
+                    "--port",
+                    str(port),
+                ],
+                "relay listening",
+                env={**os.environ, **env, "SPEECHGATE_SPLICE": "1" if splice else "0"},
+            )
+
+        # The relay as shipped (the Azure door spliced), and the same relay forwarding through
+        # websockets' message API: the baseline of the splice, in the same run.
+        relay, messages = relay_process(relay_port, True), relay_process(messages_port, False)
+        with (
+            redis_server,
+            echo,
+            server("token_service.app:app_from_env", token_port, env, "0", True),
+            relay,
+            messages,
+        ):
             response = httpx.post(
                 f"http://127.0.0.1:{token_port}/v1/token",
                 auth=(client_id, secret),
@@ -154,16 +167,20 @@ def main() -> None:
             )
             token = response.json()["access_token"]
             assert relay.proc is not None
+            assert messages.proc is not None
             rows = []
             print(
                 f"{'N':>5} {'direct p50/p99 ms':>18} {'relay p50/p99 ms':>17} {'added p99':>9} "
-                f"{'relay CPU':>9} {'KiB/stream':>10} {'lost':>6}"
+                f"{'relay CPU':>9} {'KiB/stream':>10} {'lost':>6} | {'messages: added p99':>19} {'CPU':>5}"
             )
             for n in counts:
                 try:
                     direct = run_load(f"ws://127.0.0.1:{echo_port}{PATH}", token, n, args.seconds, None)
                     relayed = run_load(
                         f"ws://127.0.0.1:{relay_port}{PATH}", token, n, args.seconds, relay.proc.pid
+                    )
+                    via_messages = run_load(
+                        f"ws://127.0.0.1:{messages_port}{PATH}", token, n, args.seconds, messages.proc.pid
                     )
                 except SystemExit:
                     print("".join(relay.output)[-3000:])
@@ -174,7 +191,8 @@ def main() -> None:
                 print(
                     f"{n:>5} {direct['p50']:>8.2f} / {direct['p99']:>6.2f}  {relayed['p50']:>7.2f} / "
                     f"{relayed['p99']:>6.2f} {added:>9.2f} {relayed['cpu_share']:>8.0%} "
-                    f"{relayed['rss_kib_per_stream']:>10.1f} {lost:>6}",
+                    f"{relayed['rss_kib_per_stream']:>10.1f} {lost:>6} | "
+                    f"{via_messages['p99'] - direct['p99']:>19.2f} {via_messages['cpu_share']:>5.0%}",
                     flush=True,
                 )
             fitting = [n for n, added, lost in rows if added < 50 and lost == 0]

@@ -21,27 +21,33 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from relay import usp
 from relay.auth import upstream_query
+from relay.splice import Splice, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
 
 if TYPE_CHECKING:
     from relay.server import Live, Pending, Relay
 
-# Audio may arrive faster than real time for a while (the SDK sends ~5 s of a file at once, then
-# twice real time); beyond this, a client is flooding.
-BURST_S = 10.0
-MAX_SPEEDUP = 4.0
-
 
 async def close_both(live: Live, code: int, reason: str) -> None:
+    if live.splice is not None:
+        await live.splice.close(code, reason[:120])
+        return
     with contextlib.suppress(ConnectionClosed):
         await live.connection.close(code, reason[:120])
     if live.upstream is not None:
         with contextlib.suppress(ConnectionClosed):
             await live.upstream.close(1000, "client gone")
+
+
+def resume(connection: ServerConnection) -> None:
+    """Reading was paused at the handshake, for the splice; this stream goes another way."""
+    if connection.transport is not None:
+        connection.transport.resume_reading()
 
 
 async def _connect(relay: Relay, path: str, query: str, extra: dict[str, str]) -> ClientConnection:
@@ -87,10 +93,6 @@ def _is_result(message: str) -> bool:
     return "Path:speech.hypothesis" in message or "Path:speech.phrase" in message
 
 
-def _flooding(live: Live, opened: float) -> bool:
-    return live.stream.total_audio_s > BURST_S + MAX_SPEEDUP * (time.monotonic() - opened)
-
-
 # --- Azure-compatible: frames verbatim ----------------------------------------------------------
 
 
@@ -101,10 +103,21 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
     try:
         upstream = await _connect(relay, pending.path, upstream_query(pending.params), extra)
     except UpstreamError as exc:
+        resume(live.connection)
         live.end(4000, 1013, f"Azure Speech unavailable: {exc}")
         return
     live.upstream = upstream
     stream, client = live.stream, live.connection
+    if relay.settings.splice and can_take_over(client) and can_take_over(upstream):
+        # No await from the check to the takeover: no data can slip in between.
+        live.splice = Splice(relay, live, client, upstream)
+        live.splice.start()
+        try:
+            await live.splice.done
+        finally:
+            live.ended.set()
+        return
+    resume(client)
     opened = time.monotonic()
 
     async def app_to_azure() -> None:
@@ -119,7 +132,7 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                         size = max(0, size - 44)
                         live.turn_audio_at = time.perf_counter()
                     stream.add_audio(size)
-                    if _flooding(live, opened):
+                    if stream.flooding(opened):
                         live.end(4000, 1008, "audio sent much faster than real time")
                         return
             elif "Path:speech.context" in message or "Path:synthesis.context" in message:
@@ -285,7 +298,7 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
                 if stream.total_audio_s == 0:
                     live.turn_audio_at = time.perf_counter()
                 stream.add_audio(len(message))
-                if _flooding(live, opened):
+                if stream.flooding(opened):
                     live.end(1008, 1008, "audio sent much faster than real time")
                     return
                 await azure.send(message)

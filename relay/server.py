@@ -72,6 +72,7 @@ class Live:
     upstream: Any = None
     turn_audio_at: float | None = None  # when the current turn's first audio came, until a result
     code: int | None = None  # the close code the relay chose, when it chose one
+    splice: Any = None  # relay.splice.Splice once the Azure door's data phase runs on it
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     closer: asyncio.Task[None] | None = None
 
@@ -208,6 +209,10 @@ class Relay:
                 connection, 503, {"error": "unavailable", "message": "retry shortly"}, {"Retry-After": "2"}
             )
         self._pending[connection.id] = pending
+        if pending.door == "azure" and self.settings.splice and connection.transport is not None:
+            # Nothing more is read until the stream is spliced (relay/splice.py): every byte
+            # after the handshake then reaches the splice, none sits in websockets' buffers.
+            connection.transport.pause_reading()
         return None
 
     async def _admit(self, request: Request, path: str, params: list[tuple[str, str]]) -> Pending:
@@ -274,6 +279,7 @@ class Relay:
         try:
             remaining = stream.session_deadline - time.time()
             if remaining <= 0:
+                doors.resume(connection)
                 live.end(4000, 4000, "session time limit reached")
                 return
             deadline = asyncio.get_running_loop().call_later(
@@ -292,7 +298,7 @@ class Relay:
                     await live.closer
             del self.live[stream.stream_id]
             self.metrics.active.labels(live.door).dec()
-            self._meter(stream)
+            self._meter([stream])
             code = live.code or connection.close_code
             self.metrics.closed.labels(live.door, str(code)).inc()
             log.info(
@@ -330,21 +336,26 @@ class Relay:
             if what in (None, "client"):
                 self.clients.clear()
 
-    def _meter(self, stream: Stream) -> None:
-        """Bring the audio-seconds metric up to date with what the stream has forwarded."""
-        self.metrics.audio.labels(stream.claims.client_id).inc(stream.total_audio_s - stream.in_metrics_s)
-        stream.in_metrics_s = stream.total_audio_s
+    def _meter(self, streams: list[Stream]) -> None:
+        """Bring the audio-seconds metric up to date with what the streams have forwarded."""
+        new: dict[str, float] = {}
+        for stream in streams:
+            client_id = stream.claims.client_id
+            new[client_id] = new.get(client_id, 0.0) + stream.total_audio_s - stream.in_metrics_s
+            stream.in_metrics_s = stream.total_audio_s
+        for client_id, seconds in new.items():
+            self.metrics.audio.labels(client_id).inc(seconds)
 
     async def _heartbeat_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             streams = [live.stream for live in self.live.values() if live.stream.closing_reason is None]
+            self._meter(streams)
             policies = {}
-            for s in streams:
-                self._meter(s)
-                policy = await self.clients.get(s.claims.client_id)
+            for client_id in {s.claims.client_id for s in streams}:
+                policy = await self.clients.get(client_id)
                 if isinstance(policy, ClientPolicy):
-                    policies[s.claims.client_id] = policy
+                    policies[client_id] = policy
             beats = [
                 await self.local_sessions.heartbeat(
                     [s for s in streams if s.backend is self.local_sessions], policies

@@ -21,6 +21,11 @@ from token_service.clients import ClientPolicy
 from token_service.keyspace import Keyspace, day
 from token_service.redisconn import Redis, ScriptRunner
 
+# Audio may arrive faster than real time for a while (the SDK sends ~5 s of a file at once, then
+# twice real time); beyond this, a client is flooding.
+BURST_S = 10.0
+MAX_SPEEDUP = 4.0
+
 
 @dataclass
 class Stream:
@@ -40,6 +45,12 @@ class Stream:
         seconds = payload_bytes / self.byte_rate
         self.audio_s += seconds
         self.total_audio_s += seconds
+
+    def flooding(self, opened: float) -> bool:
+        """Far ahead of real time since `opened` (monotonic): more than a burst, then 4x."""
+        return self.total_audio_s > BURST_S and self.total_audio_s > BURST_S + MAX_SPEEDUP * (
+            time.monotonic() - opened
+        )
 
     @property
     def session_deadline(self) -> float:
@@ -152,27 +163,44 @@ class RedisSessions:
         return Admission(bool(admitted), reason, int(retry), int(started))
 
     async def heartbeat(self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]) -> Beat:
-        """Renew every lease, add the audio metered since last time; the streams over a quota."""
+        """Renew every lease, add the audio metered since last time; the streams over a quota.
+
+        One command per key, not per stream: a relay with a thousand streams of a few users
+        sends a few commands, not thousands (the beat runs on the event loop that forwards
+        audio, and a long one shows as latency in every stream).
+        """
         beat = Beat()
         if not streams:
             return beat
         k, today = self.keys, day()
         until_ms = int(time.time() * 1000) + self.lease_ms
+        groups: dict[tuple[str, str], list[Stream]] = {}
+        for s in streams:
+            groups.setdefault((s.claims.client_id, s.claims.sub), []).append(s)
+        leases: dict[str, dict[str, int]] = {}
+        audio: dict[str, float] = {}
+        for (c, sub), members in groups.items():
+            ids = {s.stream_id: until_ms for s in members}
+            leases[k.lease_subject(c, sub)] = ids
+            leases.setdefault(k.lease_client(c), {}).update(ids)
+            seconds = 0.0
+            for s in members:
+                seconds, s.audio_s = seconds + s.audio_s, 0.0
+            audio[k.audio_subject(c, today, sub)] = seconds
+            client_key = k.audio_client(c, today)
+            audio[client_key] = audio.get(client_key, 0.0) + seconds
         async with self.redis.pipeline(transaction=False) as pipe:
-            for s in streams:
-                c = s.claims.client_id
-                pipe.zadd(k.lease_subject(c, s.claims.sub), {s.stream_id: until_ms}, xx=True)
-                pipe.zadd(k.lease_client(c), {s.stream_id: until_ms}, xx=True)
-                pipe.incrbyfloat(k.audio_subject(c, today, s.claims.sub), s.audio_s)
-                pipe.incrbyfloat(k.audio_client(c, today), s.audio_s)
-                pipe.expire(k.audio_subject(c, today, s.claims.sub), 2 * 86400)
-                pipe.expire(k.audio_client(c, today), 2 * 86400)
-                s.audio_s = 0.0
+            for key, ids in leases.items():
+                pipe.zadd(key, ids, xx=True)  # xx: a lease released meanwhile stays released
+            for key, seconds in audio.items():
+                pipe.incrbyfloat(key, seconds)
+                pipe.expire(key, 2 * 86400)
             results = await pipe.execute()
-        for n, s in enumerate(streams):
-            beat.add(
-                s, policies.get(s.claims.client_id), float(results[6 * n + 2]), float(results[6 * n + 3])
-            )
+        totals = {key: float(results[len(leases) + 2 * n]) for n, key in enumerate(audio)}
+        for (c, sub), members in groups.items():
+            subject_s, client_s = totals[k.audio_subject(c, today, sub)], totals[k.audio_client(c, today)]
+            for s in members:
+                beat.add(s, policies.get(c), subject_s, client_s)
         return beat
 
     async def release(self, stream: Stream) -> None:

@@ -56,6 +56,8 @@ class Settings:
     heartbeat_s: float = 2.0
     drain_s: float = 30.0
     upstream_connect_attempts: int = 3
+    # The Azure door forwards frames as bytes (relay/splice.py); off: through websockets' messages.
+    splice: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -131,6 +133,7 @@ ENV_NAMES: dict[str, str] = {
     "heartbeat_s": "SPEECHGATE_HEARTBEAT_S",
     "drain_s": "SPEECHGATE_DRAIN_S",
     "upstream_connect_attempts": "SPEECHGATE_UPSTREAM_CONNECT_ATTEMPTS",
+    "splice": "SPEECHGATE_SPLICE",
 }
 
 

@@ -1,0 +1,161 @@
+"""The Azure door's splice (relay/splice.py, relay/frames.py): frames forwarded as bytes, metered
+by peeking, control frames and protocol errors handled on their own leg."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from relay import frames, usp
+from relay.splice import Splice
+from tests.relays import Stack
+
+RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
+AUDIO = b"\x01\x02" * 1600  # 100 ms
+
+
+def context(request_id: str) -> str:
+    return usp.encode_text("speech.context", request_id, {"phraseDetection": {"language": "en-us"}})
+
+
+def audio(request_id: str, payload: bytes) -> bytes:
+    return usp.encode_binary("audio", request_id, payload, extra={"X-StreamId": "1"})
+
+
+async def open_stream(stack: Stack, token: str) -> ClientConnection:
+    return await connect(
+        stack.relay.url + RECOGNITION, additional_headers={"Authorization": f"Bearer {token}"}, max_size=2**20
+    )
+
+
+async def until_turn_end(ws: ClientConnection) -> list[str]:
+    paths = []
+    async for message in ws:
+        if isinstance(message, str):
+            paths.append(usp.parse_text(message).path)
+            if paths[-1] == "turn.end":
+                return paths
+    return paths
+
+
+def spliced(stack: Stack) -> list[Any]:
+    return [live.splice for live in stack.relay.relay.live.values()]
+
+
+async def test_frames_pass_through_unchanged_and_the_audio_is_metered(stack: Stack) -> None:
+    token = await asyncio.to_thread(stack.token, await asyncio.to_thread(stack.service.add_client))
+    request_id = usp.new_request_id()
+    async with await open_stream(stack, token) as ws:
+        await ws.send(context(request_id))
+        await ws.send(audio(request_id, usp.riff_header() + AUDIO))  # a turn starts with a WAV header
+        for _ in range(9):
+            await ws.send(audio(request_id, AUDIO))
+        await ws.send([audio(request_id, AUDIO[:1000]), AUDIO[1000:]])  # one message in two frames
+        await ws.send(audio(request_id, b""))  # end of audio
+        paths = await until_turn_end(ws)
+        (splice,) = spliced(stack)
+        assert isinstance(splice, Splice)
+        assert splice.live.stream.total_audio_s == pytest.approx(1.1)  # headers and WAV header not counted
+    assert paths[0] == "turn.start"
+    assert "speech.phrase" in paths
+    assert stack.fake.audio_bytes == 11 * len(AUDIO)  # every byte reached Azure, reassembled there
+
+
+async def test_pings_are_answered_by_the_relay(stack: Stack) -> None:
+    token = await asyncio.to_thread(stack.token, await asyncio.to_thread(stack.service.add_client))
+    async with await open_stream(stack, token) as ws:
+        latency = await asyncio.wait_for(await ws.ping(b"are you there"), 5)
+        assert latency >= 0
+        assert spliced(stack)
+
+
+async def test_a_frame_over_the_limit_closes_with_1009(stack: Stack) -> None:
+    token = await asyncio.to_thread(stack.token, await asyncio.to_thread(stack.service.add_client))
+    async with await open_stream(stack, token) as ws:
+        await ws.send(b"\0" * (stack.relay.relay.settings.max_frame_bytes + 1))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+    assert ws.close_code == 1009
+
+
+async def test_azure_closing_mid_turn_becomes_1011_never_1000(stack: Stack) -> None:
+    stack.fake.close_mid_turn = 1000
+    token = await asyncio.to_thread(stack.token, await asyncio.to_thread(stack.service.add_client))
+    request_id = usp.new_request_id()
+    async with await open_stream(stack, token) as ws:
+        await ws.send(context(request_id))
+        await ws.send(audio(request_id, usp.riff_header() + AUDIO))
+        with pytest.raises(ConnectionClosed):  # before any turn.end
+            await asyncio.wait_for(until_turn_end(ws), 10)
+    assert ws.close_code == 1011
+
+
+def raw_handshake(stack: Stack, token: str) -> socket.socket:
+    """A WebSocket client by hand, to send what a library would refuse to."""
+    sock = socket.create_connection(("127.0.0.1", stack.relay.port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {RECOGNITION} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(4096)
+    assert response.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def read_close(sock: socket.socket) -> int:
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    header = frames.parse_header(data, 0, 2**20)
+    assert header is not None
+    assert header.opcode == frames.CLOSE
+    return struct.unpack_from(">H", data, header.start)[0]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (bytes([0x82, 4]) + b"abcd", 1002),  # unmasked, from a client
+        (bytes([0xC2, 0x84]) + b"\0\0\0\0abcd", 1002),  # a reserved bit: no extension was agreed
+        (bytes([0x83, 0x84]) + b"\0\0\0\0abcd", 1002),  # opcode 3 does not exist
+    ],
+    ids=["unmasked", "reserved-bit", "unknown-opcode"],
+)
+def test_protocol_errors_close_the_stream_with_1002(stack: Stack, frame: bytes, code: int) -> None:
+    token = stack.token(stack.service.add_client())
+    with raw_handshake(stack, token) as sock:
+        sock.sendall(frame)
+        assert read_close(sock) == code
+
+
+def test_the_splice_can_be_turned_off(stack_factory: Any) -> None:
+    stack: Stack = stack_factory(splice=False)
+    token = stack.token(stack.service.add_client())
+
+    async def one_turn() -> tuple[list[str], list[Any]]:
+        request_id = usp.new_request_id()
+        async with await open_stream(stack, token) as ws:
+            await ws.send(context(request_id))
+            await ws.send(audio(request_id, usp.riff_header() + AUDIO))
+            await ws.send(audio(request_id, b""))
+            return await until_turn_end(ws), spliced(stack)
+
+    paths, splices = asyncio.run(one_turn())
+    assert paths[-1] == "turn.end"
+    assert splices == [None]
