@@ -5,12 +5,13 @@ each frame at once; in the same run, the same load straight to that fake is the 
 relay runs as `speechgate relay` with authentication, metering and quota heartbeats on, pinned to
 one core; the load, the fake, Redis and the token service share the other.
 
-    uv run python -m bench.relay_latency [--streams 100,300,600,1000] [--seconds 8]
+    uv run python -m bench.relay_latency [--streams 100,300,600,1000] [--seconds 8] [--runs 3]
 
 Prints, per N: p50/p99 direct and through the relay, the added p99, the relay's CPU (share of
 one core) and memory per stream, lost frames, and the same relay with the splice off
 (SPEECHGATE_SPLICE=0: frames through websockets' message API) as the splice's own baseline; then
-the largest N whose added p99 stays under 50 ms.
+the largest N whose added p99 stays under 50 ms. Each N is run `--runs` times, the three
+targets interleaved, after a warm-up; the figures are medians (this machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def main() -> None:
     )
     parser.add_argument("--streams", default="100,300,600,1000")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs per N; medians are shown")
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
 
@@ -168,38 +170,51 @@ def main() -> None:
             token = response.json()["access_token"]
             assert relay.proc is not None
             assert messages.proc is not None
-            rows = []
+            targets = {
+                "direct": (f"ws://127.0.0.1:{echo_port}{PATH}", None),
+                "relay": (f"ws://127.0.0.1:{relay_port}{PATH}", relay.proc.pid),
+                "messages": (f"ws://127.0.0.1:{messages_port}{PATH}", messages.proc.pid),
+            }
+            for url, _ in targets.values():  # warm-up: first connections, JWKS, Redis pools
+                run_load(url, token, 50, 2.0, None)
             print(
+                f"medians of {args.runs} interleaved runs of {args.seconds:g} s\n"
                 f"{'N':>5} {'direct p50/p99 ms':>18} {'relay p50/p99 ms':>17} {'added p99':>9} "
                 f"{'relay CPU':>9} {'KiB/stream':>10} {'lost':>6} | {'messages: added p99':>19} {'CPU':>5}"
+                f" | added p99 of each run (relay)"
             )
+            rows = []
             for n in counts:
-                try:
-                    direct = run_load(f"ws://127.0.0.1:{echo_port}{PATH}", token, n, args.seconds, None)
-                    relayed = run_load(
-                        f"ws://127.0.0.1:{relay_port}{PATH}", token, n, args.seconds, relay.proc.pid
-                    )
-                    via_messages = run_load(
-                        f"ws://127.0.0.1:{messages_port}{PATH}", token, n, args.seconds, messages.proc.pid
-                    )
-                except SystemExit:
-                    print("".join(relay.output)[-3000:])
-                    raise
-                added = relayed["p99"] - direct["p99"]
-                lost = int(relayed["sent"] - relayed["answered"])
+                runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+                for _ in range(args.runs):
+                    for name, (url, pid) in targets.items():
+                        try:
+                            runs[name].append(run_load(url, token, n, args.seconds, pid))
+                        except SystemExit:
+                            print("".join(relay.output)[-3000:])
+                            raise
+
+                def med(name: str, key: str, runs: dict[str, list[dict[str, float]]] = runs) -> float:
+                    return statistics.median(r[key] for r in runs[name])
+
+                each = [r["p99"] - d["p99"] for r, d in zip(runs["relay"], runs["direct"], strict=True)]
+                added = statistics.median(each)
+                added_messages = statistics.median(
+                    r["p99"] - d["p99"] for r, d in zip(runs["messages"], runs["direct"], strict=True)
+                )
+                lost = int(sum(r["sent"] - r["answered"] for r in runs["relay"]))
                 rows.append((n, added, lost))
                 print(
-                    f"{n:>5} {direct['p50']:>8.2f} / {direct['p99']:>6.2f}  {relayed['p50']:>7.2f} / "
-                    f"{relayed['p99']:>6.2f} {added:>9.2f} {relayed['cpu_share']:>8.0%} "
-                    f"{relayed['rss_kib_per_stream']:>10.1f} {lost:>6} | "
-                    f"{via_messages['p99'] - direct['p99']:>19.2f} {via_messages['cpu_share']:>5.0%}",
+                    f"{n:>5} {med('direct', 'p50'):>8.2f} / {med('direct', 'p99'):>6.2f}  "
+                    f"{med('relay', 'p50'):>7.2f} / {med('relay', 'p99'):>6.2f} {added:>9.2f} "
+                    f"{med('relay', 'cpu_share'):>8.0%} {med('relay', 'rss_kib_per_stream'):>10.1f} "
+                    f"{lost:>6} | {added_messages:>19.2f} {med('messages', 'cpu_share'):>5.0%}"
+                    f" | {', '.join(f'{a:.1f}' for a in each)}",
                     flush=True,
                 )
             fitting = [n for n, added, lost in rows if added < 50 and lost == 0]
-            print(
-                f"largest N with added p99 < 50 ms and no frame lost: {max(fitting) if fitting else 'none'}"
-            )
-            print(f"median added p99 over the runs: {statistics.median(a for _, a, _ in rows):.2f} ms")
+            largest = max(fitting) if fitting else "none"
+            print(f"largest N with median added p99 < 50 ms and no frame lost: {largest}")
 
 
 if __name__ == "__main__":

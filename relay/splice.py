@@ -57,12 +57,14 @@ class _Leg(asyncio.Protocol):
         self.message_opcode = 0  # the opcode of a fragmented message in progress
         self.sent_close = False
         self.closed = False
+        self.heard = 0  # the splice's chunk count when this side last sent anything
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         splice = self.splice
         splice.chunks += 1
+        self.heard = splice.chunks
         timed = not splice.chunks & SAMPLE_MASK
         started = time.perf_counter() if timed else 0.0
         if self.buffer:
@@ -165,6 +167,10 @@ class Splice:
         self.chunks = 0
         self._drain_after_flush = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self.keepalive_s = relay.settings.keepalive_s
+        self._heard_at_check = 0
+        self._pinged = False
 
     def start(self) -> None:
         for leg in (self.app, self.azure):
@@ -175,6 +181,22 @@ class Splice:
             leg.transport.set_protocol(leg)
         for leg in (self.app, self.azure):
             leg.transport.resume_reading()
+        self._keepalive = asyncio.get_running_loop().call_later(self.keepalive_s, self._check_app)
+
+    def _check_app(self) -> None:
+        """An app that vanished without closing (a phone losing its network) must not hold its
+        stream slot: ping it when it has been quiet, and give up when the ping got no answer."""
+        if self.closing or self.app.closed:
+            return
+        if self.app.heard != self._heard_at_check:  # it spoke: all is well
+            self._heard_at_check, self._pinged = self.app.heard, False
+        elif self._pinged:  # quiet, and no pong since
+            self.fail(self.app, 1011, "keepalive ping timeout")
+            return
+        else:
+            self.app.write_frame(PING, b"speechgate")
+            self._pinged = True
+        self._keepalive = asyncio.get_running_loop().call_later(self.keepalive_s, self._check_app)
 
     # --- what the legs see -----------------------------------------------------------------
 
@@ -291,8 +313,9 @@ class Splice:
                 other.transport.close()  # Azure needs no answer from a client that is gone
             return
         # Both legs are closed: let `websockets` see it, so its handler and server finish.
-        if self._deadline is not None:
-            self._deadline.cancel()
+        for timer in (self._deadline, self._keepalive):
+            if timer is not None:
+                timer.cancel()
         for each in (self.app, self.azure):
             with contextlib.suppress(Exception):
                 each.connection.connection_lost(None)

@@ -159,3 +159,29 @@ def test_the_splice_can_be_turned_off(stack_factory: Any) -> None:
     paths, splices = asyncio.run(one_turn())
     assert paths[-1] == "turn.end"
     assert splices == [None]
+
+
+def test_an_app_that_stops_answering_is_closed_and_one_that_answers_stays(stack_factory: Any) -> None:
+    stack: Stack = stack_factory(keepalive_s=0.3)
+    client = stack.service.add_client()
+
+    async def answering() -> bool:  # websockets answers pings by itself
+        async with await open_stream(stack, stack.token(client)) as ws:
+            await asyncio.sleep(1.5)  # five keepalive periods
+            return ws.close_code is None
+
+    assert asyncio.run(answering())
+    with raw_handshake(stack, stack.token(client)) as sock:  # this one never answers
+        data = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    opcodes, offset = [], 0
+    while (header := frames.parse_header(data, offset, 2**20)) is not None:
+        opcodes.append(header.opcode)
+        code = struct.unpack_from(">H", data, header.start)[0] if header.opcode == frames.CLOSE else None
+        offset = header.end
+    assert opcodes == [frames.PING, frames.CLOSE]
+    assert code == 1011

@@ -56,6 +56,7 @@ class Settings:
     heartbeat_s: float = 2.0
     drain_s: float = 30.0
     upstream_connect_attempts: int = 3
+    keepalive_s: float = 20.0  # ping a quiet app after this; give up after as long again
     # The Azure door forwards frames as bytes (relay/splice.py); off: through websockets' messages.
     splice: bool = True
 
@@ -134,6 +135,7 @@ ENV_NAMES: dict[str, str] = {
     "drain_s": "SPEECHGATE_DRAIN_S",
     "upstream_connect_attempts": "SPEECHGATE_UPSTREAM_CONNECT_ATTEMPTS",
     "splice": "SPEECHGATE_SPLICE",
+    "keepalive_s": "SPEECHGATE_KEEPALIVE_S",
 }
 
 
