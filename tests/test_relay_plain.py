@@ -15,6 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.fake_speech import KEY
+from tests.processes import wait_until
 from tests.relays import Stack
 from token_service.logs import JsonFormatter
 
@@ -321,6 +322,11 @@ async def test_no_token_or_key_reaches_the_logs_even_at_debug(
         await ws.send(json.dumps({"type": "end"}))
         await events_until_close(ws)
     await _refusal(url(stack, token[:-4] + "AAAA"))  # a refused one is logged too
+
+    def stream_logged() -> bool:  # the relay logs a stream once its handler is done
+        return any(getattr(r, "fields", {}).get("event") == "stream" for r in list(caplog.records))
+
+    assert await asyncio.to_thread(wait_until, stream_logged)
     # Everything but this test's own client and the fake Azure, which log what they send and get.
     ours = [r for r in caplog.records if r.name not in ("websockets.client", "websockets.server")]
     logged = "\n".join(JsonFormatter().format(r) for r in ours)  # as production writes them

@@ -115,17 +115,23 @@ def raw_handshake(stack: Stack, token: str) -> socket.socket:
     return sock
 
 
-def read_close(sock: socket.socket) -> int:
+def received_frames(sock: socket.socket) -> list[tuple[int, int | None]]:
+    """Every frame until the relay closes the socket: (opcode, close code or None)."""
     data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
+    while chunk := sock.recv(4096):
         data += chunk
-    header = frames.parse_header(data, 0, 2**20)
-    assert header is not None
-    assert header.opcode == frames.CLOSE
-    return struct.unpack_from(">H", data, header.start)[0]  # type: ignore[no-any-return]
+    found, offset = [], 0
+    while (header := frames.parse_header(data, offset, 2**20)) is not None:
+        code = struct.unpack_from(">H", data, header.start)[0] if header.opcode == frames.CLOSE else None
+        found.append((header.opcode, code))
+        offset = header.end
+    return found
+
+
+def read_close(sock: socket.socket) -> int | None:
+    ((opcode, code),) = received_frames(sock)
+    assert opcode == frames.CLOSE
+    return code
 
 
 @pytest.mark.parametrize(
@@ -172,16 +178,4 @@ def test_an_app_that_stops_answering_is_closed_and_one_that_answers_stays(stack_
 
     assert asyncio.run(answering())
     with raw_handshake(stack, stack.token(client)) as sock:  # this one never answers
-        data = b""
-        while True:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    opcodes, offset = [], 0
-    while (header := frames.parse_header(data, offset, 2**20)) is not None:
-        opcodes.append(header.opcode)
-        code = struct.unpack_from(">H", data, header.start)[0] if header.opcode == frames.CLOSE else None
-        offset = header.end
-    assert opcodes == [frames.PING, frames.CLOSE]
-    assert code == 1011
+        assert received_frames(sock) == [(frames.PING, None), (frames.CLOSE, 1011)]
