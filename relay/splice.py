@@ -103,7 +103,8 @@ class _Leg(asyncio.Protocol):
         self.splice.leg_lost(self)
 
     def pause_writing(self) -> None:
-        self.other.transport.pause_reading()  # this side is slow: stop taking from the other
+        if not self.other.closed:
+            self.other.transport.pause_reading()  # this side is slow: stop taking from the other
 
     def resume_writing(self) -> None:
         if not self.other.closed:

@@ -38,6 +38,8 @@ class FakeSpeech:
     handshakes: list[dict[str, Any]] = field(default_factory=list)
     audio_bytes: int = 0
     connections: int = 0
+    synthesis_frames: int = 3  # audio frames per synthesis turn
+    synthesis_sent: int = 0
 
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         self.handshakes.append({"path": request.path, "headers": dict(request.headers.raw_items())})
@@ -128,12 +130,13 @@ class FakeSpeech:
         stream_id = usp.new_request_id()
         await self._send(ws, "turn.start", request_id, {"context": {"serviceTag": usp.new_request_id()}})
         await self._send(ws, "response", request_id, {"audio": {"streamId": stream_id}})
-        for _ in range(3):
+        for _ in range(self.synthesis_frames):
             await ws.send(
                 usp.encode_binary(
                     "audio", request_id, b"\0" * 3200, "audio/x-wav", extra={"X-StreamId": stream_id}
                 )
             )
+            self.synthesis_sent += 1
         await self._send(ws, "turn.end", request_id, {})
 
     @staticmethod

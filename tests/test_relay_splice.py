@@ -15,10 +15,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from relay import frames, usp
-from relay.splice import Splice
+from relay.splice import WRITE_HIGH, Splice
+from tests.processes import wait_until
 from tests.relays import Stack
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
+SYNTHESIS = "/cognitiveservices/websocket/v1"
 AUDIO = b"\x01\x02" * 1600  # 100 ms
 
 
@@ -98,13 +100,19 @@ async def test_azure_closing_mid_turn_becomes_1011_never_1000(stack: Stack) -> N
     assert ws.close_code == 1011
 
 
-def raw_handshake(stack: Stack, token: str) -> socket.socket:
+def raw_handshake(
+    stack: Stack, token: str, path: str = RECOGNITION, receive_buffer: int | None = None
+) -> socket.socket:
     """A WebSocket client by hand, to send what a library would refuse to."""
-    sock = socket.create_connection(("127.0.0.1", stack.relay.port), timeout=10)
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", stack.relay.port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
         (
-            f"GET {RECOGNITION} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
         ).encode()
     )
@@ -179,3 +187,40 @@ def test_an_app_that_stops_answering_is_closed_and_one_that_answers_stays(stack_
     assert asyncio.run(answering())
     with raw_handshake(stack, stack.token(client)) as sock:  # this one never answers
         assert received_frames(sock) == [(frames.PING, None), (frames.CLOSE, 1011)]
+
+
+def test_an_app_that_stops_reading_holds_azure_back_and_loses_nothing(stack: Stack) -> None:
+    """Backpressure: a full write buffer toward the app pauses reading from Azure, so the relay
+    holds a bounded amount (the kernels' socket buffers hold the rest, then Azure waits); when the
+    app reads again, every byte arrives."""
+    stack.fake.synthesis_frames = 5000  # 16 MB of audio
+    token = stack.token(stack.service.add_client())
+    request_id = usp.new_request_id()
+    with raw_handshake(stack, token, SYNTHESIS, receive_buffer=16384) as sock:
+        ssml = usp.encode_text("ssml", request_id, "<speak>hello</speak>", "application/ssml+xml")
+        sock.sendall(frames.encode(frames.TEXT, ssml.encode(), masked=True))
+        sent: list[int] = []
+
+        def stalled() -> bool:  # Azure can send no more while nobody reads
+            sent.append(stack.fake.synthesis_sent)
+            return len(sent) > 5 and sent[-1] == sent[-6] > 0
+
+        assert wait_until(stalled, timeout=30, interval=0.1)
+        assert sent[-1] < 5000
+        (splice,) = spliced(stack)
+        assert not splice.azure.transport.is_reading()  # the relay stopped taking from Azure
+        assert splice.app.transport.get_write_buffer_size() <= WRITE_HIGH + 2**16  # and holds little
+        data, audio_frames = b"", 0
+        while True:
+            data += sock.recv(2**16)
+            offset = 0
+            while (header := frames.parse_header(data, offset, 2**20)) is not None and header.end <= len(
+                data
+            ):
+                if header.opcode == frames.BINARY:
+                    audio_frames += 1
+                elif b"Path:turn.end" in data[header.start : header.end]:
+                    assert audio_frames == 5000
+                    return
+                offset = header.end
+            data = data[offset:]
