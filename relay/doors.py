@@ -8,6 +8,9 @@ Close codes are chosen for how the clients react (shared/reference/azure-speech-
 - Plain door: 1000 done, 1001 draining, 1003/1007 a message it cannot use, 1008 revoked or too
   fast, 1009 frame too large, 1011 upstream failure, 1013 upstream unavailable, 4000 session time
   limit, 4429 quota used up.
+
+The Azure door's data phase normally runs on a splice of the two sockets (relay/splice.py, the
+same rules); the message-level pump here is its fallback and `SPEECHGATE_SPLICE=0`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from relay import usp
 from relay.auth import upstream_query
-from relay.splice import Splice, can_take_over
+from relay.splice import SAMPLE_MASK, Splice, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
 
 if TYPE_CHECKING:
@@ -80,9 +83,6 @@ async def _stop(live: Live, tasks: Sequence[asyncio.Future[None]], upstream: Cli
     live.ended.set()
 
 
-SAMPLE_MASK = 15  # the forward-time histogram observes 1 frame in 16: timing each costs more than it tells
-
-
 async def _timed(relay: Relay, direction: str, send: Awaitable[None]) -> None:
     started = time.perf_counter()
     await send
@@ -121,7 +121,7 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
     opened = time.monotonic()
 
     async def app_to_azure() -> None:
-        frames = 0
+        count = 0
         async for message in client:
             if type(message) is bytes:
                 size = usp.audio_payload_size(message)
@@ -137,8 +137,8 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                         return
             elif "Path:speech.context" in message or "Path:synthesis.context" in message:
                 live.in_turn = True
-            frames += 1
-            if frames & SAMPLE_MASK:
+            count += 1
+            if count & SAMPLE_MASK:
                 await upstream.send(message)
             else:
                 await _timed(relay, "up", upstream.send(message))
