@@ -85,9 +85,10 @@ def peek(buffer: bytes | bytearray, header: Header, at: int, count: int) -> byte
     return bytes(b ^ mask[(at + i) & 3] for i, b in enumerate(chunk))
 
 
-def payload(buffer: bytes | bytearray, header: Header) -> bytes:
-    """The whole payload, unmasked (for control frames and the few text frames the relay reads)."""
-    data = bytes(buffer[header.start : header.end])
+def payload(buffer: bytes | bytearray, header: Header, limit: int | None = None) -> bytes:
+    """The payload (its first `limit` bytes), unmasked: control frames and the text the relay reads."""
+    end = header.end if limit is None else min(header.end, header.start + limit)
+    data = bytes(buffer[header.start : end])
     if header.mask is None:
         return data
     key = (header.mask * (len(data) // 4 + 1))[: len(data)]

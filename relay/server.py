@@ -96,9 +96,10 @@ class Pending:
     sessions: Sessions
 
 
-def _json(
+def json_response(
     connection: ServerConnection, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> Response:
+    """A plain HTTP answer with a JSON body (refusals, health, the dev demo's token)."""
     response = connection.respond(HTTPStatus(status), json.dumps(body) + "\n")
     response.headers["Content-Type"] = "application/json"
     for name, value in (headers or {}).items():
@@ -167,10 +168,10 @@ class Relay:
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path, params = split_target(request.path)
         if path == "/healthz":
-            return _json(connection, 200, {"status": "ok"})
+            return json_response(connection, 200, {"status": "ok"})
         if path == "/readyz":
             degraded = self.redis is not None and not self.health.up
-            return _json(
+            return json_response(
                 connection,
                 503 if self.draining else 200,
                 {"status": "draining" if self.draining else "degraded" if degraded else "ready"},
@@ -200,12 +201,12 @@ class Relay:
                 },
             )
             headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else {}
-            return _json(
+            return json_response(
                 connection, refusal.status, {"error": refusal.error, "message": refusal.message}, headers
             )
         except HANDSHAKE_ERRORS as exc:
             log.error("cannot check a handshake: %s", type(exc).__name__)
-            return _json(
+            return json_response(
                 connection, 503, {"error": "unavailable", "message": "retry shortly"}, {"Retry-After": "2"}
             )
         self._pending[connection.id] = pending

@@ -224,7 +224,7 @@ class Splice:
             if header.fin:
                 leg.message_opcode = 0
         else:  # text: speech.config, speech.context, ssml, telemetry
-            text = frames.payload(chunk, header)[:PATH_WINDOW]
+            text = frames.payload(chunk, header, PATH_WINDOW)  # only where `Path:` can be
             if b"Path:speech.context" in text or b"Path:synthesis.context" in text:
                 live.in_turn = True
             if not header.fin:

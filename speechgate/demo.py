@@ -8,7 +8,6 @@ then presents to `/v1/listen`. It answers loopback callers only, as the demo is 
 from __future__ import annotations
 
 import ipaddress
-import json
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
@@ -17,22 +16,18 @@ import httpx
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from relay.server import Route
+from relay.server import Route, json_response
 from speechgate.dev import DevClient
 
 PAGE_PATH = "/demo"
 MINT_PATH = "/demo/token"
 
 
-def _respond(connection: ServerConnection, status: int, body: str, content_type: str) -> Response:
-    response = connection.respond(HTTPStatus(status), body)
-    response.headers["Content-Type"] = content_type
-    response.headers["Cache-Control"] = "no-store"
-    return response
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def _json(connection: ServerConnection, status: int, body: dict[str, Any]) -> Response:
-    return _respond(connection, status, json.dumps(body) + "\n", "application/json")
+    return json_response(connection, status, body, NO_STORE)
 
 
 def _loopback(connection: ServerConnection) -> bool:
@@ -47,7 +42,9 @@ def demo_routes(client: DevClient, token_url: str, http: httpx.AsyncClient) -> d
     page = resources.files("speechgate").joinpath("demo.html").read_text(encoding="utf-8")
 
     async def show_page(connection: ServerConnection, request: Request) -> Response:
-        response = _respond(connection, 200, page, "text/html; charset=utf-8")
+        response = connection.respond(HTTPStatus.OK, page)
+        response.headers["Content-Type"] = "text/html; charset=utf-8"
+        response.headers.update(NO_STORE)
         # Only this page's own script, and WebSockets back to where it came from.
         response.headers["Content-Security-Policy"] = (
             "default-src 'none'; script-src 'self' 'unsafe-inline' blob:; style-src 'unsafe-inline'; "

@@ -43,6 +43,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+POLICIES_REFRESH_S = 30.0
+
+
 @click.group()
 def quotas() -> None:
     """Live use against each client's limits, and changing them without a deploy."""
@@ -68,8 +71,9 @@ def _table(rows: list[usage.Usage], by: str) -> Table:
     return table
 
 
-async def _top_rows(store: SecretStore, redis: Redis, settings: Settings, by: str) -> list[usage.Usage]:
-    policies = await clientdb.all_clients(store)
+async def _top_rows(
+    policies: list[ClientPolicy], redis: Redis, settings: Settings, by: str
+) -> list[usage.Usage]:
     keys, now = Keyspace(settings.redis_prefix), time.time()
     read = usage.client_usage if by == "client" else usage.subject_usage
     rows = await read(redis, keys, policies, now)
@@ -89,8 +93,15 @@ def top(by: str, watch: bool, interval: float, limit: int, as_json: bool) -> Non
         live_redis = _need_redis(redis)
         console = Console()
 
+        # The policies change rarely and the store may be Key Vault: re-read them now and then,
+        # not at every refresh.
+        policies, read_at = await clientdb.all_clients(store), time.monotonic()
+
         async def frame() -> list[usage.Usage]:
-            return (await _top_rows(store, live_redis, settings, by))[:limit]
+            nonlocal policies, read_at
+            if time.monotonic() - read_at > POLICIES_REFRESH_S:
+                policies, read_at = await clientdb.all_clients(store), time.monotonic()
+            return (await _top_rows(policies, live_redis, settings, by))[:limit]
 
         if not watch:
             rows = await frame()

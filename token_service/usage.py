@@ -81,13 +81,16 @@ def seconds_to_midnight(now: float) -> int:
     return int(86400 - now % 86400)
 
 
-async def _stats(redis: Redis, keys: Keyspace, client_id: str, now: float) -> dict[str, float]:
+def _queue_stats(pipe: Any, keys: Keyspace, client_id: str, now: float) -> None:
+    """Queue the reads `_stats` needs: this minute's and the previous minute's hash."""
+    current, previous, _ = _minute_weights(now)
+    pipe.hgetall(keys.stats(client_id, current))
+    pipe.hgetall(keys.stats(client_id, previous))
+
+
+def _stats(this_minute: dict[Any, Any], last_minute: dict[Any, Any], now: float) -> dict[str, float]:
     """Tokens issued and refused in the last minute, by hash field (`issued`, `refused:<subject>`)."""
-    current, previous, weight = _minute_weights(now)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(keys.stats(client_id, current))
-        pipe.hgetall(keys.stats(client_id, previous))
-        this_minute, last_minute = await pipe.execute()
+    weight = _minute_weights(now)[2]
     totals: dict[str, float] = {}
     for values, factor in ((this_minute, 1.0), (last_minute, weight)):
         for name, count in values.items():
@@ -97,21 +100,23 @@ async def _stats(redis: Redis, keys: Keyspace, client_id: str, now: float) -> di
 
 async def client_usage(redis: Redis, keys: Keyspace, policies: list[ClientPolicy], now: float) -> list[Usage]:
     today, now_ms = day(now), int(now * 1000)
-    async with redis.pipeline(transaction=False) as pipe:
+    async with redis.pipeline(transaction=False) as pipe:  # one round trip for every client
         for policy in policies:
             pipe.zcount(keys.lease_client(policy.client_id), now_ms, "+inf")
             pipe.get(keys.audio_client(policy.client_id, today))
+            _queue_stats(pipe, keys, policy.client_id, now)
         values = await pipe.execute()
     found = []
     for n, policy in enumerate(policies):
-        stats = await _stats(redis, keys, policy.client_id, now)
+        streams, audio, this_minute, last_minute = values[4 * n : 4 * n + 4]
+        stats = _stats(this_minute, last_minute, now)
         found.append(
             Usage(
                 policy.client_id,
                 None,
-                int(values[2 * n]),
+                int(streams),
                 policy.max_streams_per_client,
-                float(values[2 * n + 1] or 0),
+                float(audio or 0),
                 policy.audio_s_per_day_client,
                 round(stats.get("issued", 0)),
                 round(stats.get("refused", 0)),
@@ -135,7 +140,10 @@ async def subject_usage(
             subjects.add(_text(key).removeprefix(audio_prefix))
         async for key in redis.scan_iter(match=_glob(lease_prefix) + "*", count=1000):
             subjects.add(_text(key).removeprefix(lease_prefix))
-        stats = await _stats(redis, keys, c, now)
+        async with redis.pipeline(transaction=False) as pipe:
+            _queue_stats(pipe, keys, c, now)
+            this_minute, last_minute = await pipe.execute()
+        stats = _stats(this_minute, last_minute, now)
         subjects |= {name.split(":", 1)[1] for name in stats if ":" in name}
         ordered = sorted(subjects)
         async with redis.pipeline(transaction=False) as pipe:
