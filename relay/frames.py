@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 DATA_OPCODES = (CONTINUATION, TEXT, BINARY)
@@ -25,17 +24,22 @@ class FrameError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True, slots=True)
 class Header:
-    fin: bool
-    opcode: int
-    mask: bytes | None  # 4 bytes, or None for an unmasked (server) frame
-    start: int  # where the payload starts in the buffer
-    length: int  # payload length
+    """Where one frame lies in a buffer. A plain slotted class: one is made per frame on the relay's
+    hot path, and a frozen dataclass's `__init__` costs twice as much."""
 
-    @property
-    def end(self) -> int:
-        return self.start + self.length
+    __slots__ = ("end", "fin", "length", "mask", "opcode", "start")
+
+    def __init__(self, fin: bool, opcode: int, mask: bytes | None, start: int, length: int) -> None:
+        self.fin = fin
+        self.opcode = opcode
+        self.mask = mask  # 4 bytes, or None for an unmasked (server) frame
+        self.start = start  # where the payload starts in the buffer
+        self.length = length  # payload length
+        self.end = start + length
+
+    def __repr__(self) -> str:
+        return f"Header(fin={self.fin}, opcode={self.opcode}, start={self.start}, length={self.length})"
 
 
 def parse_header(buffer: bytes | bytearray, offset: int, max_length: int) -> Header | None:
@@ -83,6 +87,16 @@ def peek(buffer: bytes | bytearray, header: Header, at: int, count: int) -> byte
         return chunk
     mask = header.mask
     return bytes(b ^ mask[(at + i) & 3] for i, b in enumerate(chunk))
+
+
+def peek_u16(buffer: bytes | bytearray, header: Header) -> int | None:
+    """The payload's first two bytes as a big-endian number, unmasked; None if it is shorter."""
+    if header.length < 2:
+        return None
+    at, mask = header.start, header.mask
+    if mask is None:
+        return buffer[at] << 8 | buffer[at + 1]
+    return (buffer[at] ^ mask[0]) << 8 | (buffer[at + 1] ^ mask[1])
 
 
 def payload(buffer: bytes | bytearray, header: Header, limit: int | None = None) -> bytes:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024
 CLOSE_TIMEOUT_S = 5.0
 PATH_WINDOW = 512  # the `Path:` header of a text message is within its first bytes
+_EMPTY = b""
 SAMPLE_MASK = 15  # the forward-time histogram observes 1 chunk in 16: timing each costs more than it tells
 
 
@@ -53,7 +54,7 @@ class _Leg(asyncio.Protocol):
         self.transport: Any = connection.transport
         self.from_app = from_app
         self.other: _Leg
-        self.buffer = bytearray()
+        self.buffer: bytes | bytearray = _EMPTY  # a frame's start, until the rest of it comes
         self.message_opcode = 0  # the opcode of a fragmented message in progress
         self.sent_close = False
         self.closed = False
@@ -74,14 +75,15 @@ class _Leg(asyncio.Protocol):
             chunk = data
         offset = run = 0  # frames from `run` to `offset` are to be forwarded
         size = len(chunk)
+        other = self.other
         try:
-            while True:
+            while offset < size:
                 header = frames.parse_header(chunk, offset, splice.max_size)
                 if header is None or header.end > size:
                     break
                 if header.opcode >= CLOSE:
                     if offset > run:
-                        self.other.forward(chunk[run:offset])
+                        other.forward(chunk[run:offset])
                     run = header.end
                     self.control(chunk, header)
                 elif not self.inspect(chunk, header):
@@ -90,10 +92,11 @@ class _Leg(asyncio.Protocol):
         except FrameError as exc:
             splice.fail(self, exc.code, str(exc))
             return
-        if offset > run:
-            self.other.forward(chunk if run == 0 and offset == size else chunk[run:offset])
-        self.buffer = bytearray(chunk[offset:]) if offset < size else bytearray()
-        splice.after_chunk()
+        if offset > run and not other.sent_close and not other.closed:  # other.forward(), inlined
+            other.transport.write(chunk if run == 0 and offset == size else chunk[run:offset])
+        self.buffer = bytearray(chunk[offset:]) if offset < size else _EMPTY
+        if splice.drain_after_flush:
+            splice.drain_now()
         if timed:
             direction = "up" if self.from_app else "down"
             splice.relay.metrics.forward.labels(direction).observe(time.perf_counter() - started)
@@ -166,7 +169,7 @@ class Splice:
         self.closing = False
         self.opened = time.monotonic()
         self.chunks = 0
-        self._drain_after_flush = False
+        self.drain_after_flush = False
         self._deadline: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self.keepalive_s = relay.settings.keepalive_s
@@ -205,12 +208,11 @@ class Splice:
         live, stream = self.live, self.live.stream
         opcode = header.opcode
         if opcode == frames.BINARY:
-            head = frames.peek(chunk, header, 0, 2)
-            size = header.length - 2 - ((head[0] << 8) | head[1]) if len(head) == 2 else 0
+            head = frames.peek_u16(chunk, header)  # the USP header's length
+            size = header.length - 2 - head if head is not None else 0
             if size > 0:
-                first = size if size < 4 else 4
                 at = header.length - size
-                if frames.peek(chunk, header, at, first) == b"RIFF"[:first] and size >= 44:
+                if size >= 44 and frames.peek(chunk, header, at, 4) == b"RIFF":
                     wav = frames.peek(chunk, header, at, 44)
                     stream.byte_rate = usp.riff_byte_rate(wav) or stream.byte_rate
                     size -= 44
@@ -245,12 +247,12 @@ class Splice:
         if b"Path:turn.end" in window:
             live.in_turn = False
             if live.drain_after_turn:
-                self._drain_after_flush = True  # after this frame has gone out
+                self.drain_after_flush = True  # after this frame has gone out
 
-    def after_chunk(self) -> None:
-        if self._drain_after_flush:
-            self._drain_after_flush = False
-            self.live.end(1001, 1001, "relay draining; reconnect")
+    def drain_now(self) -> None:
+        """The turn a draining relay waited for has ended, and its last frame has gone out."""
+        self.drain_after_flush = False
+        self.live.end(1001, 1001, "relay draining; reconnect")
 
     # --- closing ---------------------------------------------------------------------------
 
