@@ -10,8 +10,10 @@ one core; the load, the fake, Redis and the token service share the other.
 Prints, per N: p50/p99 direct and through the relay, the added p99, the relay's CPU (share of
 one core) and memory per stream, lost frames, and the same relay with the splice off
 (SPEECHGATE_SPLICE=0: frames through websockets' message API) as the splice's own baseline; then
-the largest N whose added p99 stays under 50 ms. Each N is run `--runs` times, the three
-targets interleaved, after a warm-up; the figures are medians (this machine is shared and noisy).
+the largest N whose added p99 stays under 50 ms. Each N is run `--runs` times, the three targets
+interleaved, after a warm-up; the figures are medians (this machine is shared and noisy). Beside
+each run's added p99: the share of the relay core's time that the hypervisor gave to other guests
+(steal), when the relay could not run at all.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from token_service.filestore import FileStore
 
 PATH = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 TICKS = os.sysconf("SC_CLK_TCK")
+RELAY_CORE = 1  # the relays run pinned to it; everything else to core 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -47,6 +50,20 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_times(core: int) -> list[int]:
+    """This core's /proc/stat counters: user nice system idle iowait irq softirq steal ..."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            return [int(field) for field in line.split()[1:]]
+    return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """The share of the time the hypervisor gave this vCPU's turn to another guest."""
+    deltas = [b - a for a, b in zip(before, after, strict=True)]
+    return deltas[7] / max(1, sum(deltas[:8]))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -80,7 +97,9 @@ def run_load(url: str, token: str, streams: int, seconds: float, relay_pid: int 
         rss_before = rss_kib(relay_pid)
         time.sleep(1.5 + streams * 0.003)  # connected and streaming
         cpu_start, t_start = cpu_seconds(relay_pid), time.monotonic()
+        stat_start = cpu_times(RELAY_CORE)
         time.sleep(seconds / 2)
+        result["steal"] = steal_share(stat_start, cpu_times(RELAY_CORE))
         result["rss_kib_per_stream"] = max(0, rss_kib(relay_pid) - rss_before) / streams
         result["cpu_share"] = (cpu_seconds(relay_pid) - cpu_start) / (time.monotonic() - t_start)
     texts = [p.communicate()[0] for p in procs]
@@ -142,7 +161,7 @@ def main() -> None:
                 [
                     "taskset",
                     "-c",
-                    "1",
+                    str(RELAY_CORE),
                     str(Path(sys.executable).parent / "speechgate"),
                     "relay",
                     "--port",
@@ -181,7 +200,7 @@ def main() -> None:
                 f"medians of {args.runs} interleaved runs of {args.seconds:g} s\n"
                 f"{'N':>5} {'direct p50/p99 ms':>18} {'relay p50/p99 ms':>17} {'added p99':>9} "
                 f"{'relay CPU':>9} {'KiB/stream':>10} {'lost':>6} | {'messages: added p99':>19} {'CPU':>5}"
-                f" | added p99 of each run (relay)"
+                f" | added p99 of each run (relay core's steal)"
             )
             rows = []
             for n in counts:
@@ -202,6 +221,9 @@ def main() -> None:
                 added_messages = statistics.median(
                     r["p99"] - d["p99"] for r, d in zip(runs["messages"], runs["direct"], strict=True)
                 )
+                each_run = ", ".join(
+                    f"{a:.1f} ({r['steal']:.0%})" for a, r in zip(each, runs["relay"], strict=True)
+                )
                 lost = int(sum(r["sent"] - r["answered"] for r in runs["relay"]))
                 rows.append((n, added, lost))
                 print(
@@ -209,7 +231,7 @@ def main() -> None:
                     f"{med('relay', 'p50'):>7.2f} / {med('relay', 'p99'):>6.2f} {added:>9.2f} "
                     f"{med('relay', 'cpu_share'):>8.0%} {med('relay', 'rss_kib_per_stream'):>10.1f} "
                     f"{lost:>6} | {added_messages:>19.2f} {med('messages', 'cpu_share'):>5.0%}"
-                    f" | {', '.join(f'{a:.1f}' for a in each)}",
+                    f" | {each_run}",
                     flush=True,
                 )
             fitting = [n for n, added, lost in rows if added < 50 and lost == 0]
