@@ -5,20 +5,23 @@ each frame at once; in the same run, the same load straight to that fake is the 
 relay runs as `speechgate relay` with authentication, metering and quota heartbeats on, pinned to
 one core; the load, the fake, Redis and the token service share the other.
 
-    uv run python -m bench.relay_latency [--streams 100,300,600,1000] [--seconds 8] [--runs 3]
+    uv run python -m bench.relay_latency [--streams 100,300,600,1000] [--seconds 8] [--runs 3] [--splice-off]
 
 Prints, per N: p50/p99 direct and through the relay, the added p99, the relay's CPU (share of
-one core) and memory per stream, lost frames, and the same relay with the splice off
-(SPEECHGATE_SPLICE=0: frames through websockets' message API) as the splice's own baseline; then
-the largest N whose added p99 stays under 50 ms. Each N is run `--runs` times, the three targets
-interleaved, after a warm-up; the figures are medians (this machine is shared and noisy). Beside
-each run's added p99: the share of the relay core's time that the hypervisor gave to other guests
-(steal), when the relay could not run at all.
+one core) and memory per stream, lost frames; then the largest N whose added p99 stays under 50 ms.
+Two more targets on the relay's core, in the same runs: the calibration's forward-only prototype (a
+relay on `websockets` that neither authenticates nor meters, bench/forwarder.py), against which
+the issue's goals were set, and with `--splice-off` the relay forwarding through websockets'
+message API (SPEECHGATE_SPLICE=0), the splice's own baseline. Each N is run `--runs` times, the
+targets interleaved, after a warm-up; the figures are medians (this machine is shared and noisy).
+Beside each run's added p99: the share of the relay core's time the hypervisor gave to other
+guests (steal), when nothing on that core could run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -123,6 +126,11 @@ def main() -> None:
     parser.add_argument("--streams", default="100,300,600,1000")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs per N; medians are shown")
+    parser.add_argument(
+        "--splice-off",
+        action="store_true",
+        help="also the relay with SPEECHGATE_SPLICE=0, the splice's baseline",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
 
@@ -142,7 +150,7 @@ def main() -> None:
             max_session_s=86400,
         )
         redis_server = RedisServer(Path(tmp), cpus="0")
-        token_port, echo_port, relay_port, messages_port = (free_port() for _ in range(4))
+        token_port, echo_port, relay_port, forwarder_port, messages_port = (free_port() for _ in range(5))
         env = {
             "SPEECHGATE_STORE_DIR": str(store_dir),
             "REDIS_URL": redis_server.url,
@@ -155,13 +163,12 @@ def main() -> None:
             ["taskset", "-c", "0", sys.executable, "-m", "bench.echo_upstream", str(echo_port)],
             "echo upstream ready",
         )
+        on_relay_core = ["taskset", "-c", str(RELAY_CORE)]
 
         def relay_process(port: int, splice: bool) -> Process:
             return Process(
                 [
-                    "taskset",
-                    "-c",
-                    str(RELAY_CORE),
+                    *on_relay_core,
                     str(Path(sys.executable).parent / "speechgate"),
                     "relay",
                     "--port",
@@ -171,14 +178,27 @@ def main() -> None:
                 env={**os.environ, **env, "SPEECHGATE_SPLICE": "1" if splice else "0"},
             )
 
-        # The relay as shipped (the Azure door spliced), and the same relay forwarding through
-        # websockets' message API: the baseline of the splice, in the same run.
-        relay, messages = relay_process(relay_port, True), relay_process(messages_port, False)
+        # The relay as shipped (the Azure door spliced); the calibration's forward-only prototype;
+        # with --splice-off, the same relay forwarding through websockets' message API.
+        relay = relay_process(relay_port, True)
+        forwarder = Process(
+            [
+                *on_relay_core,
+                sys.executable,
+                "-m",
+                "bench.forwarder",
+                str(forwarder_port),
+                f"ws://127.0.0.1:{echo_port}",
+            ],
+            "forwarder ready",
+        )
+        messages = relay_process(messages_port, False) if args.splice_off else contextlib.nullcontext()
         with (
             redis_server,
             echo,
             server("token_service.app:app_from_env", token_port, env, "0", True),
             relay,
+            forwarder,
             messages,
         ):
             response = httpx.post(
@@ -188,19 +208,24 @@ def main() -> None:
             )
             token = response.json()["access_token"]
             assert relay.proc is not None
-            assert messages.proc is not None
+            assert forwarder.proc is not None
             targets = {
                 "direct": (f"ws://127.0.0.1:{echo_port}{PATH}", None),
                 "relay": (f"ws://127.0.0.1:{relay_port}{PATH}", relay.proc.pid),
-                "messages": (f"ws://127.0.0.1:{messages_port}{PATH}", messages.proc.pid),
+                "forwarder": (f"ws://127.0.0.1:{forwarder_port}{PATH}", forwarder.proc.pid),
             }
+            if isinstance(messages, Process):
+                assert messages.proc is not None
+                targets["splice off"] = (f"ws://127.0.0.1:{messages_port}{PATH}", messages.proc.pid)
+            others = [name for name in targets if name not in ("direct", "relay")]
             for url, _ in targets.values():  # warm-up: first connections, JWKS, Redis pools
                 run_load(url, token, 50, 2.0, None)
             print(
                 f"medians of {args.runs} interleaved runs of {args.seconds:g} s\n"
                 f"{'N':>5} {'direct p50/p99 ms':>18} {'relay p50/p99 ms':>17} {'added p99':>9} "
-                f"{'relay CPU':>9} {'KiB/stream':>10} {'lost':>6} | {'messages: added p99':>19} {'CPU':>5}"
-                f" | added p99 of each run (relay core's steal)"
+                f"{'relay CPU':>9} {'KiB/stream':>10} {'lost':>6} |"
+                + "".join(f" {name + ': added p99':>22} {'CPU':>5} |" for name in others)
+                + " each run: relay / forwarder added p99 (relay core's steal)"
             )
             rows = []
             for n in counts:
@@ -216,25 +241,30 @@ def main() -> None:
                 def med(name: str, key: str, runs: dict[str, list[dict[str, float]]] = runs) -> float:
                     return statistics.median(r[key] for r in runs[name])
 
-                each = [r["p99"] - d["p99"] for r, d in zip(runs["relay"], runs["direct"], strict=True)]
-                added = statistics.median(each)
-                added_messages = statistics.median(
-                    r["p99"] - d["p99"] for r, d in zip(runs["messages"], runs["direct"], strict=True)
-                )
+                def added(name: str, runs: dict[str, list[dict[str, float]]] = runs) -> list[float]:
+                    return [r["p99"] - d["p99"] for r, d in zip(runs[name], runs["direct"], strict=True)]
+
+                each = added("relay")
+                median_added = statistics.median(each)
                 each_run = ", ".join(
-                    f"{a:.1f} ({r['steal']:.0%})" for a, r in zip(each, runs["relay"], strict=True)
+                    f"{a:.1f} / {f:.1f} ({r['steal']:.0%})"
+                    for a, f, r in zip(each, added("forwarder"), runs["relay"], strict=True)
                 )
                 lost = int(sum(r["sent"] - r["answered"] for r in runs["relay"]))
-                rows.append((n, added, lost))
+                rows.append((n, median_added, lost))
                 print(
                     f"{n:>5} {med('direct', 'p50'):>8.2f} / {med('direct', 'p99'):>6.2f}  "
-                    f"{med('relay', 'p50'):>7.2f} / {med('relay', 'p99'):>6.2f} {added:>9.2f} "
+                    f"{med('relay', 'p50'):>7.2f} / {med('relay', 'p99'):>6.2f} {median_added:>9.2f} "
                     f"{med('relay', 'cpu_share'):>8.0%} {med('relay', 'rss_kib_per_stream'):>10.1f} "
-                    f"{lost:>6} | {added_messages:>19.2f} {med('messages', 'cpu_share'):>5.0%}"
-                    f" | {each_run}",
+                    f"{lost:>6} |"
+                    + "".join(
+                        f" {statistics.median(added(name)):>22.2f} {med(name, 'cpu_share'):>5.0%} |"
+                        for name in others
+                    )
+                    + f" {each_run}",
                     flush=True,
                 )
-            fitting = [n for n, added, lost in rows if added < 50 and lost == 0]
+            fitting = [n for n, p99, lost in rows if p99 < 50 and lost == 0]
             largest = max(fitting) if fitting else "none"
             print(f"largest N with median added p99 < 50 ms and no frame lost: {largest}")
 
