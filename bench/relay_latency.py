@@ -8,14 +8,15 @@ one core; the load, the fake, Redis and the token service share the other.
     uv run python -m bench.relay_latency [--streams 100,300,600,1000] [--seconds 8] [--runs 3] [--splice-off]
 
 Prints, per N: p50/p99 direct and through the relay, the added p99, the relay's CPU (share of
-one core) and memory per stream, lost frames; then the largest N whose added p99 stays under 50 ms.
-Two more targets on the relay's core, in the same runs: the calibration's forward-only prototype (a
-relay on `websockets` that neither authenticates nor meters, bench/forwarder.py), against which
-the issue's goals were set, and with `--splice-off` the relay forwarding through websockets'
-message API (SPEECHGATE_SPLICE=0), the splice's own baseline. Each N is run `--runs` times, the
-targets interleaved, after a warm-up; the figures are medians (this machine is shared and noisy).
-Beside each run's added p99: the share of the relay core's time the hypervisor gave to other
-guests (steal), when nothing on that core could run.
+one core), lost frames; then the largest N whose added p99 stays under 50 ms, and the memory per
+stream of a fresh relay (and a fresh prototype) at the largest N. Two more targets on the relay's
+core, in the same runs: the calibration's forward-only prototype (a relay on `websockets` that
+neither authenticates nor meters, bench/forwarder.py), against which the issue's goals were set,
+and with `--splice-off` the relay forwarding through websockets' message API
+(SPEECHGATE_SPLICE=0), the splice's own baseline. Each N is run `--runs` times, the targets
+interleaved, after a warm-up; the figures are medians (this machine is shared and noisy). Beside
+each run's added p99: the share of the relay core's time the hypervisor gave to other guests
+(steal), when nothing on that core could run.
 """
 
 from __future__ import annotations
@@ -181,17 +182,12 @@ def main() -> None:
         # The relay as shipped (the Azure door spliced); the calibration's forward-only prototype;
         # with --splice-off, the same relay forwarding through websockets' message API.
         relay = relay_process(relay_port, True)
-        forwarder = Process(
-            [
-                *on_relay_core,
-                sys.executable,
-                "-m",
-                "bench.forwarder",
-                str(forwarder_port),
-                f"ws://127.0.0.1:{echo_port}",
-            ],
-            "forwarder ready",
-        )
+
+        def forwarder_process(port: int) -> Process:
+            command = [sys.executable, "-m", "bench.forwarder", str(port), f"ws://127.0.0.1:{echo_port}"]
+            return Process([*on_relay_core, *command], "forwarder ready")
+
+        forwarder = forwarder_process(forwarder_port)
         messages = relay_process(messages_port, False) if args.splice_off else contextlib.nullcontext()
         with (
             redis_server,
@@ -223,7 +219,7 @@ def main() -> None:
             print(
                 f"medians of {args.runs} interleaved runs of {args.seconds:g} s\n"
                 f"{'N':>5} {'direct p50/p99 ms':>18} {'relay p50/p99 ms':>17} {'added p99':>9} "
-                f"{'relay CPU':>9} {'KiB/stream':>10} {'lost':>6} |"
+                f"{'relay CPU':>9} {'lost':>6} |"
                 + "".join(f" {name + ': added p99':>22} {'CPU':>5} |" for name in others)
                 + " each run: relay / forwarder added p99 (relay core's steal)"
             )
@@ -255,7 +251,7 @@ def main() -> None:
                 print(
                     f"{n:>5} {med('direct', 'p50'):>8.2f} / {med('direct', 'p99'):>6.2f}  "
                     f"{med('relay', 'p50'):>7.2f} / {med('relay', 'p99'):>6.2f} {median_added:>9.2f} "
-                    f"{med('relay', 'cpu_share'):>8.0%} {med('relay', 'rss_kib_per_stream'):>10.1f} "
+                    f"{med('relay', 'cpu_share'):>8.0%} "
                     f"{lost:>6} |"
                     + "".join(
                         f" {statistics.median(added(name)):>22.2f} {med(name, 'cpu_share'):>5.0%} |"
@@ -267,6 +263,18 @@ def main() -> None:
             fitting = [n for n, p99, lost in rows if p99 < 50 and lost == 0]
             largest = max(fitting) if fitting else "none"
             print(f"largest N with median added p99 < 50 ms and no frame lost: {largest}")
+
+            # Memory in fresh processes: one that has served a load keeps its freed memory, so
+            # growth measured later reads near zero.
+            n = max(counts)
+            fresh = {"relay": lambda port: relay_process(port, True), "forwarder": forwarder_process}
+            for name, make in fresh.items():
+                port = free_port()
+                with make(port) as process:
+                    assert process.proc is not None
+                    url = f"ws://127.0.0.1:{port}{PATH}"
+                    growth = run_load(url, token, n, 4.0, process.proc.pid)["rss_kib_per_stream"]
+                print(f"memory, fresh {name} process, {n} streams (both legs): {growth:.1f} KiB per stream")
 
 
 if __name__ == "__main__":
