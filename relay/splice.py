@@ -212,7 +212,7 @@ class Splice:
             size = header.length - 2 - head if head is not None else 0
             if size > 0:
                 at = header.length - size
-                if size >= 44 and frames.peek(chunk, header, at, 4) == b"RIFF":
+                if size >= 44 and frames.holds(chunk, header, at, b"RIFF"):
                     wav = frames.peek(chunk, header, at, 44)
                     stream.byte_rate = usp.riff_byte_rate(wav) or stream.byte_rate
                     size -= 44
