@@ -109,6 +109,7 @@ async def main(url: str, token: str, count: int, seconds: float) -> None:
         await protocol.upgraded
         streams.append(protocol)
     start = loop.time() + 0.5
+    print("streaming", file=sys.stderr, flush=True)  # all connected: the caller starts measuring
     end = start + seconds
 
     def tick(stream: Stream, at: float) -> None:

@@ -93,23 +93,28 @@ def run_load(url: str, token: str, streams: int, seconds: float, relay_pid: int 
                 str(seconds),
             ],
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
     ]
     result: dict[str, float] = {}
+    said = ""  # what the load wrote on stderr before the measured window
     if relay_pid is not None:
         rss_before = rss_kib(relay_pid)
-        time.sleep(1.5 + streams * 0.003)  # connected and streaming
+        assert procs[0].stderr is not None
+        said = procs[0].stderr.readline()  # every stream connected, or the load failed (reported below)
+        time.sleep(1.0)  # streaming for half a second: the measured window is steady state
         cpu_start, t_start = cpu_seconds(relay_pid), time.monotonic()
         stat_start = cpu_times(RELAY_CORE)
         time.sleep(seconds / 2)
         result["steal"] = steal_share(stat_start, cpu_times(RELAY_CORE))
         result["rss_kib_per_stream"] = max(0, rss_kib(relay_pid) - rss_before) / streams
         result["cpu_share"] = (cpu_seconds(relay_pid) - cpu_start) / (time.monotonic() - t_start)
-    texts = [p.communicate()[0] for p in procs]
-    if not all(texts):
+    ends = [p.communicate() for p in procs]
+    if not all(out for out, _ in ends):
+        print(said + "".join(err for _, err in ends), file=sys.stderr)
         raise SystemExit(f"the load against {url.split('?')[0]} failed (see above)")
-    outputs = [json.loads(text) for text in texts]
+    outputs = [json.loads(out) for out, _ in ends]
     rtts = [r for out in outputs for r in out["rtts"]]
     result.update(
         sent=sum(o["sent"] for o in outputs),
