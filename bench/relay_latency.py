@@ -41,7 +41,12 @@ from token_service.filestore import FileStore
 
 PATH = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 TICKS = os.sysconf("SC_CLK_TCK")
-RELAY_CORE = 1  # the relays run pinned to it; everything else to core 0
+RELAY_CORE = 1  # the relays (and the prototype) run pinned to it
+LOAD_CORE = 0  # the load, the fake upstream, Redis and the token service
+
+
+def on_core(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -78,31 +83,18 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_load(url: str, token: str, streams: int, seconds: float, relay_pid: int | None) -> dict[str, float]:
-    procs = [
-        subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "0",
-                sys.executable,
-                "-m",
-                "bench.load",
-                url,
-                token,
-                str(streams),
-                str(seconds),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    ]
+    load = subprocess.Popen(
+        [*on_core(LOAD_CORE), sys.executable, "-m", "bench.load", url, token, str(streams), str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert load.stderr is not None
     result: dict[str, float] = {}
     said = ""  # what the load wrote on stderr before the measured window
     if relay_pid is not None:
         rss_before = rss_kib(relay_pid)
-        assert procs[0].stderr is not None
-        said = procs[0].stderr.readline()  # every stream connected, or the load failed (reported below)
+        said = load.stderr.readline()  # every stream connected, or the load failed (reported below)
         time.sleep(1.0)  # streaming for half a second: the measured window is steady state
         cpu_start, t_start = cpu_seconds(relay_pid), time.monotonic()
         stat_start = cpu_times(RELAY_CORE)
@@ -110,17 +102,16 @@ def run_load(url: str, token: str, streams: int, seconds: float, relay_pid: int 
         result["steal"] = steal_share(stat_start, cpu_times(RELAY_CORE))
         result["rss_kib_per_stream"] = max(0, rss_kib(relay_pid) - rss_before) / streams
         result["cpu_share"] = (cpu_seconds(relay_pid) - cpu_start) / (time.monotonic() - t_start)
-    ends = [p.communicate() for p in procs]
-    if not all(out for out, _ in ends):
-        print(said + "".join(err for _, err in ends), file=sys.stderr)
+    out, err = load.communicate()
+    if not out:
+        print(said + err, file=sys.stderr)
         raise SystemExit(f"the load against {url.split('?')[0]} failed (see above)")
-    outputs = [json.loads(out) for out, _ in ends]
-    rtts = [r for out in outputs for r in out["rtts"]]
+    output = json.loads(out)
     result.update(
-        sent=sum(o["sent"] for o in outputs),
-        answered=sum(o["answered"] for o in outputs),
-        p50=percentile(rtts, 0.50),
-        p99=percentile(rtts, 0.99),
+        sent=output["sent"],
+        answered=output["answered"],
+        p50=percentile(output["rtts"], 0.50),
+        p99=percentile(output["rtts"], 0.99),
     )
     return result
 
@@ -155,7 +146,7 @@ def main() -> None:
             audio_s_per_day_client=big,
             max_session_s=86400,
         )
-        redis_server = RedisServer(Path(tmp), cpus="0")
+        redis_server = RedisServer(Path(tmp), cpus=str(LOAD_CORE))
         token_port, echo_port, relay_port, forwarder_port, messages_port = (free_port() for _ in range(5))
         env = {
             "SPEECHGATE_STORE_DIR": str(store_dir),
@@ -166,10 +157,10 @@ def main() -> None:
             "SPEECHGATE_JWKS_URL": f"http://127.0.0.1:{token_port}/.well-known/jwks.json",
         }
         echo = Process(
-            ["taskset", "-c", "0", sys.executable, "-m", "bench.echo_upstream", str(echo_port)],
+            [*on_core(LOAD_CORE), sys.executable, "-m", "bench.echo_upstream", str(echo_port)],
             "echo upstream ready",
         )
-        on_relay_core = ["taskset", "-c", str(RELAY_CORE)]
+        on_relay_core = on_core(RELAY_CORE)
 
         def relay_process(port: int, splice: bool) -> Process:
             return Process(
@@ -197,7 +188,7 @@ def main() -> None:
         with (
             redis_server,
             echo,
-            server("token_service.app:app_from_env", token_port, env, "0", True),
+            server("token_service.app:app_from_env", token_port, env, str(LOAD_CORE), True),
             relay,
             forwarder,
             messages,

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
@@ -36,6 +37,7 @@ from relay.server import Live
 from relay.sessions import Stream
 from relay.splice import Splice
 from token_service.claims import AccessClaims
+from token_service.settings import Settings
 
 AUDIO = usp.encode_binary("audio", "bench", b"\x01\x00" * 1600, extra={"X-StreamId": "1"})
 
@@ -73,8 +75,7 @@ def splice_pairs(pairs: int) -> float:
     """Seconds of CPU per frame pair through the splice."""
 
     async def run() -> float:
-        settings = type("Settings", (), {"max_frame_bytes": 2**20, "keepalive_s": 3600.0})
-        relay = type("RelayView", (), {"settings": settings, "metrics": RelayMetrics(CollectorRegistry())})
+        relay = SimpleNamespace(settings=Settings(), metrics=RelayMetrics(CollectorRegistry()))
         claims = AccessClaims("bench", "bench", "bench", "bench", "speech", 0, 0, 0, "bench", 86400)
         live = Live(connection=cast(Any, None), stream=Stream(claims, "bench", 0), door="azure")
         splice = Splice(cast(Any, relay), live, Handshaken(), Handshaken())
