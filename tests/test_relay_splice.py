@@ -8,6 +8,7 @@ import base64
 import os
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -189,11 +190,22 @@ def test_an_app_that_stops_answering_is_closed_and_one_that_answers_stays(stack_
         assert received_frames(sock) == [(frames.PING, None), (frames.CLOSE, 1011)]
 
 
+def kernel_buffering() -> int:
+    """The most the kernel can hold between the fake and a stalled app: the relay's receive buffer
+    from Azure plus the two send buffers (relay to app, fake to relay), at their autotuning limits.
+    These differ per machine: 6 MB receive on some, 32 MB on others."""
+    receive = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    send = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    return receive + 2 * send
+
+
 def test_an_app_that_stops_reading_holds_azure_back_and_loses_nothing(stack: Stack) -> None:
     """Backpressure: a full write buffer toward the app pauses reading from Azure, so the relay
     holds a bounded amount (the kernels' socket buffers hold the rest, then Azure waits); when the
     app reads again, every byte arrives."""
-    stack.fake.synthesis_frames = 5000  # 16 MB of audio
+    # A quarter more audio than the kernels and the relay can hold, so Azure must be held back.
+    total = (kernel_buffering() + WRITE_HIGH + 256 * 1024) * 5 // 4 // 3200 + 1
+    stack.fake.synthesis_frames = total
     token = stack.token(stack.service.add_client())
     request_id = usp.new_request_id()
     with raw_handshake(stack, token, SYNTHESIS, receive_buffer=16384) as sock:
@@ -206,7 +218,7 @@ def test_an_app_that_stops_reading_holds_azure_back_and_loses_nothing(stack: Sta
             return len(sent) > 5 and sent[-1] == sent[-6] > 0
 
         assert wait_until(stalled, timeout=30, interval=0.1)
-        assert sent[-1] < 5000
+        assert sent[-1] < total
         (splice,) = spliced(stack)
         assert not splice.azure.transport.is_reading()  # the relay stopped taking from Azure
         # It holds little: the high-water mark, plus at most the one chunk (an asyncio read is at
@@ -222,7 +234,7 @@ def test_an_app_that_stops_reading_holds_azure_back_and_loses_nothing(stack: Sta
                 if header.opcode == frames.BINARY:
                     audio_frames += 1
                 elif b"Path:turn.end" in data[header.start : header.end]:
-                    assert audio_frames == 5000
+                    assert audio_frames == total
                     return
                 offset = header.end
             data = data[offset:]
