@@ -77,7 +77,7 @@ def splice_pairs(pairs: int) -> float:
     async def run() -> float:
         relay = SimpleNamespace(settings=Settings(), metrics=RelayMetrics(CollectorRegistry()))
         claims = AccessClaims("bench", "bench", "bench", "bench", "speech", 0, 0, 0, "bench", 86400)
-        live = Live(connection=cast(Any, None), stream=Stream(claims, "bench", 0), door="azure")
+        live = Live(connection=cast(Any, None), stream=Stream(claims, "bench", 0), door="azure", kid="bench")
         splice = Splice(cast(Any, relay), live, Handshaken(), Handshaken())
         splice.opened = -1e12  # far faster than real time, which is not what this measures
         splice.start()

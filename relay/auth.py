@@ -3,7 +3,8 @@
 The token comes from `Authorization: Bearer …` (what the Speech SDKs send), the `Authorization`
 query parameter (the JavaScript SDK copies it there; browsers send it only there) or
 `access_token` (the plain front door). It is verified against the token service's JWKS
-(cached; refetched on an unknown `kid`; kept when the JWKS cannot be fetched).
+(cached; refetched on an unknown `kid` and when the signing keys change; kept when the JWKS
+cannot be fetched). A token signed by a revoked key is refused whatever the JWKS says.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from token_service.claims import AccessClaims, InvalidToken, verify
 from token_service.idp import IdpUnavailable, JwksCache
+from token_service.revocation import SIGNING_KEY_REVOKED
 from token_service.settings import Settings
 
 # Query parameters that carry credentials: read here, never logged, never sent upstream.
@@ -61,13 +63,23 @@ class Authenticator:
     def __init__(self, settings: Settings, jwks: JwksCache) -> None:
         self.settings = settings
         self.jwks = jwks
+        # Kids of leaked signing keys, as the revocation events name them: refused here even
+        # while Redis is down or a JWKS fetched before the token service reloaded still has them.
+        self.distrusted: set[str] = set()
 
-    async def verify(self, token: str | None) -> AccessClaims:
-        """The token's claims, expired or not (the caller decides about reconnects)."""
+    def keys_changed(self) -> None:
+        """The token service's signing keys changed: fetch its JWKS at the next handshake."""
+        self.jwks.expire(self.settings.token_jwks_url)
+
+    async def verify(self, token: str | None) -> tuple[AccessClaims, str]:
+        """The token's claims, expired or not (the caller decides about reconnects), and the kid
+        of the key that signed it."""
         if not token:
             raise Refusal(401, "missing_token", "send the access token as 'Authorization: Bearer <token>'")
+        header_kid = _kid(token)
+        if header_kid in self.distrusted:
+            raise Refusal(401, "token_revoked", f"{SIGNING_KEY_REVOKED}; get a new token")
         try:
-            header_kid = _kid(token)
             key = await self.jwks.key(self.settings.token_jwks_url, header_kid)
         except IdpUnavailable:
             raise Refusal(
@@ -75,11 +87,13 @@ class Authenticator:
             ) from None
         keys = {header_kid: key.key} if key is not None and header_kid else {}
         try:
-            return verify(
+            claims = verify(
                 token, keys, issuer=self.settings.issuer, audience=self.settings.audience, check_exp=False
             )
         except InvalidToken as exc:
             raise Refusal(401, "invalid_token", exc.reason) from None
+        assert header_kid is not None  # verify found its key by it
+        return claims, header_kid
 
 
 def authorize(claims: AccessClaims, scope: str, language: str | None) -> None:

@@ -43,7 +43,7 @@ from token_service.events import EventListener
 from token_service.idp import JwksCache
 from token_service.keyspace import Keyspace
 from token_service.redisconn import REDIS_ERRORS, Redis, RedisHealth
-from token_service.revocation import Revocations, revocations_for
+from token_service.revocation import SIGNING_KEY_REVOKED, Revocations, revocations_for
 from token_service.settings import Settings
 from token_service.speechkeys import sts_base_for
 from token_service.store import SecretStore, StoreError
@@ -67,6 +67,7 @@ class Live:
     connection: ServerConnection
     stream: Stream
     door: str  # "azure" or "plain"
+    kid: str  # of the key that signed its token
     in_turn: bool = False
     drain_after_turn: bool = False
     upstream: Any = None
@@ -88,6 +89,7 @@ class Live:
 @dataclass(frozen=True)
 class Pending:
     claims: AccessClaims
+    kid: str
     stream_id: str
     started_ms: int
     door: str
@@ -220,7 +222,7 @@ class Relay:
         door = self._door(path)
         if self.draining:
             raise Refusal(503, "draining", "this relay is shutting down; connect again", 1)
-        claims = await self.auth.verify(find_token(request.headers, params, door == "plain"))
+        claims, kid = await self.auth.verify(find_token(request.headers, params, door == "plain"))
         language = dict((k.lower(), v) for k, v in params).get("language")
         authorize(claims, "speech:synthesize" if path == SYNTHESIS_PATH else "speech:recognize", language)
         policy = await self.clients.get(claims.client_id)
@@ -231,23 +233,23 @@ class Relay:
         sessions: Sessions = self.local_sessions
         if self.redis_sessions is not None and self.health.up:
             try:
-                await self._refuse_if_revoked(claims)
+                await self._refuse_if_revoked(claims, kid)
                 admission = await self.redis_sessions.admit(claims, policy, stream_id, may_start)
                 sessions = self.redis_sessions
             except REDIS_ERRORS as exc:
                 self.health.mark_down(exc)  # revocations cannot be read until Redis is back
         if sessions is self.local_sessions:
             if self.redis is None:  # development: revocations live in this process
-                await self._refuse_if_revoked(claims)
+                await self._refuse_if_revoked(claims, kid)
             admission = await self.local_sessions.admit(claims, policy, stream_id, may_start)
         if not admission.admitted:
             status, error, message = REFUSALS[admission.reason]
             retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
-        return Pending(claims, stream_id, admission.started_ms, door, path, params, sessions)
+        return Pending(claims, kid, stream_id, admission.started_ms, door, path, params, sessions)
 
-    async def _refuse_if_revoked(self, claims: AccessClaims) -> None:
-        reason = await self.revocations.revoked(claims)
+    async def _refuse_if_revoked(self, claims: AccessClaims, kid: str) -> None:
+        reason = await self.revocations.revoked(claims, kid)
         if reason is not None:
             raise Refusal(401, "token_revoked", reason)
 
@@ -273,7 +275,7 @@ class Relay:
     async def handler(self, connection: ServerConnection) -> None:
         pending = self._pending.pop(connection.id)
         stream = Stream(pending.claims, pending.stream_id, pending.started_ms, backend=pending.sessions)
-        live = Live(connection, stream, pending.door)
+        live = Live(connection, stream, pending.door, pending.kid)
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
         opened = time.monotonic()
@@ -326,12 +328,15 @@ class Relay:
 
     async def on_event(self, event: dict[str, Any]) -> None:
         if event.get("type") == "revoke":
+            if isinstance(event.get("kid"), str):
+                self.auth.distrusted.add(event["kid"])
             for live in list(self.live.values()):
-                claims = live.stream.claims
-                if _covers(event, claims):
-                    live.end(4000, 1008, "token revoked")
+                if _covers(event, live):
+                    live.end(4000, 1008, SIGNING_KEY_REVOKED if "kid" in event else "token revoked")
         elif event.get("type") == "reload":
             what = event.get("what")
+            if what in (None, "signing-key"):
+                self.auth.keys_changed()
             if what in (None, "speech-key"):
                 self.credentials.invalidate()
             if what in (None, "client"):
@@ -439,7 +444,10 @@ def _usp_if_offered(connection: ServerConnection, offered: Any) -> Any:
     return "USP" if "USP" in offered else None
 
 
-def _covers(event: dict[str, Any], claims: AccessClaims) -> bool:
+def _covers(event: dict[str, Any], live: Live) -> bool:
+    claims = live.stream.claims
+    if event.get("kid"):
+        return bool(event["kid"] == live.kid)
     if event.get("jti"):
         return bool(event["jti"] == claims.jti)
     if event.get("client_id") != claims.client_id:

@@ -280,6 +280,35 @@ def prune(yes: bool, as_json: bool) -> None:
     output(as_json, result, f"retired: {', '.join(result['retired_kids']) or 'nothing due'}")
 
 
+@keys.command("revoke-signing")
+@click.option("--kid", required=True, help="The key's kid (`speechgate keys list`); kids may begin with '-'.")
+@yes_option
+@json_option
+def revoke_signing(kid: str, yes: bool, as_json: bool) -> None:
+    """A signing key leaked: refuse every token it signed, now. Its version is disabled (a new key
+    signs first if it was the signer), the relays refuse its tokens at the handshake and close
+    the streams they opened, and its kid stays refused for good."""
+    confirm(yes, f"Revoke signing key {kid}? Every token it signed stops working and its streams close.")
+
+    async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> dict[str, Any]:
+        if redis is None:  # only Redis reaches every relay, and keeps the kid refused
+            raise Failed("revoking a signing key needs Redis: set SPEECHGATE_REDIS_URL or REDIS_URL")
+        result = await signing.revoke_signing_key(store, kid, operator())
+        await RedisRevocations(redis, Keyspace(settings.redis_prefix)).revoke_signing_key(kid)
+        await announce(redis, settings, "signing-key")  # services reload: a new signer, a smaller JWKS
+        return dataclasses.asdict(result)
+
+    result = run(op)
+    audit("keys.revoke-signing", kid=kid, version=result["version"], new_signer_kid=result["new_signer_kid"])
+    text = (
+        f"revoked signing key {kid}"
+        + ("" if result["was_enabled"] else " (it was disabled already)")
+        + (f"; signing with {result['new_signer_kid']} now" if result["new_signer_kid"] else "")
+        + "; relays refuse its tokens and close their streams"
+    )
+    output(as_json, result, text)
+
+
 @keys.command("rotate-speech")
 @click.option("--from-stdin", is_flag=True, help="Read the regenerated key from standard input (portal).")
 @click.option(

@@ -161,6 +161,63 @@ def test_an_interrupted_signing_rotation_is_finished_not_repeated(cli: Cli) -> N
     assert [v["state"] for v in listed].count("active") == 1  # one signer
 
 
+def test_revoking_a_leaked_signing_key_disables_it_now_and_refuses_its_kid_for_good(
+    cli: Cli, sync_redis: redis.Redis
+) -> None:
+    keyspace = Keyspace(cli.settings.redis_prefix)
+    old = cli.json("keys", "rotate-signing")["signer_kid"]
+    signer = cli.json("keys", "rotate-signing")["signer_kid"]  # `old` is in its grace period
+    pubsub = sync_redis.pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe(keyspace.events)
+    assert pubsub.get_message(timeout=5) is not None
+
+    cli("keys", "revoke-signing", "--kid", old, code=4)  # no terminal, no --yes: refused
+    result = cli("keys", "revoke-signing", "--kid", old, "--yes")
+    assert f"revoked signing key {old}" in result.stdout
+    (line,) = audit_lines(result)
+    assert (line["audit"], line["kid"], line["new_signer_kid"]) == ("keys.revoke-signing", old, None)
+    states = {
+        v["kid"]: (v["state"], v["enabled"]) for v in cli.json("keys", "list")["speechgate-signing-key"]
+    }
+    assert states == {old: ("revoked", False), signer: ("active", True)}  # its grace had not run out
+    assert sync_redis.smembers(keyspace.revoked_signing_keys) == {old}
+    assert sync_redis.ttl(keyspace.revoked_signing_keys) == -1  # kept for good
+    events = [
+        json.loads(m["data"]) for m in (pubsub.get_message(timeout=5), pubsub.get_message(timeout=5)) if m
+    ]
+    assert events == [{"type": "revoke", "kid": old}, {"type": "reload", "what": "signing-key"}]
+    pubsub.close()
+
+    revoked = cli.json(
+        "keys", "revoke-signing", "--kid", signer, "--yes"
+    )  # the signer: a new key signs first
+    assert revoked["was_enabled"] is True
+    assert revoked["new_signer_kid"] not in (None, signer, old)
+    listed = cli.json("keys", "list")["speechgate-signing-key"]
+    assert listed[-1]["kid"] == revoked["new_signer_kid"]  # the newest: it signs
+    assert {v["kid"]: (v["state"], v["enabled"]) for v in listed} == {
+        old: ("revoked", False),
+        signer: ("revoked", False),
+        revoked["new_signer_kid"]: ("active", True),
+    }
+    again = cli.json("keys", "revoke-signing", "--kid", signer, "--yes")  # a repeat changes nothing
+    assert (again["was_enabled"], again["new_signer_kid"]) == (False, None)
+    assert len(cli.json("keys", "list")["speechgate-signing-key"]) == 3
+    assert sync_redis.smembers(keyspace.revoked_signing_keys) == {old, signer}
+
+    unknown = cli("keys", "revoke-signing", "--kid", "-no-such-kid", "--yes", code=3)
+    assert "speechgate keys list" in unknown.output
+
+
+def test_revoking_a_signing_key_without_redis_changes_nothing(tmp_path: Path) -> None:
+    settings = Settings(store_dir=tmp_path / "store", redis_url=None)
+    cli = Cli(Deps(settings=settings), settings)
+    kid = cli.json("keys", "rotate-signing")["signer_kid"]
+    result = cli("keys", "revoke-signing", "--kid", kid, "--yes", code=1)
+    assert "needs Redis" in result.output
+    assert [v["enabled"] for v in cli.json("keys", "list")["speechgate-signing-key"]] == [True]
+
+
 class FakeSts:
     """The region's token endpoint: a token for a known key, 401 otherwise."""
 

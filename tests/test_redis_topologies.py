@@ -111,21 +111,29 @@ def limit_counts(uri: str, prefix: str) -> list[bool]:
             max_session_s=60,
         )
         await revocations.revoke_jti("j1", now + 60)
-        results.append(await revocations.revoked(token) == "token revoked")
+        results.append(await revocations.revoked(token, "k1") == "token revoked")
         await revocations.revoke_subject("tenant", "alice", 60)
-        results.append(await revocations.revoked(replace(token, jti="j2")) == "subject revoked")
-        for key in (keyspace.revoked_jti("j1"), keyspace.revoked_subject("tenant", "alice")):
+        results.append(await revocations.revoked(replace(token, jti="j2"), "k1") == "subject revoked")
+        await revocations.revoke_signing_key("k2")
+        other = replace(token, sub="bob", jti="j3")
+        results.append(await revocations.revoked(other, "k2") == "signing key revoked")
+        results.append(await revocations.revoked(other, "k1") is None)
+        for key in (
+            keyspace.revoked_jti("j1"),
+            keyspace.revoked_subject("tenant", "alice"),
+            keyspace.revoked_signing_keys,
+        ):
             await client.delete(key)
         await client.aclose()
         return results
 
-    # three allowed, the fourth refused; then both kinds of revocation are visible
+    # three allowed, the fourth refused; then every kind of revocation is visible, and only where due
     return asyncio.run(run())
 
 
 def test_rate_limits_run_as_one_script_on_a_redis_cluster(cluster_uri: str) -> None:
     # Client, subject and address counters share the {client} hash tag: one slot, one script.
-    assert limit_counts(cluster_uri, "sgtest-cluster:") == [True, True, True, False, True, True]
+    assert limit_counts(cluster_uri, "sgtest-cluster:") == [True, True, True, False, True, True, True, True]
 
 
 def test_rate_limits_work_through_sentinel(tmp_path: Path) -> None:
@@ -144,6 +152,8 @@ def test_rate_limits_work_through_sentinel(tmp_path: Path) -> None:
             True,
             True,
             False,
+            True,
+            True,
             True,
             True,
         ]

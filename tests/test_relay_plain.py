@@ -10,14 +10,20 @@ import re
 import time
 from typing import Any
 
+import jwt
 import pytest
+import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from speechgate.admin import Deps
 from tests.fake_speech import KEY
 from tests.processes import wait_until
 from tests.relays import Stack
+from tests.test_cli_admin import Cli
+from token_service.keyspace import Keyspace
 from token_service.logs import JsonFormatter
+from token_service.settings import Settings
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
 
@@ -165,6 +171,61 @@ async def test_revocation_closes_a_live_stream_within_a_second(stack: Stack) -> 
     assert code == 1008
     assert reason == "token revoked"
     assert time.monotonic() - started < 1.0
+
+
+async def test_a_revoked_signing_key_closes_its_streams_and_a_new_key_works_at_once(
+    stack_factory: Any,
+) -> None:
+    """`speechgate keys revoke-signing`: both doors close the streams its tokens opened, its tokens
+    are refused, and the new signer's tokens are accepted at once although this relay fetches the
+    JWKS at most once a minute on an unknown kid: the reload event told it the keys changed."""
+    stack: Stack = await asyncio.to_thread(stack_factory, idp_jwks_min_refresh_s=60.0)
+    settings = Settings(
+        redis_url=stack.service.settings.redis_url, redis_prefix=stack.service.settings.redis_prefix
+    )
+    cli = Cli(Deps(settings=settings, open_store=lambda _: stack.service.store), settings)
+    client = await new_client(stack)
+    token = await new_token(stack, client)
+    leaked = jwt.get_unverified_header(token)["kid"]
+    azure_door = f"{stack.relay.url}/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
+    async with (
+        connect(url(stack, token)) as plain,
+        connect(azure_door, additional_headers={"Authorization": f"Bearer {token}"}) as azure,
+    ):
+        await plain.send(FRAME)
+        await asyncio.to_thread(cli, "keys", "revoke-signing", "--kid", leaked, "--yes")
+        _, plain_code, plain_reason = await asyncio.wait_for(events_until_close(plain), 1.0)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(azure.recv(), 1.0)
+    assert (plain_code, plain_reason) == (1008, "signing key revoked")
+    assert (azure.close_code, azure.close_reason) == (4000, "signing key revoked")
+    status, body, _ = await _refusal(url(stack, token))
+    assert (status, body["error"]) == (401, "token_revoked")
+    assert "get a new token" in body["message"]
+
+    def published_kids() -> set[str]:
+        return {k["kid"] for k in stack.service.http.get("/.well-known/jwks.json").json()["keys"]}
+
+    assert await asyncio.to_thread(wait_until, lambda: leaked not in published_kids())
+    fresh = await new_token(stack, client)
+    assert jwt.get_unverified_header(fresh)["kid"] in published_kids()
+    async with connect(url(stack, fresh)) as ws:
+        await ws.send(FRAME)
+        await ws.send(json.dumps({"type": "end"}))
+        events, code, _ = await events_until_close(ws)
+    assert code == 1000
+    assert [e["type"] for e in events][-1] == "final"
+
+
+async def test_a_relay_that_missed_the_event_refuses_a_revoked_signing_key_from_redis(
+    stack: Stack, sync_redis: redis.Redis
+) -> None:
+    token = await new_token(stack, await new_client(stack))
+    kid = jwt.get_unverified_header(token)["kid"]
+    # What `keys revoke-signing` leaves in Redis, without the event this relay would have heard.
+    sync_redis.sadd(Keyspace(stack.service.settings.redis_prefix).revoked_signing_keys, kid)
+    status, body, _ = await _refusal(url(stack, token))
+    assert (status, body["error"], body["message"]) == (401, "token_revoked", "signing key revoked")
 
 
 async def test_daily_audio_quota_closes_the_stream_with_4429(stack: Stack) -> None:

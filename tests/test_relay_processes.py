@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from speechgate.admin import Deps
 from tests.conftest import TokenService, prepared_store
 from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
 from tests.processes import Process, RedisServer, free_port
+from tests.test_cli_admin import Cli
 from token_service.filestore import FileStore
+from token_service.settings import Settings
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
 
@@ -142,5 +146,40 @@ async def test_relay_keeps_admitting_streams_while_redis_is_down(tmp_path: Path,
             while (await http.get(ready)).json()["status"] != "ready":
                 assert time.monotonic() < deadline, "the relay never went back to Redis"
                 await asyncio.sleep(0.1)
+    finally:
+        own.stop()
+
+
+async def test_a_revoked_signing_key_stays_refused_while_redis_is_down(
+    tmp_path: Path, stack_factory: Any
+) -> None:
+    """The relay remembers the revocation it heard: with Redis gone it cannot read the deny entry,
+    and a token service that missed the event (here: it listens on another Redis) still publishes
+    the key in its JWKS."""
+    own = RedisServer(tmp_path)
+    own.start()
+    try:
+        stack = await asyncio.to_thread(stack_factory, redis_url=own.url)
+        settings = Settings(redis_url=own.url, redis_prefix=stack.service.settings.redis_prefix)
+        cli = Cli(Deps(settings=settings, open_store=lambda _: stack.service.store), settings)
+        client = await asyncio.to_thread(stack.service.add_client)
+        token = (await asyncio.to_thread(stack.service.token, *client)).json()["access_token"]
+        kid = jwt.get_unverified_header(token)["kid"]
+        url = f"{stack.relay.url}/v1/listen?language=en-US&access_token={token}"
+        async with connect(url) as ws:
+            await ws.send(b"\0" * 3200)
+            await asyncio.to_thread(cli, "keys", "revoke-signing", "--kid", kid, "--yes")
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in ws:
+                    pass
+            assert ws.close_code == 1008  # the relay heard the event
+        own.stop()
+        jwks = (await asyncio.to_thread(stack.service.http.get, "/.well-known/jwks.json")).json()
+        assert kid in {k["kid"] for k in jwks["keys"]}
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url):
+                pass
+        assert refused.value.response.status_code == 401
+        assert b"signing key revoked" in refused.value.response.body
     finally:
         own.stop()

@@ -72,6 +72,13 @@ class JwksCache:
             return next(iter(entry.keys.values())) if len(entry.keys) == 1 else None
         return entry.keys.get(kid)
 
+    def expire(self, jwks_uri: str) -> None:
+        """Fetch this JWKS at the next lookup, floor or not: its owner said it changed. What is
+        cached stays in use should that fetch fail."""
+        entry = self._sets.get(jwks_uri)
+        if entry is not None:
+            entry.fetched = entry.attempted = float("-inf")
+
     def _needs_fetch(self, entry: _KeySet, kid: str | None) -> bool:
         now = self.clock()
         if now - entry.attempted < self.min_refresh_s:

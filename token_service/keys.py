@@ -2,7 +2,8 @@
 
 The newest enabled version signs; every enabled version is published in the JWKS so that tokens
 signed before a rotation keep verifying until they expire. Retiring a key means disabling its
-version in the store.
+version in the store; revoking one (it leaked) disables it without waiting for its tokens to
+expire, and the relays refuse its kid from then on (token_service/revocation.py).
 """
 
 from __future__ import annotations
@@ -240,3 +241,48 @@ async def rotate_signing_key(store: SecretStore, grace_s: int, now: int | None =
             )
             previous.append(item.tags.get("kid", item.version))
     return Rotation(signer_kid, not unfinished, previous, retired)
+
+
+# --- revocation (a leaked key) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyRevocation:
+    kid: str
+    version: str
+    new_signer_kid: str | None  # set when the revoked key was the signer
+    was_enabled: bool  # False when an earlier, interrupted run had disabled it already
+
+
+async def _kid_of(store: SecretStore, item: SecretVersion) -> str | None:
+    if "kid" in item.tags:
+        return item.tags["kid"]
+    try:  # a version stored by other means than ours carries no tag
+        return load_signing_key(await store.get(SIGNING_KEY_SECRET, item.version)).kid
+    except SigningKeyError:
+        return None
+
+
+async def revoke_signing_key(store: SecretStore, kid: str, by: str, now: int | None = None) -> KeyRevocation:
+    """Disable the version with this kid at once, grace or not; a new key signs first when it was
+    the signer. Safe to repeat: a run that finds it disabled already changes nothing."""
+    now = int(time.time()) if now is None else now
+    try:
+        versions = await store.versions(SIGNING_KEY_SECRET)
+    except SecretNotFound:
+        versions = []
+    matching = [v for v in versions if await _kid_of(store, v) == kid]
+    if not matching:
+        raise SecretNotFound(f"no signing key has kid {kid!r}; `speechgate keys list` shows the kids")
+    target = matching[-1]
+    new_signer = None
+    if target.enabled:
+        if [v for v in versions if v.enabled][-1].version == target.version:
+            new_signer = (await add_signing_key(store)).kid
+        await store.update(
+            SIGNING_KEY_SECRET,
+            target.version,
+            enabled=False,
+            tags={**target.tags, "kid": kid, "state": "revoked", "revoked-at": str(now), "revoked-by": by},
+        )
+    return KeyRevocation(kid, target.version, new_signer, target.enabled)

@@ -35,6 +35,13 @@ class Keyspace:
         """When every token of this client issued until then was revoked."""
         return f"{self.prefix}revoked:{{{client_id}}}:all"
 
+    @property
+    def revoked_signing_keys(self) -> str:
+        """Set of the kids of signing keys revoked by hand (a leaked key): every token one of them
+        signed is refused, whatever its `exp` (whoever holds the key can write any). No TTL: one
+        member per revoked key, forever."""
+        return f"{self.prefix}revoked:kids"
+
     # The relay's session state; one client's keys share a hash tag, so one script reaches them.
 
     def lease_subject(self, client_id: str, subject: str) -> str:

@@ -5,8 +5,10 @@
   `revoked:{<client>}:sub:<subject>` and `revoked:{<client>}:all`, holding the revocation time
   (tokens with `iat` at or before it are refused; tokens issued later are not).
 Each entry lives until the last token it covers can no longer be used (`exp + max_session_s`,
-since a stream opened just before `exp` may run that long), then Redis forgets it. Each
-revocation is also published so relays close live streams at once.
+since a stream opened just before `exp` may run that long), then Redis forgets it.
+- every token a signing key signed: its kid in the set `revoked:kids`, kept for good (a leaked key
+  can sign tokens with any `exp`).
+Each revocation is also published so relays close live streams at once.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from token_service.events import publish
 from token_service.keyspace import Keyspace
 from token_service.redisconn import Redis
 
+SIGNING_KEY_REVOKED = "signing key revoked"
+
 
 class Revocations(Protocol):
     async def revoke_jti(self, jti: str, until: int) -> None: ...
 
-    async def revoked(self, claims: AccessClaims) -> str | None: ...
+    async def revoked(self, claims: AccessClaims, kid: str) -> str | None: ...
 
 
 class RedisRevocations:
@@ -49,14 +53,21 @@ class RedisRevocations:
         await self.redis.set(self.keyspace.revoked_client(client_id), str(now), ex=ttl_s)
         await publish(self.redis, self.keyspace, {"type": "revoke", "client_id": client_id, "at": now})
 
-    async def revoked(self, claims: AccessClaims) -> str | None:
-        """Why the token is revoked, or None."""
+    async def revoke_signing_key(self, kid: str) -> None:
+        await self.redis.sadd(self.keyspace.revoked_signing_keys, kid)
+        await publish(self.redis, self.keyspace, {"type": "revoke", "kid": kid})
+
+    async def revoked(self, claims: AccessClaims, kid: str) -> str | None:
+        """Why the token (signed by `kid`) is revoked, or None."""
         keys = self.keyspace
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(keys.revoked_jti(claims.jti))
             pipe.get(keys.revoked_subject(claims.client_id, claims.sub))
             pipe.get(keys.revoked_client(claims.client_id))
-            jti, subject_at, client_at = await pipe.execute()
+            pipe.sismember(keys.revoked_signing_keys, kid)
+            jti, subject_at, client_at, signing_key = await pipe.execute()
+        if signing_key:
+            return SIGNING_KEY_REVOKED
         if jti:
             return "token revoked"
         if subject_at is not None and claims.iat <= int(subject_at):
@@ -84,7 +95,7 @@ class MemoryRevocations:
         for handler in self._subscribers:
             await handler({"type": "revoke", "jti": jti})
 
-    async def revoked(self, claims: AccessClaims) -> str | None:
+    async def revoked(self, claims: AccessClaims, kid: str) -> str | None:
         return "token revoked" if self._until.get(claims.jti, 0) > time.time() else None
 
 
