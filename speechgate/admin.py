@@ -143,7 +143,11 @@ yes_option = click.option("--yes", is_flag=True, help="Do not ask for confirmati
 
 
 def _age(created: int) -> str:
-    seconds = max(0, int(time.time()) - created)
+    return _duration(int(time.time()) - created)
+
+
+def _duration(seconds: int) -> str:
+    seconds = max(0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -170,17 +174,16 @@ def keys_list(as_json: bool) -> None:
                 versions = await store.versions(name)
             except SecretNotFound:
                 versions = []
+            enabled = [v for v in versions if v.enabled]
+            signer = signing.signing_now(enabled, time.time()) if enabled else None
             found[name] = [
                 {
                     "version": v.version,
                     "enabled": v.enabled,
                     "created": v.created,
                     "age": _age(v.created),
-                    **{
-                        k: v.tags[k]
-                        for k in ("kid", "state", "retire-after", "slot", "rotated-at", "rotated-by")
-                        if k in v.tags
-                    },
+                    **({"signing": v is signer} if name == signing.SIGNING_KEY_SECRET else {}),
+                    **{k: v.tags[k] for k in LISTED_TAGS if k in v.tags},
                 }
                 for v in versions
             ]
@@ -188,15 +191,31 @@ def keys_list(as_json: bool) -> None:
 
     found = run(op)
     lines = []
+    now = int(time.time())
     for name, versions in found.items():
         lines.append(f"{name}: {len(versions)} version(s)")
         for item in reversed(versions):
             label = item.get("kid") or item.get("slot") or ""
             state = item.get("state") or ("enabled" if item["enabled"] else "disabled")
-            if name == signing.SIGNING_KEY_SECRET and item is versions[-1] and item["enabled"]:
+            if item.get("signing"):
                 state = "signing"
+            elif item["enabled"] and int(item.get("signs-from", 0)) > now:
+                state = f"next, signs in {_duration(int(item['signs-from']) - now)}"
             lines.append(f"  {item['version']}  {label:<44} {state:<9} {item['age']:>5} old")
     output(as_json, found, "\n".join(lines))
+
+
+LISTED_TAGS = (
+    "kid",
+    "state",
+    "signs-from",
+    "retire-after",
+    "revoked-at",
+    "revoked-by",
+    "slot",
+    "rotated-at",
+    "rotated-by",
+)
 
 
 @keys.command("init")
@@ -231,13 +250,22 @@ def keys_init(as_json: bool) -> None:
     default=None,
     help="Seconds the previous key stays published [longest token lifetime + session of any client].",
 )
+@click.option(
+    "--publish-delay",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Seconds the new key is published before it signs, so every replica serves it by then "
+    "[twice SPEECHGATE_KEY_REFRESH_S: how often services re-read the store if they miss the event].",
+)
 @json_option
-def rotate_signing(grace: int | None, as_json: bool) -> None:
-    """A new ES256 key signs from now on; the previous one verifies until its tokens expired."""
+def rotate_signing(grace: int | None, publish_delay: int | None, as_json: bool) -> None:
+    """A new ES256 key is published now and signs after --publish-delay; the previous one signs
+    until then and verifies until its tokens expired."""
 
     async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> dict[str, Any]:
         grace_s = grace if grace is not None else await clientdb.longest_token_use_s(store)
-        result = await signing.rotate_signing_key(store, grace_s)
+        publish_s = publish_delay if publish_delay is not None else int(2 * settings.key_refresh_s)
+        result = await signing.rotate_signing_key(store, grace_s, publish_s)
         announced = await announce(redis, settings, "signing-key")
         return {**dataclasses.asdict(result), "grace_s": grace_s, "announced": announced}
 
@@ -248,12 +276,19 @@ def rotate_signing(grace: int | None, as_json: bool) -> None:
         previous=result["previous_kids"],
         retired=result["retired_kids"],
         finished_interrupted_run=not result["created"],
+        signs_from=result["signs_from"],
     )
+    wait_s = result["signs_from"] - int(time.time())
     text = (
-        f"signing with {result['signer_kid']}"
+        (
+            f"published {result['signer_kid']}; it signs in {wait_s} s"
+            if wait_s > 0
+            else f"signing with {result['signer_kid']}"
+        )
         + ("" if result["created"] else " (finished an interrupted rotation)")
         + (
-            f"; previous key(s) {', '.join(result['previous_kids'])} published for {result['grace_s']} s more"
+            f"; previous key(s) {', '.join(result['previous_kids'])} published for {result['grace_s']} s"
+            + (" after that" if wait_s > 0 else " more")
             if result["previous_kids"]
             else ""
         )

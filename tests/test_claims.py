@@ -12,8 +12,16 @@ import pytest
 
 from tests.idp import b64, unsigned_token
 from token_service.claims import AccessClaims, InvalidToken, sign, verify
-from token_service.keys import KeyRing, SigningKey, add_signing_key, load_keyring
-from token_service.store import MemoryStore
+from token_service.keys import (
+    SIGNING_KEY_SECRET,
+    KeyRing,
+    Rotation,
+    SigningKey,
+    add_signing_key,
+    load_keyring,
+    rotate_signing_key,
+)
+from token_service.store import MemoryStore, SecretVersion
 
 ISSUER, AUDIENCE = "https://tokens.example", "speechgate-relay"
 
@@ -60,6 +68,27 @@ def test_the_newest_key_signs_and_the_older_still_verifies(ring: KeyRing) -> Non
     older = next(k for k in ring.keys.values() if k is not ring.signer)
     assert jwt.get_unverified_header(sign(claims(), ring.signer))["kid"] == ring.signer.kid
     assert check(sign(claims(), older), ring).sub == "user-1"
+
+
+def test_a_rotated_key_is_published_before_it_signs_and_the_previous_one_lives_on_after() -> None:
+    now = int(time.time())
+
+    async def rotate() -> tuple[SigningKey, Rotation, KeyRing, KeyRing, list[SecretVersion]]:
+        store = MemoryStore()
+        first = await add_signing_key(store)
+        rotation = await rotate_signing_key(store, grace_s=600, publish_s=120, now=now)
+        rings = await load_keyring(store, now), await load_keyring(store, now + 120)
+        return first, rotation, *rings, await store.versions(SIGNING_KEY_SECRET)
+
+    first, rotation, ring, later, versions = asyncio.run(rotate())
+    assert set(ring.keys) == {first.kid, rotation.signer_kid}  # both published at once
+    assert ring.signer.kid == first.kid
+    assert ring.signer_at(now + 119).kid == first.kid
+    assert ring.signer_at(now + 120).kid == rotation.signer_kid  # without waiting for a reload
+    assert later.signer.kid == rotation.signer_kid
+    assert later.upcoming is None
+    # Its tokens are issued until the switch, so its grace counts from there.
+    assert versions[0].tags["retire-after"] == str(now + 120 + 600)
 
 
 def test_expired_token_is_refused_unless_the_caller_checks_expiry_itself(ring: KeyRing) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def test_signing_rotation_keeps_the_previous_key_until_its_grace_ends(cli: Cli) 
     first = cli.json("keys", "rotate-signing")
     assert first["created"] is True
     assert first["previous_kids"] == []
-    second = cli.json("keys", "rotate-signing", "--grace", "0")
+    second = cli.json("keys", "rotate-signing", "--grace", "0", "--publish-delay", "0")
     assert second["previous_kids"] == [first["signer_kid"]]
     listed = cli.json("keys", "list")["speechgate-signing-key"]
     assert [(v["kid"], v["state"], v["enabled"]) for v in listed] == [
@@ -166,7 +167,7 @@ def test_revoking_a_leaked_signing_key_disables_it_now_and_refuses_its_kid_for_g
 ) -> None:
     keyspace = Keyspace(cli.settings.redis_prefix)
     old = cli.json("keys", "rotate-signing")["signer_kid"]
-    signer = cli.json("keys", "rotate-signing")["signer_kid"]  # `old` is in its grace period
+    signer = cli.json("keys", "rotate-signing", "--publish-delay", "0")["signer_kid"]  # `old`: in its grace
     pubsub = sync_redis.pubsub()  # type: ignore[no-untyped-call]
     pubsub.subscribe(keyspace.events)
     assert pubsub.get_message(timeout=5) is not None
@@ -204,6 +205,12 @@ def test_revoking_a_leaked_signing_key_disables_it_now_and_refuses_its_kid_for_g
     assert (again["was_enabled"], again["new_signer_kid"]) == (False, None)
     assert len(cli.json("keys", "list")["speechgate-signing-key"]) == 3
     assert sync_redis.smembers(keyspace.revoked_signing_keys) == {old, signer}
+
+    upcoming = cli.json("keys", "rotate-signing", "--publish-delay", "600")["signer_kid"]
+    not_yet = cli.json("keys", "revoke-signing", "--kid", upcoming, "--yes")  # published, not signing
+    assert not_yet["new_signer_kid"] is None
+    listed = cli.json("keys", "list")["speechgate-signing-key"]
+    assert [v["kid"] for v in listed if v["signing"]] == [revoked["new_signer_kid"]]
 
     unknown = cli("keys", "revoke-signing", "--kid", "-no-such-kid", "--yes", code=3)
     assert "speechgate keys list" in unknown.output
@@ -379,8 +386,8 @@ def test_rotations_under_load_fail_no_request_and_no_verification(live: tuple[Cl
     try:
         signers = []
         for n in range(3):
-            signers.append(cli.json("keys", "rotate-signing")["signer_kid"])
-            # The reload event reaches the service: it signs with the new key.
+            signers.append(cli.json("keys", "rotate-signing", "--publish-delay", "1")["signer_kid"])
+            # The reload event reaches the service: it publishes the new key, which signs a second later.
             assert wait_until(lambda: signers[-1] in kids, timeout=10), f"rotation {n} not picked up"
             if n < 2:
                 key = (SPEECH_KEY_1 if n == 0 else SPEECH_KEY_2) + "\n"
@@ -394,15 +401,29 @@ def test_rotations_under_load_fail_no_request_and_no_verification(live: tuple[Cl
     assert [v["slot"] for v in cli.json("keys", "list")["speechgate-speech-key"]] == ["key1", "key2"]
 
 
-def test_rotate_signing_reaches_a_running_service_through_the_reload_event(
+def test_a_rotated_key_is_published_at_once_through_the_reload_event_and_signs_after_the_delay(
     live: tuple[Cli, TokenService],
 ) -> None:
     cli, service = live
-    new_kid = cli.json("keys", "rotate-signing")["signer_kid"]
+    added = cli.json("clients", "add", "shop", "--rate-client", "", "--rate-subject", "", "--rate-ip", "")
+    client_id, secret = added["client_id"], added["client_secret"]
+
+    def signed_by() -> str:
+        response = service.token(client_id, secret)
+        assert response.status_code == 200, response.text
+        token = response.json()["access_token"]
+        return str(jwt.get_unverified_header(token)["kid"])
+
+    old_kid = signed_by()
+    rotated = cli.json("keys", "rotate-signing", "--publish-delay", "2")
+    new_kid = rotated["signer_kid"]
     assert wait_until(
         lambda: new_kid in {k["kid"] for k in service.http.get("/.well-known/jwks.json").json()["keys"]}
     )
     assert len(service.http.get("/.well-known/jwks.json").json()["keys"]) == 2
+    assert signed_by() == old_kid  # published, not signing yet
+    assert wait_until(lambda: signed_by() == new_kid, timeout=10)
+    assert time.time() >= rotated["signs_from"]
 
 
 def test_the_installed_command_works_on_the_file_store_by_hand(tmp_path: Path) -> None:

@@ -158,7 +158,7 @@ class TokenService:
             single_use=single_use,
         )
         body = {
-            "access_token": sign(claims, self.keyring.signer),
+            "access_token": sign(claims, self.keyring.signer_at(now)),
             "token_type": "Bearer",
             "expires_in": policy.token_ttl_s,
             "scope": scope,

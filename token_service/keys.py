@@ -1,9 +1,12 @@
 """Signing keys: ES256 key pairs kept as versions of one secret, and the JWKS built from them.
 
-The newest enabled version signs; every enabled version is published in the JWKS so that tokens
-signed before a rotation keep verifying until they expire. Retiring a key means disabling its
-version in the store; revoking one (it leaked) disables it without waiting for its tokens to
-expire, and the relays refuse its kid from then on (token_service/revocation.py).
+Every enabled version is published in the JWKS, so that tokens signed before a rotation keep
+verifying until they expire. Of the versions whose `signs-from` time has come, the latest signs:
+a rotation publishes the next key first and lets it sign only once every replica serves it (a
+relay that fetched the JWKS from a replica that had not reloaded yet would refuse its tokens until
+its next fetch). Retiring a key means disabling its version in the store; revoking one (it
+leaked) disables it without waiting for its tokens to expire, and the relays refuse its kid from
+then on (token_service/revocation.py).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class SigningKey:
     private_key: ec.EllipticCurvePrivateKey
     version: str
     created: int
+    signs_from: int = 0  # epoch seconds: published before, signing from then on
 
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey:
@@ -98,36 +102,63 @@ def load_signing_key(secret: SecretVersion) -> SigningKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise SigningKeyError(f"signing key version {secret.version} is not a P-256 (ES256) key")
     kid = thumbprint(public_jwk(key.public_key()))
-    return SigningKey(kid=kid, private_key=key, version=secret.version, created=secret.created)
+    return SigningKey(kid, key, secret.version, secret.created, _signs_from(secret))
+
+
+def _signs_from(item: SecretVersion) -> int:
+    """When the version signs from: its tag, else (stored by other means) its creation."""
+    try:
+        return int(item.tags["signs-from"])
+    except (KeyError, ValueError):
+        return item.created
+
+
+def signing_now(versions: list[SecretVersion], now: float) -> SecretVersion:
+    """The version that signs at `now`: of those whose time has come, the one that came last (the
+    newest of equals: versions made in one second may list in any order on Key Vault)."""
+    due = [v for v in versions if _signs_from(v) <= now]
+    return max(reversed(due), key=_signs_from) if due else versions[-1]
 
 
 @dataclass(frozen=True)
 class KeyRing:
-    """The signer and every key a token may be verified with, as loaded at one moment."""
+    """Every key a token may be verified with, as loaded at one moment; the one signing then, and
+    the published one that takes over at its `signs_from`, if any."""
 
     signer: SigningKey
     keys: dict[str, SigningKey]
     jwks_json: bytes
+    upcoming: SigningKey | None = None
 
     @classmethod
-    def of(cls, keys: list[SigningKey]) -> KeyRing:
-        """`keys` oldest first; the newest signs."""
+    def of(cls, keys: list[SigningKey], now: float | None = None) -> KeyRing:
+        """`keys` oldest first; the newest whose time has come signs."""
         if not keys:
             raise NoSigningKey("no enabled signing key in the store; run `speechgate keys rotate-signing`")
+        now = time.time() if now is None else now
+        due = [k for k in keys if k.signs_from <= now]
+        signer = max(reversed(due), key=lambda k: k.signs_from) if due else keys[-1]  # as signing_now
         jwks = {"keys": [k.jwk() for k in reversed(keys)]}
         return cls(
-            signer=keys[-1],
+            signer=signer,
             keys={k.kid: k for k in keys},
             jwks_json=json.dumps(jwks, separators=(",", ":")).encode(),
+            upcoming=min((k for k in keys if k.signs_from > now), key=lambda k: k.signs_from, default=None),
         )
+
+    def signer_at(self, now: float) -> SigningKey:
+        """The key that signs at `now`: the upcoming one once its time has come."""
+        upcoming = self.upcoming
+        return upcoming if upcoming is not None and now >= upcoming.signs_from else self.signer
 
     def public_keys(self) -> dict[str, Any]:
         return {kid: k.public_key for kid, k in self.keys.items()}
 
 
-async def load_keyring(store: SecretStore) -> KeyRing:
-    """Every enabled key. The newest must be valid (it signs); a damaged older one is left out
+async def load_keyring(store: SecretStore, now: float | None = None) -> KeyRing:
+    """Every enabled key. The one signing now must be valid; any other damaged one is left out
     with an error in the log, so it can never stop a service that has a good signer."""
+    now = time.time() if now is None else now
     try:
         versions = [v for v in await store.versions(SIGNING_KEY_SECRET) if v.enabled]
     except SecretNotFound:
@@ -137,22 +168,21 @@ async def load_keyring(store: SecretStore) -> KeyRing:
         try:
             keys.append(load_signing_key(await store.get(SIGNING_KEY_SECRET, item.version)))
         except SigningKeyError as exc:
-            if item is versions[-1]:
+            if item is signing_now(versions, now):
                 raise SigningKeyError(f"{exc}; run `speechgate keys rotate-signing` to replace it") from None
             log.error("%s; left out of the JWKS", exc)
-    return KeyRing.of(keys)
+    return KeyRing.of(keys, now)
 
 
-async def add_signing_key(store: SecretStore) -> SigningKey:
-    """Store a new key pair as the newest version: it becomes the signer on the next load."""
+async def add_signing_key(store: SecretStore, signs_from: int = 0) -> SigningKey:
+    """Store a new key pair as the newest version: published on the next load, signing from
+    `signs_from` (at once by default)."""
     pem = generate_pem()
     kid = load_signing_key(_unsaved(pem)).kid
-    stored = await store.set(
-        SIGNING_KEY_SECRET,
-        pem,
-        tags={"kid": kid, "state": "active", "created-at": str(int(time.time()))},
-        content_type="application/x-pem-file",
-    )
+    tags = {"kid": kid, "state": "active", "created-at": str(int(time.time()))}
+    if signs_from:
+        tags["signs-from"] = str(signs_from)
+    stored = await store.set(SIGNING_KEY_SECRET, pem, tags=tags, content_type="application/x-pem-file")
     return load_signing_key(stored)
 
 
@@ -186,6 +216,7 @@ class Rotation:
     created: bool  # False when this run only finished an interrupted one
     previous_kids: list[str]
     retired_kids: list[str]
+    signs_from: int  # when the new key takes over; the previous ones sign until then
 
 
 async def prune_signing_keys(store: SecretStore, now: int | None = None) -> list[str]:
@@ -206,13 +237,16 @@ async def prune_signing_keys(store: SecretStore, now: int | None = None) -> list
     return retired
 
 
-async def rotate_signing_key(store: SecretStore, grace_s: int, now: int | None = None) -> Rotation:
-    """Make a new key the signer; keep the previous ones published for `grace_s` more seconds.
+async def rotate_signing_key(
+    store: SecretStore, grace_s: int, publish_s: int, now: int | None = None
+) -> Rotation:
+    """Publish a new key that signs `publish_s` seconds from now; the previous ones sign until
+    then and stay published for `grace_s` more seconds.
 
-    Steps, each safe to repeat: (1) store the new key, which signs from then on (the newest
-    enabled version signs); (2) mark every older active key `previous` with `retire-after`.
-    A run interrupted after (1) leaves an older key still marked `active`: the next run sees
-    that, does (2) and creates no other key, so there is never more than one new signer.
+    Steps, each safe to repeat: (1) store the new key with its `signs-from`; (2) mark every older
+    active key `previous` with `retire-after`. A run interrupted after (1) leaves an older key
+    still marked `active`: the next run sees that, does (2) and creates no other key, so there is
+    never more than one new signer. When the key signing now is damaged, the new one signs at once.
     """
     now = int(time.time()) if now is None else now
     retired = await prune_signing_keys(store, now)
@@ -227,9 +261,13 @@ async def rotate_signing_key(store: SecretStore, grace_s: int, now: int | None =
     )
     if unfinished:
         signer_kid = versions[-1].tags.get("kid", "")
+        signs_from = _signs_from(versions[-1]) or now
         older = versions[:-1]
     else:
-        signer_kid = (await add_signing_key(store)).kid
+        if not versions or not await _usable(store, signing_now(versions, now)):
+            publish_s = 0  # nothing else can sign meanwhile
+        signs_from = now + publish_s
+        signer_kid = (await add_signing_key(store, signs_from)).kid
         older = versions
     previous = []
     for item in older:
@@ -237,10 +275,10 @@ async def rotate_signing_key(store: SecretStore, grace_s: int, now: int | None =
             await store.update(
                 SIGNING_KEY_SECRET,
                 item.version,
-                tags={**item.tags, "state": "previous", "retire-after": str(now + grace_s)},
+                tags={**item.tags, "state": "previous", "retire-after": str(signs_from + grace_s)},
             )
             previous.append(item.tags.get("kid", item.version))
-    return Rotation(signer_kid, not unfinished, previous, retired)
+    return Rotation(signer_kid, not unfinished, previous, retired, signs_from)
 
 
 # --- revocation (a leaked key) --------------------------------------------------------------
@@ -277,8 +315,8 @@ async def revoke_signing_key(store: SecretStore, kid: str, by: str, now: int | N
     target = matching[-1]
     new_signer = None
     if target.enabled:
-        if [v for v in versions if v.enabled][-1].version == target.version:
-            new_signer = (await add_signing_key(store)).kid
+        if signing_now([v for v in versions if v.enabled], now).version == target.version:
+            new_signer = (await add_signing_key(store, now)).kid
         await store.update(
             SIGNING_KEY_SECRET,
             target.version,
