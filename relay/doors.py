@@ -4,10 +4,11 @@ Close codes are chosen for how the clients react (shared/reference/azure-speech-
 - Azure-compatible door: a turn that cannot finish ends with 4000 and a reason (both SDKs cancel
   at once and show it); never 1000 in the middle of a turn (the SDKs hang); 1001 when draining;
   an upstream that closes mid-turn becomes 1011, which the SDK answers by reconnecting and
-  replaying the turn's audio.
+  replaying the turn's audio, except Azure's own 1007 (it refused the request), passed on with
+  its reason (splice.azure_closed).
 - Plain door: 1000 done, 1001 draining, 1003/1007 a message it cannot use, 1008 revoked or too
-  fast, 1009 frame too large, 1011 upstream failure, 1013 upstream unavailable, 4000 session time
-  limit, 4429 quota used up.
+  fast, 1009 frame too large, 1011 upstream failure (with Azure's reason when it refused),
+  1013 upstream unavailable, 4000 session time limit, 4429 quota used up.
 
 The Azure door's data phase normally runs on a splice of the two sockets (relay/splice.py, the
 same rules); the message-level pump here is its fallback and `SPEECHGATE_SPLICE=0`.
@@ -27,9 +28,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from relay import usp
+from relay import frames, usp
 from relay.auth import upstream_query
-from relay.splice import SAMPLE_MASK, Splice, can_take_over
+from relay.splice import SAMPLE_MASK, Splice, azure_closed, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
 
 if TYPE_CHECKING:
@@ -37,11 +38,12 @@ if TYPE_CHECKING:
 
 
 async def close_both(live: Live, code: int, reason: str) -> None:
+    reason = frames.fit_reason(reason)  # a longer one would fail the close and leave the 1000
     if live.splice is not None:
-        await live.splice.close(code, reason[:120])
+        await live.splice.close(code, reason)
         return
     with contextlib.suppress(ConnectionClosed):
-        await live.connection.close(code, reason[:120])
+        await live.connection.close(code, reason)
     if live.upstream is not None:
         with contextlib.suppress(ConnectionClosed):
             await live.upstream.close(1000, "client gone")
@@ -166,14 +168,12 @@ async def _pump(live: Live, outgoing: Any, incoming: Any, upstream: ClientConnec
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if live.stream.closing_reason is None:
             if tasks[1] in done and live.connection.close_code is None:
-                # Azure closed: between turns pass its close on (the SDK reconnects by itself);
-                # mid-turn never 1000, which leaves the SDKs hanging.
-                code = upstream.close_code or 1011
-                if live.in_turn or code not in (1000, 1001):
-                    code = 1011
+                code, reason = azure_closed(
+                    upstream.close_code or 1006, upstream.close_reason or "", live.in_turn
+                )
                 live.code = code
                 with contextlib.suppress(ConnectionClosed):
-                    await live.connection.close(code, "Azure Speech closed the connection")
+                    await live.connection.close(code, reason)
             else:
                 with contextlib.suppress(ConnectionClosed):
                     await upstream.close(1000, "client done")
@@ -203,6 +203,9 @@ class _PlainUpstream:
     """
 
     MAX_REPLAY_BYTES = 60 * usp.PCM16K_BYTES_PER_S
+    RECONNECT_CODES = frozenset({1000, 1001, 1006, 1011, 1012, 1013})  # gone, not refused
+    SHORT_S = 5.0  # a connection Azure closed sooner than this, with no result, made no headway
+    MAX_FRUITLESS = 3  # such connections in a row, and the relay stops trying
 
     def __init__(self, relay: Relay, live: Live, language: str) -> None:
         self.relay, self.live, self.language = relay, live, language
@@ -213,9 +216,14 @@ class _PlainUpstream:
         self.connection: ClientConnection | None = None
         self.request_id = ""
         self.ended = False
+        self.opened = 0.0
+        self.results = 0  # partial and final results passed to the app
+        self.results_before = 0  # as many when the current connection opened
+        self.fruitless = 0  # connections in a row that made no headway
 
     async def connect(self) -> None:
         self.connection = None
+        self.opened, self.results_before = time.monotonic(), self.results
         query = f"language={self.language}&format=simple"
         upstream = await _connect(
             self.relay,
@@ -240,6 +248,18 @@ class _PlainUpstream:
             await upstream.send(self._frame(b""))
         self.connection = self.live.upstream = upstream
 
+    def refused(self) -> str | None:
+        """Azure closed the connection: why not to open another, or None to carry on. Not after
+        a refusal (1007 bad request, 1008 policy, 4xxx), which would be refused again, nor
+        after a few connections in a row that it closed at once without a result."""
+        assert self.connection is not None
+        code, reason = self.connection.close_code or 1006, self.connection.close_reason or ""
+        quick = time.monotonic() - self.opened < self.SHORT_S
+        self.fruitless = self.fruitless + 1 if quick and self.results == self.results_before else 0
+        if code in self.RECONNECT_CODES and self.fruitless < self.MAX_FRUITLESS:
+            return None
+        return azure_closed(code, reason, True)[1]
+
     def _frame(self, payload: bytes, content_type: str | None = None) -> bytes:
         return usp.encode_binary("audio", self.request_id, payload, content_type, extra={"X-StreamId": "1"})
 
@@ -261,6 +281,7 @@ class _PlainUpstream:
                 await self.connection.send(frame)
 
     def event(self, kind: str, body: dict[str, Any]) -> str:
+        self.results += 1
         shift = self.base * 1000 // usp.PCM16K_BYTES_PER_S
         return json.dumps(
             {
@@ -315,33 +336,45 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
             await finished.wait()
             return
 
+    async def from_azure() -> None:
+        """One Azure connection's messages, until it closes (whatever its close code)."""
+        assert azure.connection is not None
+        while True:
+            try:
+                message = await azure.connection.recv()
+            except ConnectionClosed:  # not only 1000: an error close raises rather than ends
+                return
+            if type(message) is not str:
+                continue
+            msg = usp.parse_text(message)
+            if live.turn_audio_at is not None and msg.path in ("speech.hypothesis", "speech.phrase"):
+                relay.metrics.first_result.labels("plain").observe(time.perf_counter() - live.turn_audio_at)
+                live.turn_audio_at = None
+            if msg.path == "speech.hypothesis":
+                await client.send(azure.event("partial", msg.json()))
+            elif msg.path == "speech.phrase":
+                body = msg.json()
+                if body.get("RecognitionStatus") == "Success":
+                    await client.send(azure.event("final", body))
+                    azure.confirmed(body)
+            elif msg.path == "turn.end":
+                live.in_turn = False
+                live.code = 1000
+                finished.set()
+                with contextlib.suppress(ConnectionClosed):
+                    await client.close(1000, "done")
+                return
+
     async def azure_to_app() -> None:
         while True:
-            assert azure.connection is not None
-            async for message in azure.connection:
-                if type(message) is not str:
-                    continue
-                msg = usp.parse_text(message)
-                if live.turn_audio_at is not None and msg.path in ("speech.hypothesis", "speech.phrase"):
-                    relay.metrics.first_result.labels("plain").observe(
-                        time.perf_counter() - live.turn_audio_at
-                    )
-                    live.turn_audio_at = None
-                if msg.path == "speech.hypothesis":
-                    await client.send(azure.event("partial", msg.json()))
-                elif msg.path == "speech.phrase":
-                    body = msg.json()
-                    if body.get("RecognitionStatus") == "Success":
-                        await client.send(azure.event("final", body))
-                        azure.confirmed(body)
-                elif msg.path == "turn.end":
-                    live.in_turn = False
-                    live.code = 1000
-                    finished.set()
-                    with contextlib.suppress(ConnectionClosed):
-                        await client.close(1000, "done")
-                    return
+            await from_azure()
+            if finished.is_set():
+                return
             if live.stream.closing_reason is not None:
+                return
+            refusal = azure.refused()
+            if refusal is not None:
+                live.end(1011, 1011, refusal)
                 return
             try:  # Azure ended the connection mid-recognition: carry on over a new one
                 await azure.connect()

@@ -139,10 +139,14 @@ def encode(opcode: int, data: bytes, masked: bool) -> bytes:
     return head + mask + (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
 
 
+def fit_reason(reason: str) -> str:
+    """A close reason cut to the 123 bytes a close frame holds, still valid UTF-8."""
+    return reason.encode("utf-8")[:123].decode("utf-8", "ignore")
+
+
 def close_payload(code: int, reason: str) -> bytes:
-    """At most 125 bytes, as control frames must be; a reason cut short stays valid UTF-8."""
-    text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-    return struct.pack(">H", code) + text
+    """At most 125 bytes, as control frames must be."""
+    return struct.pack(">H", code) + fit_reason(reason).encode("utf-8")
 
 
 def parse_close(data: bytes) -> tuple[int, str]:

@@ -32,6 +32,7 @@ class FakeSpeech:
     refuse_status: int | None = None
     close_after_s: float | None = None  # Azure ends connections after ~10 minutes; tests use less
     close_mid_turn: int | None = None  # close with this code once audio flows
+    refuse_ssml: tuple[int, str] | None = None  # close with this code and reason on `ssml`
     text: str = "Hello from the fake service."
     phrase_every_s: float = 1.0  # a phrase for every this much audio heard
     bearer_tokens: set[str] = field(default_factory=set)  # accepted as `Authorization: Bearer …` too
@@ -75,6 +76,9 @@ class FakeSpeech:
                 msg = usp.parse_text(message)
                 if msg.path == "speech.context":
                     request_id, heard, phrases, started = msg.request_id, 0, 0, False
+                elif msg.path == "ssml" and self.refuse_ssml is not None:
+                    await ws.close(*self.refuse_ssml)  # as Azure does, e.g. for an unknown voice
+                    return
                 elif msg.path == "ssml":
                     await self._synthesize(ws, msg.request_id)
                 continue

@@ -62,6 +62,17 @@ def test_js_sdk_synthesizes_through_the_relay(node: str, stack: Stack) -> None:
     assert out["bytes"] >= 3 * 3200
 
 
+def test_js_sdk_cancels_a_synthesis_azure_refuses_at_once_with_its_reason(node: str, stack: Stack) -> None:
+    stack.fake.refuse_ssml = (1007, "Unsupported voice en-US-NoSuchNeural.")
+    token = stack.token(stack.service.add_client())
+    started = time.monotonic()
+    out = run_js(node, "synthesize", f"{stack.relay.url}{SYNTHESIS}", token)
+    assert out["reason"] == "Canceled"
+    assert "Unsupported voice en-US-NoSuchNeural." in out["details"]
+    assert stack.fake.connections == 1
+    assert time.monotonic() - started < 10  # not the SDK's wait for a reconnect
+
+
 @pytest.mark.parametrize(
     ("kind", "status"),
     [

@@ -373,6 +373,22 @@ async def test_azure_ending_the_connection_goes_unnoticed_on_the_plain_door(stac
     assert stack.fake.audio_bytes >= 25 * len(FRAME)  # nothing lost (replayed audio may count twice)
 
 
+@pytest.mark.parametrize(("azure_code", "connections"), [(1008, 1), (1011, 3)])
+async def test_azure_refusing_the_recognition_ends_it_with_azures_reason_not_a_reconnect_loop(
+    stack: Stack, azure_code: int, connections: int
+) -> None:
+    """A refusal (1008 here) is not tried again; a connection that Azure keeps closing at once
+    without a result (1011 here) is tried three times in all."""
+    stack.fake.close_mid_turn = azure_code
+    token = await new_token(stack, await new_client(stack))
+    async with connect(url(stack, token)) as ws:
+        for _ in range(3):
+            await ws.send(FRAME)
+        _, code, reason = await asyncio.wait_for(events_until_close(ws), 10)
+    assert (code, reason) == (1011, "Azure Speech closed the connection: closed by the fake mid-turn")
+    assert stack.fake.connections == connections
+
+
 async def test_no_token_or_key_reaches_the_logs_even_at_debug(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:

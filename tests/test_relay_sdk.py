@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import azure.cognitiveservices.speech as speechsdk
+import pytest
 
 from tests.fake_speech import KEY
 from tests.processes import wait_until
@@ -66,6 +67,21 @@ def test_synthesis_through_the_relay(stack: Stack) -> None:
     result = synthesizer.speak_text_async("hello").get()
     assert result.reason == speechsdk.ResultReason.SynthesizingAudioCompleted
     assert len(result.audio_data) >= 3 * 3200
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "message-path"])
+def test_azure_refusing_a_synthesis_cancels_at_once_with_its_reason(stack_factory: Any, splice: bool) -> None:
+    stack: Stack = stack_factory(splice=splice)
+    stack.fake.refuse_ssml = (1007, "Unsupported voice en-US-NoSuchNeural.")
+    config = stack.config(SYNTHESIS, stack.token(stack.service.add_client()))
+    config.speech_synthesis_voice_name = "en-US-NoSuchNeural"
+    synthesizer = speechsdk.SpeechSynthesizer(speech_config=config, audio_config=None)
+    result = synthesizer.speak_text_async("hello").get()
+    assert result.reason == speechsdk.ResultReason.Canceled
+    details = result.cancellation_details
+    assert details.error_code == speechsdk.CancellationErrorCode.BadRequest, details.error_details
+    assert "Unsupported voice en-US-NoSuchNeural." in details.error_details  # Azure's own words
+    assert stack.fake.connections == 1  # not retried: it would be refused again
 
 
 def _auth_failure(result: speechsdk.SpeechRecognitionResult) -> str:

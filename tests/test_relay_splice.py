@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from relay import frames, usp
-from relay.splice import WRITE_HIGH, Splice
+from relay.splice import WRITE_HIGH, Splice, azure_closed
 from tests.processes import wait_until
 from tests.relays import Stack
 
@@ -238,3 +238,26 @@ def test_an_app_that_stops_reading_holds_azure_back_and_loses_nothing(stack: Sta
                     return
                 offset = header.end
             data = data[offset:]
+
+
+@pytest.mark.parametrize(
+    ("azure_code", "in_turn", "app_code"),
+    [
+        (1000, False, 1000),  # between turns: the SDK reconnects by itself
+        (1001, False, 1001),
+        (1000, True, 1011),  # never 1000 mid-turn: the SDKs would hang
+        (1008, False, 1011),
+        (1006, True, 1011),  # dropped
+        (1007, True, 1007),  # Azure refused the request: the SDKs cancel at once with its reason
+    ],
+)
+def test_what_the_app_hears_when_azure_closes(azure_code: int, in_turn: bool, app_code: int) -> None:
+    code, reason = azure_closed(azure_code, "Unsupported voice.", in_turn)
+    assert (code, reason) == (app_code, "Azure Speech closed the connection: Unsupported voice.")
+
+
+def test_azures_reason_is_cut_to_fit_a_close_frame_and_stays_utf8() -> None:
+    _, reason = azure_closed(1007, "voix « inconnue » " * 20, True)
+    assert len(reason.encode("utf-8")) <= 123
+    assert reason.startswith("Azure Speech closed the connection: voix « inconnue »")
+    assert azure_closed(1011, "", True) == (1011, "Azure Speech closed the connection")
