@@ -7,7 +7,8 @@ for judging recognition.
 
 `OfflineTurn` is the protocol logic without I/O: audio in, the USP messages Azure would send out
 (turn.start, speech.startDetected, speech.hypothesis, speech.phrase, speech.endDetected, turn.end).
-`OfflineSpeech` is the WebSocket edge; decoding runs in a worker thread, one turn at a time.
+`OfflineSpeech` is the WebSocket edge; decoding runs in a worker thread, one turn at a time. It
+also answers synthesis, through espeak-ng when the machine has it (relay/offline_synthesis.py).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from relay import offline_synthesis as synthesis
 from relay import usp
 
 TICKS_PER_S = 10_000_000
 HYPOTHESIS_EVERY_S = 0.3  # a partial result for about every this much speech
 INITIAL_SILENCE_S = 5.0  # interactive mode gives up on a turn without speech, as Azure does
 Event = tuple[str, dict[str, Any]]  # a USP path and its JSON body
+SYNTHESIS_PATH = "/cognitiveservices/websocket/v1"
 
 _ALTERNATE = re.compile(r"\(\d+\)$")  # "the(2)": the dictionary's second pronunciation
 _NOT_WORDS = {"<s>", "</s>", "<sil>"}
@@ -248,10 +251,15 @@ class OfflineSpeech:
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         """Refuse, before the upgrade, what this recognizer cannot do, saying so."""
         url = urlsplit(request.path)
+        if url.path == SYNTHESIS_PATH:
+            if synthesis.ESPEAK is None:
+                return connection.respond(
+                    HTTPStatus.NOT_IMPLEMENTED,
+                    "offline synthesis needs espeak-ng (apt install espeak-ng), or use Azure Speech",
+                )
+            return None
         if not url.path.startswith("/speech/recognition/"):
-            return connection.respond(
-                HTTPStatus.NOT_IMPLEMENTED, "offline recognizer: recognition only, no synthesis"
-            )
+            return connection.respond(HTTPStatus.NOT_FOUND, "offline service: no such path")
         language = dict(parse_qsl(url.query)).get("language", "en-US")
         if not language.lower().startswith("en"):
             return connection.respond(HTTPStatus.BAD_REQUEST, "offline recognizer: English (en-US) only")
@@ -260,6 +268,9 @@ class OfflineSpeech:
     async def handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         url = urlsplit(ws.request.path)
+        if url.path == SYNTHESIS_PATH:
+            await self._synthesize(ws)
+            return
         mode = url.path.removeprefix("/speech/recognition/").split("/", 1)[0]
         detailed = dict(parse_qsl(url.query)).get("format", "simple").lower() == "detailed"
         turn: OfflineTurn | None = None
@@ -294,6 +305,29 @@ class OfflineSpeech:
             if turn is not None:
                 await asyncio.to_thread(turn.close)
                 self.pool.give_back(turn.decoder)
+
+    async def _synthesize(self, ws: ServerConnection) -> None:
+        output = "raw-16khz-16bit-mono-pcm"  # until `synthesis.context` says which
+        try:
+            async for message in ws:
+                if not isinstance(message, str):
+                    continue
+                msg = usp.parse_text(message)
+                if msg.path == "synthesis.context":
+                    output = msg.json().get("synthesis", {}).get("audio", {}).get("outputFormat", output)
+                elif msg.path == "ssml":
+                    try:
+                        riff, rate = synthesis.pcm_format(output)
+                        text, language = synthesis.ssml_text(msg.body.decode("utf-8", "replace"))
+                        pcm = await synthesis.speak(text, language)
+                    except synthesis.SynthesisError as exc:
+                        await ws.close(1007, str(exc))  # passed on: the SDKs cancel and say why
+                        return
+                    pcm = await asyncio.to_thread(synthesis.to_rate, pcm, rate)
+                    for frame in synthesis.synthesis_messages(msg.request_id, pcm, riff, rate):
+                        await ws.send(frame)
+        except (ConnectionClosed, usp.ProtocolError):
+            pass
 
     @contextlib.asynccontextmanager
     async def running(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay import offline_synthesis
 from token_service.clients import (
     ClientPolicy,
     check_secret,
@@ -89,8 +90,12 @@ def banner(client: DevClient, token_url: str, relay_url: str, settings: Settings
     if settings.speech_endpoint or settings.speech_region:
         upstream = settings.speech_endpoint or f"Azure Speech in {settings.speech_region}"
     else:
+        speaker = (
+            "espeak-ng, PCM output formats" if offline_synthesis.ESPEAK else "none: install espeak-ng for it"
+        )
         upstream = (
-            "OFFLINE recognizer (PocketSphinx): English only, low accuracy, no synthesis;\n"
+            "OFFLINE recognizer (PocketSphinx): English only, low accuracy;\n"
+            f"                  synthesis: {speaker};\n"
             "                  set SPEECH_KEY and SPEECH_REGION for Azure Speech"
         )
     demo = relay_url.replace("ws://", "http://", 1) + "/demo"

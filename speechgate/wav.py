@@ -45,11 +45,12 @@ def _mono(samples: array.array[int], channels: int) -> array.array[int]:
     )
 
 
-def _resample(samples: array.array[int], rate: int) -> array.array[int]:
-    if rate == RATE or not samples:
+def resample(samples: array.array[int], rate: int, to: int = RATE) -> array.array[int]:
+    """`samples` at `rate` as samples at `to`, by linear interpolation."""
+    if rate == to or not samples:
         return samples
-    count = len(samples) * RATE // rate
-    step = rate / RATE
+    count = len(samples) * to // rate
+    step = rate / to
     last = len(samples) - 1
     out = array.array("h", bytes(2 * count))
     for i in range(count):
@@ -78,7 +79,7 @@ def read_pcm16k(path: Path) -> bytes:
         ) from None
     if not frames:
         raise WavError(f"{path}: the file holds no audio")
-    samples = _resample(_mono(_to_int16(frames, width), channels), rate)
+    samples = resample(_mono(_to_int16(frames, width), channels), rate)
     if sys.byteorder == "big":
         samples.byteswap()
     return samples.tobytes()

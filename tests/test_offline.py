@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -21,6 +22,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from relay import offline_synthesis as synthesis
+from relay import usp
 from relay.offline import DecoderPool, Event, OfflineTurn
 from speechgate.wav import read_pcm16k
 from tests.processes import Process, free_port
@@ -29,6 +32,7 @@ from tests.test_cli_dev import SPEECHGATE, credentials
 SPEECH_WAV = Path(__file__).parent / "data" / "speech.wav"  # espeak-ng: two sentences, 1 s apart
 TICKS_PER_S = 10_000_000
 INTERACTIVE = "/speech/recognition/interactive/cognitiveservices/v1?language=en-US"
+SYNTHESIS = "/cognitiveservices/websocket/v1"
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +144,7 @@ def offline_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
 def test_dev_says_it_recognizes_offline_and_how_to_try_it(offline_dev: Dev) -> None:
     output = offline_dev.output
     assert "OFFLINE recognizer (PocketSphinx): English only, low accuracy" in output
+    assert "synthesis: espeak-ng, PCM output formats" in output  # .ci/run installs espeak-ng
     assert "uv run speechgate stream some.wav" in output
     assert f"{offline_dev.relay_url.replace('ws://', 'http://')}/demo" in output
 
@@ -208,13 +213,107 @@ def test_the_official_sdk_recognizes_once_offline(offline_dev: Dev) -> None:
     assert 0 < result.offset < result.offset + result.duration < 2 * TICKS_PER_S  # the first sentence
 
 
-def test_synthesis_offline_is_cancelled_with_the_reason(offline_dev: Dev) -> None:
-    synthesizer = speechsdk.SpeechSynthesizer(
-        speech_config=sdk_config(offline_dev, "/cognitiveservices/websocket/v1"), audio_config=None
+def synthesize(dev: Dev, ssml: str, output: Any = None) -> speechsdk.SpeechSynthesisResult:
+    config = sdk_config(dev, SYNTHESIS)
+    if output is not None:
+        config.set_speech_synthesis_output_format(output)
+    result: speechsdk.SpeechSynthesisResult = (
+        speechsdk.SpeechSynthesizer(speech_config=config, audio_config=None).speak_ssml_async(ssml).get()
     )
-    result = synthesizer.speak_text_async("hello").get()
+    return result
+
+
+def ssml(text: str, language: str = "en-US") -> str:
+    return f"<speak version='1.0' xml:lang='{language}'><voice name='en-US-AvaNeural'>{text}</voice></speak>"
+
+
+def wav_of(result: speechsdk.SpeechSynthesisResult) -> tuple[int, array.array[int]]:
+    """The sample rate and samples of a synthesis result's WAV."""
+    with wave.open(io.BytesIO(result.audio_data)) as wav:
+        assert (wav.getnchannels(), wav.getsampwidth()) == (1, 2)
+        return wav.getframerate(), array.array("h", wav.readframes(wav.getnframes()))
+
+
+def test_the_official_sdk_synthesizes_offline_and_the_recognizer_hears_speech(offline_dev: Dev) -> None:
+    result = synthesize(offline_dev, ssml("Hello world. This is the offline voice."))
+    assert result.reason == speechsdk.ResultReason.SynthesizingAudioCompleted, result.cancellation_details
+    rate, samples = wav_of(result)
+    assert rate == 16000  # the SDK's default, raw-16khz-16bit-mono-pcm on the wire
+    assert 1.5 < len(samples) / rate < 5.0  # two short sentences
+    assert max(abs(x) for x in samples) > 3000  # not silence
+    push = speechsdk.audio.PushAudioInputStream()  # 16 kHz 16-bit mono, as synthesized
+    recognizer = speechsdk.SpeechRecognizer(
+        speech_config=sdk_config(offline_dev, INTERACTIVE),
+        audio_config=speechsdk.audio.AudioConfig(stream=push),
+    )
+    future = recognizer.recognize_once_async()
+    push.write(samples.tobytes())
+    push.close()
+    heard = future.get()
+    assert heard.reason == speechsdk.ResultReason.RecognizedSpeech, heard.cancellation_details
+    assert heard.text
+
+
+def test_offline_synthesis_in_another_pcm_format_and_language(offline_dev: Dev) -> None:
+    result = synthesize(
+        offline_dev, ssml("Guten Tag", "de-DE"), speechsdk.SpeechSynthesisOutputFormat.Riff24Khz16BitMonoPcm
+    )
+    assert result.reason == speechsdk.ResultReason.SynthesizingAudioCompleted, result.cancellation_details
+    rate, samples = wav_of(result)
+    assert rate == 24000
+    assert 0.3 < len(samples) / rate < 3.0
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "output", "reason"),
+    [
+        (
+            "hello",
+            "en-US",
+            speechsdk.SpeechSynthesisOutputFormat.Audio16Khz32KBitRateMonoMp3,
+            "16-bit mono PCM output only",
+        ),
+        ("hello", "xx-XX", None, "espeak-ng has no voice for xx-XX"),
+        ("", "en-US", None, "no text to speak"),
+    ],
+)
+def test_what_offline_synthesis_cannot_do_is_cancelled_at_once_with_the_reason(
+    offline_dev: Dev, text: str, language: str, output: Any, reason: str
+) -> None:
+    result = synthesize(offline_dev, ssml(text, language), output)
     assert result.reason == speechsdk.ResultReason.Canceled
-    assert "offline recognizer: recognition only, no synthesis" in result.cancellation_details.error_details
+    details = result.cancellation_details
+    assert details.error_code == speechsdk.CancellationErrorCode.BadRequest, details.error_details
+    assert reason in details.error_details
+
+
+def test_offline_synthesis_answers_as_azure_does() -> None:
+    assert synthesis.pcm_format("raw-16khz-16bit-mono-pcm") == (False, 16000)
+    assert synthesis.pcm_format("riff-22050hz-16bit-mono-pcm") == (True, 22050)
+    for unsupported in (
+        "audio-24khz-48kbitrate-mono-mp3",
+        "raw-16khz-8bit-mono-pcm",
+        "raw-1khz-16bit-mono-pcm",
+    ):
+        with pytest.raises(synthesis.SynthesisError, match="16-bit mono PCM output only"):
+            synthesis.pcm_format(unsupported)
+    assert synthesis.ssml_text(ssml("Hello <break time='1s'/> <emphasis>world</emphasis>")) == (
+        "Hello world",
+        "en-US",
+    )
+    with pytest.raises(synthesis.SynthesisError, match="does not parse"):
+        synthesis.ssml_text("<speak>unclosed")
+    pcm = bytes(range(256)) * 50  # 12,800 bytes: 0.4 s at 16 kHz
+    messages = synthesis.synthesis_messages("r1", pcm, True, 16000)
+    texts = [usp.parse_text(m) for m in messages if isinstance(m, str)]
+    assert [m.path for m in texts] == ["turn.start", "response", "turn.end"]
+    assert all(m.request_id == "r1" for m in texts)
+    stream_id = texts[1].json()["audio"]["streamId"]
+    audio = [usp.parse_binary(m) for m in messages if isinstance(m, bytes)]
+    assert isinstance(messages[2], bytes)  # audio only after `response`, which the JS SDK waits for
+    assert all(a.header("X-StreamId") == stream_id and a.path == "audio" for a in audio)
+    assert [len(a.body) for a in audio] == [3200, 3200, 3200, 3200, 44]  # 100 ms each
+    assert b"".join(a.body for a in audio) == usp.riff_header(16000) + pcm
 
 
 def test_another_language_offline_is_refused_with_the_reason(offline_dev: Dev) -> None:
