@@ -162,6 +162,19 @@ def keys() -> None:
     """Signing keys and the Azure Speech key."""
 
 
+LISTED_TAGS = (
+    "kid",
+    "state",
+    "signs-from",
+    "retire-after",
+    "revoked-at",
+    "revoked-by",
+    "slot",
+    "rotated-at",
+    "rotated-by",
+)
+
+
 @keys.command("list")
 @json_option
 def keys_list(as_json: bool) -> None:
@@ -203,19 +216,6 @@ def keys_list(as_json: bool) -> None:
                 state = f"next, signs in {_duration(int(item['signs-from']) - now)}"
             lines.append(f"  {item['version']}  {label:<44} {state:<9} {item['age']:>5} old")
     output(as_json, found, "\n".join(lines))
-
-
-LISTED_TAGS = (
-    "kid",
-    "state",
-    "signs-from",
-    "retire-after",
-    "revoked-at",
-    "revoked-by",
-    "slot",
-    "rotated-at",
-    "rotated-by",
-)
 
 
 @keys.command("init")

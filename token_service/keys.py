@@ -17,8 +17,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SIGNING_KEY_SECRET = "speechgate-signing-key"  # noqa: S105 - a secret name
 ALGORITHM = "ES256"
+T = TypeVar("T")
 
 
 class SigningKeyError(StoreError):
@@ -114,10 +116,15 @@ def _signs_from(item: SecretVersion) -> int:
 
 
 def signing_now(versions: list[SecretVersion], now: float) -> SecretVersion:
-    """The version that signs at `now`: of those whose time has come, the one that came last (the
-    newest of equals: versions made in one second may list in any order on Key Vault)."""
-    due = [v for v in versions if _signs_from(v) <= now]
-    return max(reversed(due), key=_signs_from) if due else versions[-1]
+    """The version that signs at `now` (oldest first given)."""
+    return _due(versions, _signs_from, now)
+
+
+def _due(items: list[T], signs_from: Callable[[T], int], now: float) -> T:
+    """Of the items whose time has come, the one that came last: the newest of equals, since
+    versions made in one second may list in any order on Key Vault. The newest if none has."""
+    due = [item for item in items if signs_from(item) <= now]
+    return max(reversed(due), key=signs_from) if due else items[-1]
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,7 @@ class KeyRing:
         if not keys:
             raise NoSigningKey("no enabled signing key in the store; run `speechgate keys rotate-signing`")
         now = time.time() if now is None else now
-        due = [k for k in keys if k.signs_from <= now]
-        signer = max(reversed(due), key=lambda k: k.signs_from) if due else keys[-1]  # as signing_now
+        signer = _due(keys, lambda k: k.signs_from, now)
         jwks = {"keys": [k.jwk() for k in reversed(keys)]}
         return cls(
             signer=signer,
@@ -261,7 +267,7 @@ async def rotate_signing_key(
     )
     if unfinished:
         signer_kid = versions[-1].tags.get("kid", "")
-        signs_from = _signs_from(versions[-1]) or now
+        signs_from = _signs_from(versions[-1])
         older = versions[:-1]
     else:
         if not versions or not await _usable(store, signing_now(versions, now)):
