@@ -13,7 +13,8 @@ import httpx
 import pytest
 import redis
 
-from tests.relays import stack, stack_factory  # noqa: F401 - fixtures for every test module
+from tests.js_sdk import node  # noqa: F401 - fixtures for every test module
+from tests.relays import stack, stack_factory  # noqa: F401
 from tests.servers import ServerThread
 from tests.vault import vault  # noqa: F401
 from token_service.app import create_app

@@ -26,6 +26,7 @@ from relay import offline_synthesis as synthesis
 from relay import usp
 from relay.offline import DecoderPool, Event, OfflineTurn
 from speechgate.wav import read_pcm16k
+from tests.js_sdk import run_js
 from tests.processes import Process, free_port
 from tests.test_cli_dev import SPEECHGATE, credentials
 
@@ -252,6 +253,12 @@ def test_the_official_sdk_synthesizes_offline_and_the_recognizer_hears_speech(of
     heard = future.get()
     assert heard.reason == speechsdk.ResultReason.RecognizedSpeech, heard.cancellation_details
     assert heard.text
+
+
+def test_the_javascript_sdk_synthesizes_offline(node: str, offline_dev: Dev) -> None:
+    out = run_js(node, "synthesize", f"{offline_dev.relay_url}{SYNTHESIS}", token(offline_dev))
+    assert out["reason"] == "SynthesizingAudioCompleted", out  # riff-16khz-16bit-mono-pcm in Node
+    assert out["bytes"] > 8000  # "hello": over a quarter second of 16 kHz audio
 
 
 def test_offline_synthesis_in_another_pcm_format_and_language(offline_dev: Dev) -> None:

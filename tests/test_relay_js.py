@@ -8,42 +8,18 @@ after a `response` message: both are what this checks beyond the Python SDK.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.js_sdk import JS, run_js
 from tests.processes import wait_until
 from tests.relays import Stack
 
-JS = Path(__file__).parent / "js"
 RECOGNITION = "/speech/recognition/interactive/cognitiveservices/v1?language=en-US"
 SYNTHESIS = "/cognitiveservices/websocket/v1"
-
-
-@pytest.fixture(scope="session")
-def node() -> str:
-    binary = shutil.which("node")
-    if binary is None or shutil.which("npm") is None:
-        pytest.fail("these tests need Node.js and npm (.ci/run installs them)")
-    if not (JS / "node_modules" / "microsoft-cognitiveservices-speech-sdk").exists():
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True, timeout=300
-        )
-    return binary
-
-
-def run_js(node: str, *args: str) -> dict[str, Any]:
-    result = subprocess.run(
-        [node, str(JS / "speech.js"), *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    assert lines, (result.stdout, result.stderr)
-    out: dict[str, Any] = json.loads(lines[-1])
-    return out
 
 
 def test_js_sdk_recognizes_through_the_relay(node: str, stack: Stack) -> None:
