@@ -1,7 +1,7 @@
 """The official JavaScript Speech SDK (Node.js) through the relay, with our JWT as its token.
 
-Installs the SDK pinned in tests/js/package-lock.json on first use (npm ci); the machine's
-Node.js runs it. The JS SDK copies the token into the query and, on synthesis, only accepts audio
+The `node` fixture (tests/js_sdk.py) installs the SDK pinned in tests/js/package-lock.json on
+first use; the machine's Node.js runs it. The JS SDK copies the token into the query and, on synthesis, only accepts audio
 after a `response` message: both are what this checks beyond the Python SDK.
 """
 
