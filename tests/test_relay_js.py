@@ -1,8 +1,9 @@
 """The official JavaScript Speech SDK (Node.js) through the relay, with our JWT as its token.
 
 The `node` fixture (tests/js_sdk.py) installs the SDK pinned in tests/js/package-lock.json on
-first use; the machine's Node.js runs it. The JS SDK copies the token into the query and, on synthesis, only accepts audio
-after a `response` message: both are what this checks beyond the Python SDK.
+first use; the machine's Node.js runs it. The JS SDK copies the token into the query and, on
+synthesis, only accepts audio after a `response` message: both are what this checks beyond the
+Python SDK.
 """
 
 from __future__ import annotations
