@@ -415,7 +415,7 @@ def test_a_rotated_key_is_published_at_once_through_the_reload_event_and_signs_a
         return str(jwt.get_unverified_header(token)["kid"])
 
     old_kid = signed_by()
-    rotated = cli.json("keys", "rotate-signing", "--publish-delay", "2")
+    rotated = cli.json("keys", "rotate-signing", "--publish-delay", "4")
     new_kid = rotated["signer_kid"]
     assert wait_until(
         lambda: new_kid in {k["kid"] for k in service.http.get("/.well-known/jwks.json").json()["keys"]}
