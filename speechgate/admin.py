@@ -320,8 +320,8 @@ def prune(yes: bool, as_json: bool) -> None:
 @yes_option
 @json_option
 def revoke_signing(kid: str, yes: bool, as_json: bool) -> None:
-    """A signing key leaked: refuse every token it signed, now. Its version is disabled (a new key
-    signs first if it was the signer), the relays refuse its tokens at the handshake and close
+    """A signing key leaked: refuse every token it signed, now. Its version is disabled (another
+    key signs first if it was the signer), the relays refuse its tokens at the handshake and close
     the streams they opened, and its kid stays refused for good."""
     confirm(yes, f"Revoke signing key {kid}? Every token it signed stops working and its streams close.")
 

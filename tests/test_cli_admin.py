@@ -204,13 +204,21 @@ def test_revoking_a_leaked_signing_key_disables_it_now_and_refuses_its_kid_for_g
     again = cli.json("keys", "revoke-signing", "--kid", signer, "--yes")  # a repeat changes nothing
     assert (again["was_enabled"], again["new_signer_kid"]) == (False, None)
     assert len(cli.json("keys", "list")["speechgate-signing-key"]) == 3
-    assert sync_redis.smembers(keyspace.revoked_signing_keys) == {old, signer}
+    assert {old, signer} <= sync_redis.smembers(keyspace.revoked_signing_keys)
 
     upcoming = cli.json("keys", "rotate-signing", "--publish-delay", "600")["signer_kid"]
     not_yet = cli.json("keys", "revoke-signing", "--kid", upcoming, "--yes")  # published, not signing
     assert not_yet["new_signer_kid"] is None
     listed = cli.json("keys", "list")["speechgate-signing-key"]
     assert [v["kid"] for v in listed if v["signing"]] == [revoked["new_signer_kid"]]
+    # The signer revoked while a rotation's key waits its turn: that key signs at once, no other.
+    scheduled = cli.json("keys", "rotate-signing", "--publish-delay", "600")["signer_kid"]
+    before = len(cli.json("keys", "list")["speechgate-signing-key"])
+    brought_forward = cli.json("keys", "revoke-signing", "--kid", revoked["new_signer_kid"], "--yes")
+    assert brought_forward["new_signer_kid"] == scheduled
+    listed = cli.json("keys", "list")["speechgate-signing-key"]
+    assert len(listed) == before
+    assert [v["kid"] for v in listed if v["signing"]] == [scheduled]
 
     unknown = cli("keys", "revoke-signing", "--kid", "-no-such-kid", "--yes", code=3)
     assert "speechgate keys list" in unknown.output

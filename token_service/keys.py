@@ -298,6 +298,17 @@ class KeyRevocation:
     was_enabled: bool  # False when an earlier, interrupted run had disabled it already
 
 
+async def _sign_now(store: SecretStore, upcoming: list[SecretVersion]) -> str:
+    """A signer from now on: the published key a rotation had scheduled, brought forward (relays
+    may know it already), else a new one. Its kid."""
+    now = int(time.time())
+    for item in reversed(upcoming):
+        if await _usable(store, item):
+            await store.update(SIGNING_KEY_SECRET, item.version, tags={**item.tags, "signs-from": str(now)})
+            return item.tags.get("kid") or str(await _kid_of(store, item))
+    return (await add_signing_key(store, now)).kid
+
+
 async def _kid_of(store: SecretStore, item: SecretVersion) -> str | None:
     if "kid" in item.tags:
         return item.tags["kid"]
@@ -308,8 +319,9 @@ async def _kid_of(store: SecretStore, item: SecretVersion) -> str | None:
 
 
 async def revoke_signing_key(store: SecretStore, kid: str, by: str, now: int | None = None) -> KeyRevocation:
-    """Disable the version with this kid at once, grace or not; a new key signs first when it was
-    the signer. Safe to repeat: a run that finds it disabled already changes nothing."""
+    """Disable the version with this kid at once, grace or not; when it was the signer, another
+    signs first (a scheduled one brought forward, or a new one). Safe to repeat: a run that finds
+    it disabled already changes nothing."""
     now = int(time.time()) if now is None else now
     try:
         versions = await store.versions(SIGNING_KEY_SECRET)
@@ -320,9 +332,10 @@ async def revoke_signing_key(store: SecretStore, kid: str, by: str, now: int | N
         raise SecretNotFound(f"no signing key has kid {kid!r}; `speechgate keys list` shows the kids")
     target = matching[-1]
     new_signer = None
+    enabled = [v for v in versions if v.enabled]
     if target.enabled:
-        if signing_now([v for v in versions if v.enabled], now).version == target.version:
-            new_signer = (await add_signing_key(store, now)).kid
+        if signing_now(enabled, now).version == target.version:
+            new_signer = await _sign_now(store, [v for v in enabled if _signs_from(v) > now])
         await store.update(
             SIGNING_KEY_SECRET,
             target.version,
