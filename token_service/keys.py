@@ -298,10 +298,9 @@ class KeyRevocation:
     was_enabled: bool  # False when an earlier, interrupted run had disabled it already
 
 
-async def _sign_now(store: SecretStore, upcoming: list[SecretVersion]) -> str:
-    """A signer from now on: the published key a rotation had scheduled, brought forward (relays
+async def _sign_now(store: SecretStore, upcoming: list[SecretVersion], now: int) -> str:
+    """A signer from `now` on: the published key a rotation had scheduled, brought forward (relays
     may know it already), else a new one. Its kid."""
-    now = int(time.time())
     for item in reversed(upcoming):
         if await _usable(store, item):
             await store.update(SIGNING_KEY_SECRET, item.version, tags={**item.tags, "signs-from": str(now)})
@@ -335,7 +334,7 @@ async def revoke_signing_key(store: SecretStore, kid: str, by: str, now: int | N
     enabled = [v for v in versions if v.enabled]
     if target.enabled:
         if signing_now(enabled, now).version == target.version:
-            new_signer = await _sign_now(store, [v for v in enabled if _signs_from(v) > now])
+            new_signer = await _sign_now(store, [v for v in enabled if _signs_from(v) > now], now)
         await store.update(
             SIGNING_KEY_SECRET,
             target.version,
