@@ -255,7 +255,7 @@ class OfflineSpeech:
             if synthesis.ESPEAK is None:
                 return connection.respond(
                     HTTPStatus.NOT_IMPLEMENTED,
-                    "offline synthesis needs espeak-ng (apt install espeak-ng), or use Azure Speech",
+                    "apt install espeak-ng for offline synthesis",  # short: the app sees it in a close reason
                 )
             return None
         if not url.path.startswith("/speech/recognition/"):

@@ -42,7 +42,7 @@ def pcm_format(name: str) -> tuple[bool, int]:
     rate = int(match["rate"]) * (1000 if match["k"] else 1) if match else 0
     if match is None or not 8000 <= rate <= 48000:
         raise SynthesisError(
-            f"offline synthesizer: 16-bit mono PCM output only (such as raw-16khz-16bit-mono-pcm), not {name}"
+            f"offline synthesizer: 16-bit mono PCM formats only, not {name}"  # fits a close reason
         )
     return match["kind"] == "riff", rate
 

@@ -278,7 +278,7 @@ def test_offline_synthesis_in_another_pcm_format_and_language(offline_dev: Dev) 
             "hello",
             "en-US",
             speechsdk.SpeechSynthesisOutputFormat.Audio16Khz32KBitRateMonoMp3,
-            "16-bit mono PCM output only",
+            "16-bit mono PCM formats only, not audio-16khz-32kbitrate-mono-mp3",  # whole, in a close reason
         ),
         ("hello", "xx-XX", None, "espeak-ng has no voice for xx-XX"),
         ("", "en-US", None, "no text to speak"),
@@ -294,6 +294,20 @@ def test_what_offline_synthesis_cannot_do_is_cancelled_at_once_with_the_reason(
     assert reason in details.error_details
 
 
+def test_without_espeak_ng_dev_says_so_and_synthesis_is_cancelled_with_how_to_get_it(
+    tmp_path: Path,
+) -> None:
+    env = {"SPEECHGATE_PORT": str(free_port()), "SPEECHGATE_RELAY_PORT": str(free_port())}
+    clean = {k: v for k, v in os.environ.items() if k not in ("SPEECH_KEY", "SPEECH_REGION")}
+    clean["PATH"] = str(Path(SPEECHGATE).parent)  # the virtual environment only: no espeak-ng
+    with Process([SPEECHGATE, "dev"], "Uvicorn running on", env={**clean, **env}, cwd=tmp_path) as proc:
+        dev = Dev(tmp_path, env, f"ws://127.0.0.1:{env['SPEECHGATE_RELAY_PORT']}", "".join(proc.output))
+        assert "synthesis: none: install espeak-ng for it" in dev.output
+        result = synthesize(dev, ssml("hello"))
+    assert result.reason == speechsdk.ResultReason.Canceled
+    assert "apt install espeak-ng for offline synthesis" in result.cancellation_details.error_details
+
+
 def test_offline_synthesis_answers_as_azure_does() -> None:
     assert synthesis.pcm_format("raw-16khz-16bit-mono-pcm") == (False, 16000)
     assert synthesis.pcm_format("riff-22050hz-16bit-mono-pcm") == (True, 22050)
@@ -302,7 +316,7 @@ def test_offline_synthesis_answers_as_azure_does() -> None:
         "raw-16khz-8bit-mono-pcm",
         "raw-1khz-16bit-mono-pcm",
     ):
-        with pytest.raises(synthesis.SynthesisError, match="16-bit mono PCM output only"):
+        with pytest.raises(synthesis.SynthesisError, match="16-bit mono PCM formats only"):
             synthesis.pcm_format(unsupported)
     assert synthesis.ssml_text(ssml("Hello <break time='1s'/> <emphasis>world</emphasis>")) == (
         "Hello world",
