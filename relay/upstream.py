@@ -185,12 +185,12 @@ async def open_upstream(
             retryable = status in (401, 408, 429) or status >= 500
             detail = _detail(exc.response.body)
             error = UpstreamError(
-                f"Azure Speech refused the connection ({status}{': ' + detail if detail else ''})",
+                f"refused with {status}{': ' + detail if detail else ''}",  # short: it ends in a close reason
                 retryable,
                 status,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
-            error = UpstreamError(f"Azure Speech unreachable ({type(exc).__name__})", True)
+            error = UpstreamError(f"unreachable ({type(exc).__name__})", True)
         if not error.retryable or attempt == attempts:
             raise error
         log.warning("upstream attempt %d failed: %s; retrying", attempt, error)
