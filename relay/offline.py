@@ -319,11 +319,10 @@ class OfflineSpeech:
                     try:
                         riff, rate = synthesis.pcm_format(output)
                         text, language = synthesis.ssml_text(msg.body.decode("utf-8", "replace"))
-                        pcm = await synthesis.speak(text, language)
+                        pcm = await synthesis.speak(text, language, rate)
                     except synthesis.SynthesisError as exc:
                         await ws.close(1007, str(exc))  # passed on: the SDKs cancel and say why
                         return
-                    pcm = await asyncio.to_thread(synthesis.to_rate, pcm, rate)
                     for frame in synthesis.synthesis_messages(msg.request_id, pcm, riff, rate):
                         await ws.send(frame)
         except (ConnectionClosed, usp.ProtocolError):

@@ -13,15 +13,13 @@ espeak-ng in a subprocess, the text on its standard input, never on a command li
 
 from __future__ import annotations
 
-import array
 import asyncio
 import re
 import shutil
-import sys
 from xml.etree import ElementTree
 
 from relay import usp
-from speechgate.wav import resample
+from speechgate.wav import resample_pcm16
 
 ESPEAK = shutil.which("espeak-ng")
 ESPEAK_RATE = 22050  # what espeak-ng writes
@@ -79,19 +77,8 @@ def synthesis_messages(request_id: str, pcm: bytes, riff: bool, rate: int) -> li
     ]
 
 
-def to_rate(pcm: bytes, rate: int) -> bytes:
-    """espeak-ng's 16-bit mono PCM at the rate asked for."""
-    samples = array.array("h", pcm[: len(pcm) // 2 * 2])
-    if sys.byteorder == "big":
-        samples.byteswap()
-    out = resample(samples, ESPEAK_RATE, rate)
-    if sys.byteorder == "big":
-        out.byteswap()
-    return out.tobytes()
-
-
-async def speak(text: str, language: str) -> bytes:
-    """The text spoken by espeak-ng in the language's voice, as 16-bit mono PCM at ESPEAK_RATE."""
+async def speak(text: str, language: str, rate: int) -> bytes:
+    """The text spoken by espeak-ng in the language's voice, as 16-bit mono PCM at `rate`."""
     if ESPEAK is None:
         raise SynthesisError("offline synthesizer: install espeak-ng (apt install espeak-ng)")
     for voice in dict.fromkeys((language.lower(), language.lower().split("-")[0])):  # en-us, then en
@@ -106,6 +93,6 @@ async def speak(text: str, language: str) -> bytes:
             stderr=asyncio.subprocess.DEVNULL,
         )
         wav, _ = await process.communicate(text.encode("utf-8"))
-        if process.returncode == 0 and len(wav) > 44:
-            return wav[44:]  # its header claims an endless stream
+        if process.returncode == 0 and len(wav) > 44:  # its header claims an endless stream
+            return await asyncio.to_thread(resample_pcm16, wav[44:], ESPEAK_RATE, rate)
     raise SynthesisError(f"offline synthesizer: espeak-ng has no voice for {language}")

@@ -79,7 +79,15 @@ def read_pcm16k(path: Path) -> bytes:
         ) from None
     if not frames:
         raise WavError(f"{path}: the file holds no audio")
-    samples = resample(_mono(_to_int16(frames, width), channels), rate)
+    return _to_bytes(resample(_mono(_to_int16(frames, width), channels), rate))
+
+
+def resample_pcm16(pcm: bytes, rate: int, to: int) -> bytes:
+    """16-bit mono little-endian PCM at `rate`, as the same at `to`."""
+    return _to_bytes(resample(_to_int16(pcm[: len(pcm) // 2 * 2], 2), rate, to))
+
+
+def _to_bytes(samples: array.array[int]) -> bytes:
     if sys.byteorder == "big":
         samples.byteswap()
     return samples.tobytes()

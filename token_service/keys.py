@@ -304,7 +304,7 @@ async def _sign_now(store: SecretStore, upcoming: list[SecretVersion], now: int)
     for item in reversed(upcoming):
         if await _usable(store, item):
             await store.update(SIGNING_KEY_SECRET, item.version, tags={**item.tags, "signs-from": str(now)})
-            return item.tags.get("kid") or str(await _kid_of(store, item))
+            return str(await _kid_of(store, item))
     return (await add_signing_key(store, now)).kid
 
 
