@@ -56,6 +56,7 @@ _ws_log.setLevel(logging.INFO)
 RECOGNITION_MODES = ("conversation", "interactive", "dictation")
 HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
 PLAIN_PATH = "/v1/listen"
+MAX_UNSETTLED = 100_000  # ended streams kept for Redis during an outage (a few hundred bytes each)
 # Plain HTTP pages served beside the WebSocket endpoints (the dev demo).
 Route = Callable[[ServerConnection, Request], Awaitable[Response]]
 
@@ -160,6 +161,7 @@ class Relay:
         if settings.upstream_auth == "sts":
             self.credentials = StsCredentials(key, sts_base_for(settings.speech_region, None), self.http)
         self.live: dict[str, Live] = {}
+        self.unsettled: list[Stream] = []  # ended streams whose last state Redis has yet to get
         self.draining = False
         self._pending: dict[uuid.UUID, Pending] = {}
         self._listener = EventListener(redis, self.keyspace, self.on_event) if redis else None
@@ -321,8 +323,26 @@ class Relay:
                     }
                 },
             )
-            with contextlib.suppress(*REDIS_ERRORS):
-                await stream.backend.release(stream)
+            await self._release(stream)
+
+    async def _release(self, stream: Stream) -> None:
+        """Free the stream's slots and count its last audio; what Redis could not take now (or
+        what the per-process rules counted during an outage) is written by a later heartbeat."""
+        try:
+            await stream.backend.release(stream)
+        except REDIS_ERRORS as exc:
+            self.health.mark_down(exc)
+            self._unsettle(stream)
+            return
+        if stream.backend is self.local_sessions and self.redis_sessions is not None:
+            stream.released = True
+            self._unsettle(stream)
+
+    def _unsettle(self, stream: Stream) -> None:
+        if len(self.unsettled) >= MAX_UNSETTLED:  # a long outage: forget the oldest, not memory
+            log.warning("dropping the audio count of a stream that ended during a Redis outage")
+            self.unsettled.pop(0)
+        self.unsettled.append(stream)
 
     # --- background work --------------------------------------------------------------------
 
@@ -355,31 +375,45 @@ class Relay:
     async def _heartbeat_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            streams = [live.stream for live in self.live.values() if live.stream.closing_reason is None]
-            self._meter(streams)
-            policies = {}
-            for client_id in {s.claims.client_id for s in streams}:
-                policy = await self.clients.get(client_id)
-                if isinstance(policy, ClientPolicy):
-                    policies[client_id] = policy
-            beats = [
-                await self.local_sessions.heartbeat(
-                    [s for s in streams if s.backend is self.local_sessions], policies
-                )
-            ]
-            shared = [s for s in streams if s.backend is self.redis_sessions]
-            if shared and self.redis_sessions is not None:
-                try:
-                    beats.append(await self.redis_sessions.heartbeat(shared, policies))
-                except REDIS_ERRORS as exc:  # the leases renew on the next beat, or run out
-                    self.health.mark_down(exc)
-            for beat in beats:
-                for client_id, share in beat.audio_use.items():
-                    self.metrics.quota_use.labels(client_id, "audio_day").set(share)
-            for stream, reason in [entry for beat in beats for entry in beat.over]:
-                live = self.live.get(stream.stream_id)
-                if live is not None:
-                    live.end(4000, 4429, reason)
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Renew leases, count audio, end the streams over a quota; with Redis back after an
+        outage, move the streams admitted meanwhile to the shared rules and count what the
+        failed writes missed."""
+        streams = [live.stream for live in self.live.values() if live.stream.closing_reason is None]
+        self._meter(streams)
+        policies = {}
+        for client_id in {s.claims.client_id for s in streams}:
+            policy = await self.clients.get(client_id)
+            if isinstance(policy, ClientPolicy):
+                policies[client_id] = policy
+        if self.redis_sessions is not None and self.health.up:
+            for stream in streams:
+                if stream.backend is self.local_sessions:
+                    self.local_sessions.forget(stream)
+                    stream.backend = self.redis_sessions  # its whole audio is counted below
+        beats = [
+            await self.local_sessions.heartbeat(
+                [s for s in streams if s.backend is self.local_sessions], policies
+            )
+        ]
+        shared = [s for s in streams if s.backend is self.redis_sessions]
+        if self.redis_sessions is not None and (shared or self.unsettled) and self.health.up:
+            try:
+                if self.unsettled:
+                    await self.redis_sessions.settle(self.unsettled)
+                    self.unsettled = []
+                beats.append(await self.redis_sessions.heartbeat(shared, policies))
+            except REDIS_ERRORS as exc:  # the leases renew on the next beat, or run out
+                self.health.mark_down(exc)
+        for beat in beats:
+            for client_id, share in beat.audio_use.items():
+                self.metrics.quota_use.labels(client_id, "audio_day").set(share)
+        for stream, reason in [entry for beat in beats for entry in beat.over]:
+            live = self.live.get(stream.stream_id)
+            if live is not None:
+                live.end(4000, 4429, reason)
 
     # --- running ----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Sequence
@@ -34,17 +35,31 @@ class Stream:
     claims: AccessClaims
     stream_id: str
     started_ms: int  # when its session started (reconnects keep the first start)
-    audio_s: float = 0.0  # metered since the last heartbeat
+    audio_s: float = 0.0  # metered since the per-process rules last counted it
     total_audio_s: float = 0.0
     in_metrics_s: float = 0.0  # how much of total_audio_s the Prometheus counter has
     byte_rate: int = 32000
     closing_reason: str | None = field(default=None)
     backend: Any = None  # the Sessions that admitted it, and so release it
+    released: bool = False  # ended: its leases go, whatever a heartbeat under way says
+    # Redis counts a stream's audio by its running total per day (idempotent: a write that timed
+    # out but ran, and its retry, count once); the day and the total when that day began for it.
+    day: str = ""
+    day_base_s: float = 0.0
+    reported_s: float = 0.0  # total_audio_s as the last successful write carried it
 
     def add_audio(self, payload_bytes: int) -> None:
         seconds = payload_bytes / self.byte_rate
         self.audio_s += seconds
         self.total_audio_s += seconds
+
+    def total_today(self, today: str) -> float:
+        """This stream's audio on `today` (UTC): what the shared counters should hold of it."""
+        if self.day != today:
+            if self.day:  # a new day: what was not written before midnight counts on this one
+                self.day_base_s = self.reported_s
+            self.day = today
+        return self.total_audio_s - self.day_base_s
 
     def flooding(self, opened: float) -> bool:
         """Far ahead of real time since `opened` (monotonic): more than a burst, then 4x."""
@@ -126,12 +141,53 @@ return {1, 'ok', 0, tonumber(started)}
 """
 
 
+# KEYS: audio_streams, audio_client, lease_client, then per subject: lease_subject, audio_subject
+# ARGV: lease_until_ms, lease_key_ttl_ms, audio_ttl_s, then per stream: stream_id, audio total
+#       today, subject index (1-based), live (1) or ended (0)
+# Each stream's total is kept in a hash; only what it adds to the stored one is counted, so a
+# write that ran although its caller timed out, and the caller's retry, count once.
+_BEAT = """
+local until_ms, lease_ttl, audio_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local nsub = (#KEYS - 3) / 2
+local added, client_added = {}, 0
+for j = 1, nsub do added[j] = 0 end
+for i = 4, #ARGV, 4 do
+  local id, total, j = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local seen = tonumber(redis.call('hget', KEYS[1], id)) or 0
+  if total > seen then
+    redis.call('hset', KEYS[1], id, ARGV[i + 1])
+    added[j] = added[j] + total - seen
+    client_added = client_added + total - seen
+  end
+  if ARGV[i + 3] == '1' then
+    redis.call('zadd', KEYS[3], until_ms, id)
+    redis.call('zadd', KEYS[2 + 2 * j], until_ms, id)
+  else
+    redis.call('zrem', KEYS[3], id)
+    redis.call('zrem', KEYS[2 + 2 * j], id)
+  end
+end
+redis.call('expire', KEYS[1], audio_ttl)
+local totals = {redis.call('incrbyfloat', KEYS[2], client_added)}
+redis.call('expire', KEYS[2], audio_ttl)
+redis.call('pexpire', KEYS[3], lease_ttl)
+for j = 1, nsub do
+  redis.call('pexpire', KEYS[2 + 2 * j], lease_ttl)
+  totals[j + 1] = redis.call('incrbyfloat', KEYS[3 + 2 * j], added[j])
+  redis.call('expire', KEYS[3 + 2 * j], audio_ttl)
+end
+return totals
+"""
+AUDIO_TTL_S = 2 * 86400
+
+
 class RedisSessions:
     def __init__(self, redis: Redis, keyspace: Keyspace, lease_s: float) -> None:
         self.redis = redis
         self.keys = keyspace
         self.lease_ms = int(lease_s * 1000)
         self._admit = ScriptRunner(redis, _ADMIT)
+        self._beat = ScriptRunner(redis, _BEAT)
 
     async def admit(
         self, claims: AccessClaims, policy: ClientPolicy, stream_id: str, may_start: bool
@@ -163,60 +219,66 @@ class RedisSessions:
         return Admission(bool(admitted), reason, int(retry), int(started))
 
     async def heartbeat(self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]) -> Beat:
-        """Renew every lease, add the audio metered since last time; the streams over a quota.
+        """Renew every lease, count the audio, and find the streams over a quota.
 
-        One command per key, not per stream: a relay with a thousand streams of a few users
+        One script per client, not per stream: a relay with a thousand streams of a few users
         sends a few commands, not thousands (the beat runs on the event loop that forwards
-        audio, and a long one shows as latency in every stream).
+        audio, and a long one shows as latency in every stream). Streams that ended meanwhile
+        (`released`) lose the lease this beat may have renewed.
         """
         beat = Beat()
-        if not streams:
-            return beat
-        k, today = self.keys, day()
-        until_ms = int(time.time() * 1000) + self.lease_ms
-        groups: dict[tuple[str, str], list[Stream]] = {}
+        by_client: dict[str, list[Stream]] = {}
         for s in streams:
-            groups.setdefault((s.claims.client_id, s.claims.sub), []).append(s)
-        leases: dict[str, dict[str, int]] = {}
-        audio: dict[str, float] = {}
-        for (c, sub), members in groups.items():
-            ids = {s.stream_id: until_ms for s in members}
-            leases[k.lease_subject(c, sub)] = ids
-            leases.setdefault(k.lease_client(c), {}).update(ids)
-            seconds = 0.0
-            for s in members:
-                seconds, s.audio_s = seconds + s.audio_s, 0.0
-            audio[k.audio_subject(c, today, sub)] = seconds
-            client_key = k.audio_client(c, today)
-            audio[client_key] = audio.get(client_key, 0.0) + seconds
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, ids in leases.items():
-                pipe.zadd(key, ids, xx=True)  # xx: a lease released meanwhile stays released
-            for key, seconds in audio.items():
-                pipe.incrbyfloat(key, seconds)
-                pipe.expire(key, 2 * 86400)
-            results = await pipe.execute()
-        totals = {key: float(results[len(leases) + 2 * n]) for n, key in enumerate(audio)}
-        for (c, sub), members in groups.items():
-            subject_s, client_s = totals[k.audio_subject(c, today, sub)], totals[k.audio_client(c, today)]
-            for s in members:
-                beat.add(s, policies.get(c), subject_s, client_s)
+            by_client.setdefault(s.claims.client_id, []).append(s)
+        results = await asyncio.gather(*(self._write(c, group) for c, group in by_client.items()))
+        for (c, group), totals in zip(by_client.items(), results, strict=True):
+            for s in group:
+                if not s.released:
+                    beat.add(s, policies.get(c), totals[s.claims.sub], totals[""])
+        ended = [s for s in streams if s.released]
+        if ended:
+            await self.settle(ended)
         return beat
 
     async def release(self, stream: Stream) -> None:
-        k, c = self.keys, stream.claims.client_id
-        today = day()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(k.lease_subject(c, stream.claims.sub), stream.stream_id)
-            pipe.zrem(k.lease_client(c), stream.stream_id)
-            if stream.audio_s:
-                pipe.incrbyfloat(k.audio_subject(c, today, stream.claims.sub), stream.audio_s)
-                pipe.incrbyfloat(k.audio_client(c, today), stream.audio_s)
-            await pipe.execute()
-        stream.audio_s = 0.0
+        """The stream ended: free its slots and count the last of its audio."""
+        stream.released = True
+        await self.settle([stream])
+
+    async def settle(self, streams: Sequence[Stream]) -> None:
+        """Write the final state of ended streams (again, after a failure: the write is idempotent)."""
+        by_client: dict[str, list[Stream]] = {}
+        for s in streams:
+            by_client.setdefault(s.claims.client_id, []).append(s)
+        await asyncio.gather(*(self._write(c, group) for c, group in by_client.items()))
+
+    async def _write(self, client_id: str, streams: list[Stream]) -> dict[str, float]:
+        """One client's streams in one script: leases renewed (or removed, for ended streams),
+        each stream's running audio total recorded, the difference added to the day's counters.
+        Returns the day's totals by subject, and the client's under ''."""
+        k, today = self.keys, day()
+        subjects = sorted({s.claims.sub for s in streams})
+        index = {sub: n for n, sub in enumerate(subjects, 1)}
+        keys = [k.audio_streams(client_id, today), k.audio_client(client_id, today)]
+        keys.append(k.lease_client(client_id))
+        for sub in subjects:
+            keys += [k.lease_subject(client_id, sub), k.audio_subject(client_id, today, sub)]
+        args: list[int | str] = [int(time.time() * 1000) + self.lease_ms, 2 * self.lease_ms, AUDIO_TTL_S]
+        sent = []
+        for s in streams:
+            total = s.total_audio_s
+            sent.append(total)
+            args += [s.stream_id, repr(s.total_today(today)), index[s.claims.sub], 0 if s.released else 1]
+        values = await self._beat(keys, args)
+        for s, total in zip(streams, sent, strict=True):
+            s.reported_s = max(s.reported_s, total)
+        totals = {"": float(values[0])}
+        totals.update({sub: float(values[n]) for sub, n in index.items()})
+        return totals
 
     async def aclose(self) -> None:
         await self._admit.aclose()
+        await self._beat.aclose()
 
 
 def retry_after(seconds: float) -> int:
@@ -288,10 +350,15 @@ class MemorySessions:
         self._audio[key] = self._audio.get(key, 0.0) + seconds
         return self._audio[key]
 
-    async def release(self, stream: Stream) -> None:
+    def forget(self, stream: Stream) -> None:
+        """Free the stream's slots here: it has moved to the shared rules."""
         c = stream.claims.client_id
         for key in (f"{c}:sub:{stream.claims.sub}", f"{c}:all"):
             self._leases.get(key, {}).pop(stream.stream_id, None)
+
+    async def release(self, stream: Stream) -> None:
+        self.forget(stream)
+        c = stream.claims.client_id
         today = day()
         self._add(f"{c}:{today}:sub:{stream.claims.sub}", stream.audio_s)
         self._add(f"{c}:{today}:all", stream.audio_s)

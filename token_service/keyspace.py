@@ -63,6 +63,11 @@ class Keyspace:
         """Audio seconds a subject streamed on `day` (UTC, YYYYMMDD)."""
         return f"{self.prefix}audio:{{{client_id}}}:{day}:sub:{subject}"
 
+    def audio_streams(self, client_id: str, day: str) -> str:
+        """Hash of each stream's audio seconds on `day`, as last written: what the relay adds to the
+        two counters is the difference, so a write repeated after a timeout counts once."""
+        return f"{self.prefix}audio:{{{client_id}}}:{day}:streams"
+
     def audio_client(self, client_id: str, day: str) -> str:
         return f"{self.prefix}audio:{{{client_id}}}:{day}:all"
 

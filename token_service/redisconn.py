@@ -16,7 +16,10 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as BrokenConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 log = logging.getLogger(__name__)
@@ -27,7 +30,13 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.Ti
 Redis = aioredis.Redis | RedisCluster
 
 # Short timeouts: a slow Redis must turn into the per-process fallback, not into slow requests.
-_OPTIONS: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+# One retry, at once and only on a broken connection (a pooled connection to a server that has
+# restarted since): a timeout is not retried, since waiting twice would only make requests slow.
+_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 0.5,
+    "socket_connect_timeout": 0.5,
+    "retry": Retry(NoBackoff(), 1, supported_errors=(BrokenConnection,)),
+}
 
 
 def connect(uri: str) -> Redis:
@@ -81,7 +90,7 @@ class RedisHealth:
     def __init__(
         self,
         client: Redis | None,
-        interval: float = 1.0,
+        interval: float = 0.25,
         on_change: Callable[[bool], None] | None = None,
     ) -> None:
         self.client = client
@@ -147,8 +156,17 @@ class ScriptRunner:
     async def __call__(self, keys: list[str], args: list[int | str]) -> Any:
         if not self._direct:
             return await self._script(keys=keys, args=args)
+        if self._idle:
+            try:
+                return await self._run(self._idle.pop(), keys, args)
+            except (BrokenConnection, OSError):
+                # An idle connection to a server that has restarted since: so are all the others.
+                # Drop them and try once on a new connection, rather than fail a request for each.
+                await self.aclose()
         assert isinstance(self.client, aioredis.Redis)
-        conn = self._idle.pop() if self._idle else self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        return await self._run(self.client.connection_pool.make_connection(), keys, args)  # type: ignore[no-untyped-call]
+
+    async def _run(self, conn: AbstractConnection, keys: list[str], args: list[int | str]) -> Any:
         try:
             await conn.send_command("EVALSHA", self.sha, len(keys), *keys, *args, check_health=False)
             try:

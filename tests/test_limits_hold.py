@@ -1,0 +1,197 @@
+"""The session rules hold exactly: for streams of any age, and through a Redis that freezes or dies.
+
+Each test runs a real relay against a real redis-server (its own where it stops or freezes it) and
+crosses every time limit involved (lease keys' lifetime, heartbeats during an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.processes import RedisServer, wait_until
+from tests.relays import Stack
+from token_service.keyspace import Keyspace, day
+
+FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
+
+
+def listen_url(stack: Stack, token: str) -> str:
+    return f"{stack.relay.url}/v1/listen?language=en-US&access_token={token}"
+
+
+async def token_for(stack: Stack, client: tuple[str, str], **params: str) -> str:
+    token: str = await asyncio.to_thread(stack.token, client, **params)
+    return token
+
+
+async def stream_real_time(sockets: list[ClientConnection], frames: int) -> None:
+    """Send `frames` 100-ms frames on each socket at real-time pace (the audio's own clock)."""
+    started = time.monotonic()
+    for n in range(frames):
+        for ws in sockets:
+            await ws.send(FRAME)
+        await asyncio.sleep(max(0.0, started + (n + 1) * 0.1 - time.monotonic()))
+
+
+async def finish(ws: ClientConnection) -> int | None:
+    await ws.send(json.dumps({"type": "end"}))
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in ws:
+            pass
+    return ws.close_code
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.process.proc.pid, signal.SIGCONT)  # a test that froze it
+        server.stop()
+
+
+async def test_live_streams_count_however_long_they_live(stack_factory: Any) -> None:
+    """The lease keys outlive their first TTL (twice the lease): two streams held for three
+    leases still fill a limit of two."""
+    stack: Stack = await asyncio.to_thread(stack_factory, lease_s=0.5, heartbeat_s=0.1)
+    client = await asyncio.to_thread(stack.service.add_client, max_streams_per_subject=2)
+    tokens = [await token_for(stack, client) for _ in range(3)]
+    async with connect(listen_url(stack, tokens[0])) as a, connect(listen_url(stack, tokens[1])) as b:
+        await stream_real_time([a, b], 15)  # 1.5 s: past the 1 s the keys got at admission
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(listen_url(stack, tokens[2])):
+                pass
+        assert refused.value.response.status_code == 429
+        assert b"too_many_streams" in refused.value.response.body
+        assert await finish(a) == 1000
+        assert await finish(b) == 1000
+    async with connect(listen_url(stack, tokens[2])) as c:  # the slots are free once they end
+        assert await finish(c) == 1000
+
+
+def audio_today(server: RedisServer, stack: Stack, client_id: str) -> float:
+    keys = Keyspace(stack.service.settings.redis_prefix)
+    with server.client() as client:
+        return float(client.get(keys.audio_client(client_id, day())) or 0)
+
+
+async def test_audio_sent_while_redis_is_frozen_is_counted_once(
+    stack_factory: Any, own_redis: RedisServer
+) -> None:
+    """Heartbeats time out against a frozen Redis (its commands still run when it thaws): every
+    second of audio is counted once, none lost, none twice."""
+    stack: Stack = await asyncio.to_thread(stack_factory, redis_url=own_redis.url, heartbeat_s=0.1)
+    client = await asyncio.to_thread(stack.service.add_client)
+    token = await token_for(stack, client)
+    assert own_redis.process is not None
+    assert own_redis.process.proc is not None
+    pid = own_redis.process.proc.pid
+    async with connect(listen_url(stack, token)) as ws:
+        await stream_real_time([ws], 10)
+        os.kill(pid, signal.SIGSTOP)
+        await stream_real_time([ws], 20)  # heartbeats fail meanwhile (0.5 s socket timeouts)
+        os.kill(pid, signal.SIGCONT)
+        await stream_real_time([ws], 10)
+        assert await finish(ws) == 1000
+    assert audio_today(own_redis, stack, client[0]) == pytest.approx(4.0, abs=1e-6)
+
+
+async def test_streams_opened_while_redis_was_dead_are_counted_when_it_returns(
+    stack_factory: Any, own_redis: RedisServer
+) -> None:
+    """A stream admitted by the per-process rules moves back to the shared ones: its leases and
+    all its audio, the outage's included, reach Redis."""
+    stack: Stack = await asyncio.to_thread(stack_factory, redis_url=own_redis.url, heartbeat_s=0.1)
+    client = await asyncio.to_thread(stack.service.add_client, max_streams_per_subject=1)
+    token, second = await token_for(stack, client), await token_for(stack, client)
+    own_redis.stop()
+    async with connect(listen_url(stack, token)) as ws:
+        await stream_real_time([ws], 10)
+        own_redis.start()
+        await stream_real_time([ws], 20)  # the relay finds Redis within a second and moves over
+        with pytest.raises(InvalidStatus) as refused:  # the shared rules see the stream
+            async with connect(listen_url(stack, second)):
+                pass
+        assert refused.value.response.status_code == 429
+        assert await finish(ws) == 1000
+    assert audio_today(own_redis, stack, client[0]) == pytest.approx(3.0, abs=1e-6)
+
+
+def kill_and_restart(server: RedisServer) -> None:
+    """SIGKILL, as an OOM kill or a node loss would, then the same server again on its port."""
+    assert server.process is not None
+    assert server.process.proc is not None
+    server.process.proc.kill()
+    server.process.proc.wait()
+    server.process = None
+    server.start()
+
+
+def test_shared_rate_limits_hold_within_a_second_of_redis_restarting(
+    start_service: Any, own_redis: RedisServer
+) -> None:
+    """Pools full of connections to the killed server must not flap to per-process limits: a
+    fresh client gets exactly its limit from two token services right after Redis is back."""
+    first = start_service(redis_url=own_redis.url)
+    second = start_service(store=first.store, hash_key=first.hash_key, redis_url=own_redis.url)
+    services = [first, second]  # two services on one store and one Redis
+    warm = services[0].add_client(rate_limits={"client": "", "subject": "", "ip": ""})
+    fresh = services[0].add_client(rate_limits={"client": "30/minute", "subject": "", "ip": ""})
+
+    def burst(client: tuple[str, str], count: int) -> list[int]:
+        def one(n: int) -> int:
+            status: int = services[n % 2].token(*client).status_code
+            return status
+
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(one, range(count)))
+
+    assert set(burst(warm, 64)) == {200}  # every pool holds several idle connections now
+    kill_and_restart(own_redis)
+    for service in services:  # what the README promises: shared limits within a second
+        assert wait_until(lambda s=service: s.http.get("/readyz").json()["status"] == "ready", 1.0)
+    results = burst(fresh, 80)
+    assert results.count(200) == 30
+    assert results.count(429) == 50
+
+
+async def test_relay_admits_by_the_shared_rules_right_after_redis_restarts(
+    stack_factory: Any, own_redis: RedisServer
+) -> None:
+    """Handshakes right after a restart go to Redis (their leases are there at once), not to the
+    per-process rules because a pooled connection to the killed server failed."""
+    stack: Stack = await asyncio.to_thread(stack_factory, redis_url=own_redis.url, heartbeat_s=60)
+    client = await asyncio.to_thread(stack.service.add_client, max_streams_per_subject=10)
+    tokens = [await token_for(stack, client) for _ in range(8)]
+
+    async def open_all(batch: list[str]) -> list[ClientConnection]:
+        return list(await asyncio.gather(*(connect(listen_url(stack, t)) for t in batch)))
+
+    for ws in await open_all(tokens[:4]):  # the admission script's connections, pooled
+        assert await finish(ws) == 1000
+    keys = Keyspace(stack.service.settings.redis_prefix)
+    with own_redis.client() as redis_client:  # the relay has released them: nothing is under way
+        assert wait_until(lambda: redis_client.zcard(keys.lease_client(client[0])) == 0)
+    await asyncio.to_thread(kill_and_restart, own_redis)
+    opened = await open_all(tokens[4:])
+    with own_redis.client() as redis_client:
+        assert redis_client.zcard(keys.lease_client(client[0])) == 4
+    for ws in opened:
+        assert await finish(ws) == 1000
