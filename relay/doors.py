@@ -130,7 +130,11 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                 if size:
                     start = len(message) - size
                     if message[start : start + 4] == b"RIFF":  # the first frame of a turn: a WAV header
-                        stream.byte_rate = usp.riff_byte_rate(message[start:]) or stream.byte_rate
+                        try:
+                            stream.byte_rate = usp.wav_byte_rate(message[start:])
+                        except usp.ProtocolError as exc:
+                            live.end(1007, 1007, str(exc))
+                            return
                         size = max(0, size - 44)
                         live.turn_audio_at = time.perf_counter()
                     stream.add_audio(size)

@@ -224,8 +224,11 @@ class Splice:
             if size > 0:
                 at = header.length - size
                 if size >= 44 and frames.holds(chunk, header, at, b"RIFF"):
-                    wav = frames.peek(chunk, header, at, 44)
-                    stream.byte_rate = usp.riff_byte_rate(wav) or stream.byte_rate
+                    try:
+                        stream.byte_rate = usp.wav_byte_rate(frames.peek(chunk, header, at, 44))
+                    except usp.ProtocolError as exc:
+                        live.end(1007, 1007, str(exc))
+                        return False
                     size -= 44
                     live.turn_audio_at = time.perf_counter()
                 stream.add_audio(size)

@@ -144,6 +144,30 @@ def riff_header(sample_rate: int = 16000, bits: int = 16, channels: int = 1) -> 
     )
 
 
+def wav_byte_rate(header: bytes | bytearray) -> int:
+    """Bytes per second of the audio after a WAV header, once the header is found to describe audio
+    the relay meters correctly (and Azure takes): 16-bit PCM, 8-48 kHz, 1-8 channels, its byte
+    rate and block size those of the format. Anything else is a ProtocolError saying what to send:
+    the app's own header would otherwise decide how its audio is counted."""
+    if len(header) < 44 or header[:4] != b"RIFF" or header[8:12] != b"WAVE" or header[12:16] != b"fmt ":
+        raise ProtocolError("audio must start with a WAV header (RIFF, WAVE, then the fmt chunk)")
+    tag, channels, rate, byte_rate, block, bits = struct.unpack_from("<HHIIHH", header, 20)
+    if tag != 1:
+        raise ProtocolError(f"WAV format {tag} is not supported; send 16-bit PCM (format 1)")
+    if bits != 16:
+        raise ProtocolError(f"{bits}-bit audio is not supported; send 16-bit PCM")
+    if not 8000 <= rate <= 48000:
+        raise ProtocolError(f"a sample rate of {rate} Hz is not supported; send 8000 to 48000 Hz")
+    if not 1 <= channels <= 8:
+        raise ProtocolError(f"{channels} channels are not supported; send 1 to 8")
+    if byte_rate != rate * channels * 2 or block != channels * 2:
+        raise ProtocolError(
+            f"the WAV header's byte rate {byte_rate} (block {block}) does not match "
+            f"{rate} Hz, {channels} channel(s), 16 bits"
+        )
+    return int(byte_rate)
+
+
 def riff_byte_rate(payload: bytes) -> int | None:
     """Bytes per second of a payload that starts with a WAV header, else None."""
     if len(payload) >= 44 and payload[:4] == b"RIFF" and payload[8:12] == b"WAVE":

@@ -528,3 +528,29 @@ def test_one_json_access_line_per_request_without_secrets(
     everything = "\n".join(JsonFormatter().format(r) for r in caplog.records)
     for secret_text in (secret, issued.json()["access_token"]):
         assert secret_text not in everything
+
+
+@pytest.mark.parametrize(
+    ("asked", "status", "expires_in"),
+    [
+        ("60", 200, 60),
+        ("1", 200, 1),
+        ("120", 200, 120),
+        ("121", 400, None),
+        ("0", 400, None),
+        ("1.5", 400, None),
+    ],
+)
+def test_the_app_may_ask_for_a_shorter_lifetime_never_a_longer_one(
+    service: TokenService, asked: str, status: int, expires_in: int | None
+) -> None:
+    client_id, secret = service.add_client(token_ttl_s=120)
+    response = service.token(client_id, secret, expires_in=asked)
+    assert response.status_code == status, response.text
+    if expires_in is None:
+        assert response.json()["error"] == "invalid_request"
+        assert "expires_in" in response.json()["error_description"]
+        return
+    claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
+    assert response.json()["expires_in"] == expires_in
+    assert claims["exp"] - claims["iat"] == expires_in

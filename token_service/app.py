@@ -129,6 +129,7 @@ class TokenService:
         scope = _scopes(policy, params.get("scope"))
         languages = _languages(policy, params.get("language"))
         single_use = oauth.parse_bool("single_use", params.get("single_use"))
+        lifetime = oauth.parse_lifetime(params.get("expires_in"), policy.token_ttl_s)
 
         address = request.client.host if request.client else "unknown"
         limits_ = policy.rate_limits
@@ -151,7 +152,7 @@ class TokenService:
             scope=scope,
             iat=now,
             nbf=now,
-            exp=now + policy.token_ttl_s,
+            exp=now + lifetime,
             jti=new_jti(),
             max_session_s=policy.max_session_s,
             lang=languages,
@@ -160,7 +161,7 @@ class TokenService:
         body = {
             "access_token": sign(claims, self.keyring.signer_at(now)),
             "token_type": "Bearer",
-            "expires_in": policy.token_ttl_s,
+            "expires_in": lifetime,
             "scope": scope,
             "relay_url": self.settings.relay_url,
         }

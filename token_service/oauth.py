@@ -142,6 +142,16 @@ def parse_bool(name: str, value: str | None) -> bool:
     raise invalid_request(f"{name} must be true or false")
 
 
+def parse_lifetime(value: str | None, longest: int) -> int:
+    """The token lifetime the app asked for (`expires_in`, seconds): shorter than the client's
+    own, never longer; the client's when not asked."""
+    if value is None or value == "":
+        return longest
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= longest:
+        raise invalid_request(f"expires_in must be a whole number of seconds from 1 to {longest}")
+    return int(value)
+
+
 def require(params: Mapping[str, str], name: str) -> str:
     value = params.get(name)
     if not value:

@@ -42,6 +42,11 @@ _TOKEN_REQUEST = {
         "scope": {"type": "string", "example": "speech:recognize"},
         "language": {"type": "string", "example": "en-US"},
         "single_use": {"type": "string", "enum": ["true", "false"]},
+        "expires_in": {
+            "type": "string",
+            "pattern": "^[0-9]+$",
+            "description": "seconds the token may open streams, at most the client's token_ttl_s",
+        },
         "subject": {"type": "string", "description": "client_credentials: the backend's own user id"},
         "subject_token": {"type": "string", "description": "token exchange: the IdP's ID or access token"},
         "subject_token_type": {"type": "string"},
