@@ -539,6 +539,7 @@ def test_one_json_access_line_per_request_without_secrets(
         ("121", 400, None),
         ("0", 400, None),
         ("1.5", 400, None),
+        ("²", 400, None),
     ],
 )
 def test_the_app_may_ask_for_a_shorter_lifetime_never_a_longer_one(
