@@ -38,6 +38,18 @@ def split_target(target: str) -> tuple[str, list[tuple[str, str]]]:
     return parts.path, parse_qsl(parts.query, keep_blank_values=True)
 
 
+_ENCODED_SEPARATORS = ("%2f", "%5c", "%2e")
+
+
+def plain_path(path: str) -> bool:
+    """Whether a request path means one thing to everyone who reads it: no `.`/`..` or empty
+    segments, no encoded slash, backslash or dot. Routing and scope checks read the path as
+    sent while Azure (or a proxy) may normalize it: `/a/../b` must never pass as `/a/...`."""
+    if "\\" in path or "//" in path or any(code in path.lower() for code in _ENCODED_SEPARATORS):
+        return False
+    return not any(segment in (".", "..") for segment in path.split("/"))
+
+
 def upstream_query(params: list[tuple[str, str]]) -> str:
     """The query to pass on to Azure: everything but credentials."""
     return urlencode([(k, v) for k, v in params if k.lower() not in CREDENTIAL_PARAMS])

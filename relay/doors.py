@@ -29,7 +29,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from relay import frames, usp
-from relay.auth import upstream_query
+from relay.auth import Refusal, upstream_query
 from relay.splice import SAMPLE_MASK, Splice, azure_closed, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
 
@@ -188,14 +188,32 @@ async def _pump(live: Live, outgoing: Any, incoming: Any, upstream: ClientConnec
 # --- plain: raw PCM in, JSON events out -----------------------------------------------------------
 
 
-SPEECH_CONFIG = {
-    "context": {
-        "system": {"name": "speechgate", "version": "1"},
-        "audio": {
-            "source": {"type": "Stream", "samplerate": "16000", "bitspersample": "16", "channelcount": "1"}
-        },
-    }
-}
+PLAIN_FORMATS = ("pcm", "pcm16k")
+
+
+def plain_sample_rate(params: Sequence[tuple[str, str]]) -> int:
+    """The sample rate of the plain door's audio, from `format` (`pcm`: 16-bit little-endian mono
+    at `sample_rate`, 16000 unless said; `pcm16k`) or a Refusal saying what it takes."""
+    query = {k.lower(): v for k, v in params}
+    kind = query.get("format", "pcm").lower()
+    if kind not in PLAIN_FORMATS:
+        raise Refusal(
+            400,
+            "unsupported_format",
+            f"format {kind[:20]} is not supported here; send format=pcm (16-bit little-endian mono, "
+            "with sample_rate) or format=pcm16k",
+        )
+    rate = query.get("sample_rate", "16000")
+    if not (rate.isascii() and rate.isdigit()) or not 8000 <= int(rate) <= 48000:
+        raise Refusal(400, "unsupported_format", "sample_rate must be whole Hz from 8000 to 48000")
+    if kind == "pcm16k" and int(rate) != 16000:
+        raise Refusal(400, "unsupported_format", "format=pcm16k is 16000 Hz; use format=pcm with sample_rate")
+    return int(rate)
+
+
+def speech_config(sample_rate: int) -> dict[str, Any]:
+    source = {"type": "Stream", "samplerate": str(sample_rate), "bitspersample": "16", "channelcount": "1"}
+    return {"context": {"system": {"name": "speechgate", "version": "1"}, "audio": {"source": source}}}
 
 
 class _PlainUpstream:
@@ -206,13 +224,16 @@ class _PlainUpstream:
     offsets from the new connection are shifted to stay on the app's time line.
     """
 
-    MAX_REPLAY_BYTES = 60 * usp.PCM16K_BYTES_PER_S
+    MAX_REPLAY_S = 60
     RECONNECT_CODES = frozenset({1000, 1001, 1006, 1011, 1012, 1013})  # gone, not refused
     SHORT_S = 5.0  # a connection Azure closed sooner than this, with no result, made no headway
     MAX_FRUITLESS = 3  # such connections in a row, and the relay stops trying
 
-    def __init__(self, relay: Relay, live: Live, language: str) -> None:
+    def __init__(self, relay: Relay, live: Live, language: str, sample_rate: int) -> None:
         self.relay, self.live, self.language = relay, live, language
+        self.sample_rate = sample_rate
+        self.bytes_per_s = 2 * sample_rate
+        self.max_replay_bytes = self.MAX_REPLAY_S * self.bytes_per_s
         self.chunks: collections.deque[tuple[int, bytes]] = collections.deque()  # (position, audio)
         self.buffered = 0
         self.position = 0  # audio bytes the app has sent
@@ -237,7 +258,7 @@ class _PlainUpstream:
         )
         self.request_id = usp.new_request_id()
         self.base = self.chunks[0][0] if self.chunks else self.position
-        await upstream.send(usp.encode_text("speech.config", None, SPEECH_CONFIG))
+        await upstream.send(usp.encode_text("speech.config", None, speech_config(self.sample_rate)))
         await upstream.send(
             usp.encode_text(
                 "speech.context",
@@ -245,7 +266,7 @@ class _PlainUpstream:
                 {"phraseDetection": {"language": self.language}, "audio": {"streams": {"1": None}}},
             )
         )
-        await upstream.send(self._frame(usp.riff_header(), "audio/x-wav"))
+        await upstream.send(self._frame(usp.riff_header(self.sample_rate), "audio/x-wav"))
         for _, chunk in list(self.chunks):  # what Azure had not confirmed yet
             await upstream.send(self._frame(chunk))
         if self.ended:
@@ -271,7 +292,7 @@ class _PlainUpstream:
         self.chunks.append((self.position, chunk))
         self.position += len(chunk)
         self.buffered += len(chunk)
-        while self.buffered > self.MAX_REPLAY_BYTES:  # bounded, whatever Azure does
+        while self.buffered > self.max_replay_bytes:  # bounded, whatever Azure does
             self.buffered -= len(self.chunks.popleft()[1])
         await self._send(self._frame(chunk))
 
@@ -286,7 +307,7 @@ class _PlainUpstream:
 
     def event(self, kind: str, body: dict[str, Any]) -> str:
         self.results += 1
-        shift = self.base * 1000 // usp.PCM16K_BYTES_PER_S
+        shift = self.base * 1000 // self.bytes_per_s
         return json.dumps(
             {
                 "type": kind,
@@ -299,14 +320,16 @@ class _PlainUpstream:
     def confirmed(self, body: dict[str, Any]) -> None:
         """Audio up to the end of a final result never needs sending again."""
         end_ms = usp.ms(body.get("Offset", 0)) + usp.ms(body.get("Duration", 0))
-        end = self.base + end_ms * usp.PCM16K_BYTES_PER_S // 1000
+        end = self.base + end_ms * self.bytes_per_s // 1000
         while self.chunks and self.chunks[0][0] + len(self.chunks[0][1]) <= end:
             self.buffered -= len(self.chunks.popleft()[1])
 
 
 async def plain(relay: Relay, live: Live, pending: Pending) -> None:
     params = dict((k.lower(), v) for k, v in pending.params)
-    azure = _PlainUpstream(relay, live, params.get("language", "en-US"))
+    sample_rate = plain_sample_rate(pending.params)  # checked at the handshake
+    live.stream.byte_rate = 2 * sample_rate
+    azure = _PlainUpstream(relay, live, params.get("language", "en-US"), sample_rate)
     try:
         await azure.connect()
     except UpstreamError as exc:

@@ -26,9 +26,9 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from relay import doors
-from relay.auth import Authenticator, Refusal, authorize, find_token, split_target
+from relay.auth import Authenticator, Refusal, authorize, find_token, plain_path, split_target
 from relay.metrics import RelayMetrics
-from relay.sessions import MemorySessions, RedisSessions, Sessions, Stream
+from relay.sessions import MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
 from relay.upstream import (
     RECOGNITION_PREFIX,
     SYNTHESIS_PATH,
@@ -117,6 +117,16 @@ REFUSALS = {
         "the token has expired and opened no session that may reconnect; get a new one",
     ),
     "used": (401, "token_used", "this single-use token has opened its session already; get a new one"),
+    "session_over": (
+        401,
+        "session_over",
+        "this token's session has reached its time limit (max_session_s); get a new token",
+    ),
+    "in_use": (
+        409,
+        "token_in_use",
+        "this single-use token holds a live stream already; it opens one stream at a time",
+    ),
     "subject_streams": (429, "too_many_streams", "this user has as many live streams as allowed"),
     "client_streams": (429, "too_many_streams", "this app has as many live streams as allowed"),
     "subject_audio": (429, "audio_quota", "this user's daily audio quota is used up"),
@@ -171,6 +181,16 @@ class Relay:
 
     async def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path, params = split_target(request.path)
+        if not plain_path(path):
+            return json_response(
+                connection,
+                400,
+                {
+                    "error": "invalid_path",
+                    "message": "the path has empty or dot segments or encoded separators; "
+                    "send it as the endpoint's documentation spells it",
+                },
+            )
         if path == "/healthz":
             return json_response(connection, 200, {"status": "ok"})
         if path == "/readyz":
@@ -222,6 +242,8 @@ class Relay:
 
     async def _admit(self, request: Request, path: str, params: list[tuple[str, str]]) -> Pending:
         door = self._door(path)
+        if door == "plain":
+            doors.plain_sample_rate(params)
         if self.draining:
             raise Refusal(503, "draining", "this relay is shutting down; connect again", 1)
         claims, kid = await self.auth.verify(find_token(request.headers, params, door == "plain"))
@@ -230,7 +252,7 @@ class Relay:
         policy = await self.clients.get(claims.client_id)
         if not isinstance(policy, ClientPolicy) or not policy.enabled:  # unknown or disabled
             raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
-        stream_id = uuid.uuid4().hex
+        stream_id = new_stream_id(claims)
         may_start = time.time() < claims.exp
         sessions: Sessions = self.local_sessions
         if self.redis_sessions is not None and self.health.up:

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -100,22 +102,29 @@ class Beat:
 @dataclass(frozen=True)
 class Admission:
     admitted: bool
-    reason: (
-        str  # "ok", "expired", "used", "subject_streams", "client_streams", "subject_audio", "client_audio"
-    )
+    reason: str  # "ok" or a key of relay.server.REFUSALS
     retry_after_s: int = 0
     started_ms: int = 0
 
 
 # KEYS: lease_sub, lease_client, session, used, audio_sub, audio_client
 # ARGV: now_ms, lease_ms, max_sub, max_client, stream_id, single_use, session_s, audio_sub_limit,
-#       audio_client_limit, may_start
+#       audio_client_limit, may_start, the token's stream id prefix (stream_prefix)
 _ADMIT = """
 local now = tonumber(ARGV[1])
 local started = redis.call('get', KEYS[3])
+if started and now >= tonumber(started) + tonumber(ARGV[7]) * 1000 then
+  if ARGV[10] ~= '1' then return {0, 'session_over', 0, 0} end
+  started = false  -- a token that may still open streams starts a new session
+end
 if not started and ARGV[10] ~= '1' then return {0, 'expired', 0, 0} end
 redis.call('zremrangebyscore', KEYS[1], '-inf', now)
 redis.call('zremrangebyscore', KEYS[2], '-inf', now)
+if ARGV[6] == '1' then  -- a single-use token holds one stream at a time
+  for _, member in ipairs(redis.call('zrange', KEYS[1], 0, -1)) do
+    if string.sub(member, 1, #ARGV[11]) == ARGV[11] then return {0, 'in_use', 0, 0} end
+  end
+end
 for i, limit in ipairs({ARGV[3], ARGV[4]}) do
   if redis.call('zcard', KEYS[i]) >= tonumber(limit) then
     local first = redis.call('zrange', KEYS[i], 0, 0, 'WITHSCORES')
@@ -135,7 +144,8 @@ for i = 1, 2 do
 end
 if not started then
   started = now
-  redis.call('set', KEYS[3], started, 'EX', ARGV[7])
+  -- kept past the session's end, to tell a late reconnect why it is refused
+  redis.call('set', KEYS[3], started, 'EX', 2 * tonumber(ARGV[7]))
 end
 return {1, 'ok', 0, tonumber(started)}
 """
@@ -213,6 +223,7 @@ class RedisSessions:
             policy.audio_s_per_day_subject,
             policy.audio_s_per_day_client,
             int(may_start),
+            stream_prefix(claims.jti),
         ]
         admitted, reason, retry, started = await self._admit(keys, args)
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
@@ -281,6 +292,16 @@ class RedisSessions:
         await self._beat.aclose()
 
 
+def stream_prefix(jti: str) -> str:
+    """What every stream id of a token starts with: a single-use token's live stream is found by
+    it among its subject's leases."""
+    return hashlib.sha256(jti.encode()).hexdigest()[:16] + "."
+
+
+def new_stream_id(claims: AccessClaims) -> str:
+    return stream_prefix(claims.jti) + uuid.uuid4().hex
+
+
 def retry_after(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 
@@ -307,10 +328,14 @@ class MemorySessions:
         session_key = f"{c}:{claims.jti}"
         started = self._sessions.get(session_key)
         if started is not None and now >= started + claims.max_session_s:
+            if not may_start:
+                return Admission(False, "session_over")
             started = None
         if started is None and not may_start:
             return Admission(False, "expired")
         leases = [self._live(f"{c}:sub:{claims.sub}", now), self._live(f"{c}:all", now)]
+        if claims.single_use and any(sid.startswith(stream_prefix(claims.jti)) for sid in leases[0]):
+            return Admission(False, "in_use")
         for leases_of, limit, reason in zip(
             leases,
             (policy.max_streams_per_subject, policy.max_streams_per_client),

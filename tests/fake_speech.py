@@ -41,6 +41,8 @@ class FakeSpeech:
     connections: int = 0
     synthesis_frames: int = 3  # audio frames per synthesis turn
     synthesis_sent: int = 0
+    wav_rates: list[int] = field(default_factory=list)  # the sample rate of each WAV header heard
+    contexts: list[Any] = field(default_factory=list)  # each speech.context body
 
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         self.handshakes.append({"path": request.path, "headers": dict(request.headers.raw_items())})
@@ -75,6 +77,7 @@ class FakeSpeech:
             if isinstance(message, str):
                 msg = usp.parse_text(message)
                 if msg.path == "speech.context":
+                    self.contexts.append(msg.json())
                     request_id, heard, phrases, started = msg.request_id, 0, 0, False
                 elif msg.path == "ssml" and self.refuse_ssml is not None:
                     await ws.close(*self.refuse_ssml)  # as Azure does, e.g. for an unknown voice
@@ -92,6 +95,7 @@ class FakeSpeech:
                 )
                 await self._send(ws, "speech.startDetected", request_id, {"Offset": 0})
             if usp.riff_byte_rate(payload):
+                self.wav_rates.append(int.from_bytes(payload[24:28], "little"))
                 payload = payload[44:]
             heard += len(payload)
             self.audio_bytes += len(payload)

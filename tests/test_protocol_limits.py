@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import struct
 from typing import Any
 
 import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay import usp
 from tests.processes import wait_until
@@ -120,3 +121,102 @@ async def test_audio_is_metered_by_the_validated_format(either_path: Stack) -> N
     # The relay writes the stream's audio when it ends, after the app has seen the close.
     assert await asyncio.to_thread(wait_until, lambda: audio_counted(stack, client_id) > 0)
     assert audio_counted(stack, client_id) == pytest.approx(1.0, abs=1e-6)
+
+
+async def refusal(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """The HTTP answer of a handshake the relay refuses (fails the test if it upgrades)."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, additional_headers=headers or {}):
+            pass
+    response = refused.value.response
+    return response.status_code, json.loads(response.body or b"{}")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/speech/recognition/conversation/../../translation/cognitiveservices/v1",
+        "/speech/recognition//conversation/cognitiveservices/v1",
+        "/speech/recognition/conversation/./cognitiveservices/v1",
+        "/speech/recognition/conversation%2Fcognitiveservices/v1",
+        "/speech/recognition/conversation/cognitiveservices/v1/%2e%2e/v1",
+        "/v1/listen/../listen",
+    ],
+)
+async def test_paths_that_would_be_read_differently_upstream_are_refused(stack: Stack, path: str) -> None:
+    """A recognize-only token once opened Azure's translation path through `..`: a path with dot
+    segments, empty segments or encoded separators is refused before routing and scope checks."""
+    _, token = await new_token(stack, scopes=["speech:recognize"])
+    status, body = await refusal(
+        f"{stack.relay.url}{path}?language=en-US", {"Authorization": f"Bearer {token}"}
+    )
+    assert status == 400
+    assert body["error"] == "invalid_path"
+    assert not stack.fake.handshakes
+
+
+async def test_a_reconnect_after_the_session_time_limit_says_so(stack: Stack) -> None:
+    client = await asyncio.to_thread(stack.service.add_client, max_session_s=2)
+    token = await asyncio.to_thread(stack.token, client, expires_in="1")
+    url = f"{stack.relay.url}/v1/listen?language=en-US&access_token={token}"
+    async with connect(url) as ws:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+    assert ws.close_code == 4000  # the session reached its time limit; the token has expired too
+    status, body = await refusal(url)
+    assert status == 401
+    assert body["error"] == "session_over"
+    assert "time limit" in body["message"]
+
+
+async def test_a_single_use_token_holds_one_stream_at_a_time(stack: Stack) -> None:
+    client = await asyncio.to_thread(stack.service.add_client, max_streams_per_subject=5)
+    token = await asyncio.to_thread(stack.token, client, single_use="true")
+    url = f"{stack.relay.url}/v1/listen?language=en-US&access_token={token}"
+    async with connect(url) as first:
+        status, body = await refusal(url)
+        assert status == 409
+        assert body["error"] == "token_in_use"
+        await first.send(json.dumps({"type": "end"}))
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in first:
+                pass
+    keys = Keyspace(stack.service.settings.redis_prefix)
+    with redis.Redis.from_url(stack.service.settings.redis_url or "") as db:  # the relay let it go
+        assert await asyncio.to_thread(wait_until, lambda: db.zcard(keys.lease_client(client[0])) == 0)
+    async with connect(url) as again:  # its session may reconnect once the first stream is gone
+        await again.send(json.dumps({"type": "end"}))
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("format=mp3", "format mp3"),
+        ("format=pcm&sample_rate=96000", "sample_rate"),
+        ("format=pcm&sample_rate=x", "sample_rate"),
+    ],
+)
+async def test_the_plain_door_refuses_a_format_it_cannot_take(stack: Stack, query: str, message: str) -> None:
+    _, token = await new_token(stack)
+    status, body = await refusal(f"{stack.relay.url}/v1/listen?language=en-US&{query}&access_token={token}")
+    assert status == 400
+    assert body["error"] == "unsupported_format"
+    assert message in body["message"]
+
+
+async def test_the_plain_door_honours_the_sample_rate_it_is_told(stack: Stack) -> None:
+    client_id, token = await new_token(stack)
+    url = f"{stack.relay.url}/v1/listen?language=en-US&format=pcm&sample_rate=8000&access_token={token}"
+    async with connect(url) as ws:
+        for _ in range(10):
+            await ws.send(b"\1\0" * 1600)  # 200 ms of 8 kHz each: 2 s in all
+        await ws.send(json.dumps({"type": "end"}))
+        events = []
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                events.append(json.loads(message))
+    assert ws.close_code == 1000
+    assert stack.fake.wav_rates == [8000]  # Azure is told the rate the audio has
+    assert await asyncio.to_thread(wait_until, lambda: audio_counted(stack, client_id) > 0)
+    assert audio_counted(stack, client_id) == pytest.approx(2.0, abs=1e-6)
