@@ -224,7 +224,9 @@ class _PlainUpstream:
     offsets from the new connection are shifted to stay on the app's time line.
     """
 
-    MAX_REPLAY_S = 60
+    # Audio kept until a final result covers it, to replay on a new connection: 16 s at 16 kHz.
+    # Bounded in bytes whatever the rate, since it is what a stream may hold of the relay's memory.
+    MAX_REPLAY_BYTES = 512 * 1024
     RECONNECT_CODES = frozenset({1000, 1001, 1006, 1011, 1012, 1013})  # gone, not refused
     SHORT_S = 5.0  # a connection Azure closed sooner than this, with no result, made no headway
     MAX_FRUITLESS = 3  # such connections in a row, and the relay stops trying
@@ -233,7 +235,6 @@ class _PlainUpstream:
         self.relay, self.live, self.language = relay, live, language
         self.sample_rate = sample_rate
         self.bytes_per_s = 2 * sample_rate
-        self.max_replay_bytes = self.MAX_REPLAY_S * self.bytes_per_s
         self.chunks: collections.deque[tuple[int, bytes]] = collections.deque()  # (position, audio)
         self.buffered = 0
         self.position = 0  # audio bytes the app has sent
@@ -292,7 +293,7 @@ class _PlainUpstream:
         self.chunks.append((self.position, chunk))
         self.position += len(chunk)
         self.buffered += len(chunk)
-        while self.buffered > self.max_replay_bytes:  # bounded, whatever Azure does
+        while self.buffered > self.MAX_REPLAY_BYTES:  # bounded, whatever Azure does
             self.buffered -= len(self.chunks.popleft()[1])
         await self._send(self._frame(chunk))
 
@@ -323,6 +324,17 @@ class _PlainUpstream:
         end = self.base + end_ms * self.bytes_per_s // 1000
         while self.chunks and self.chunks[0][0] + len(self.chunks[0][1]) <= end:
             self.buffered -= len(self.chunks.popleft()[1])
+
+
+async def _deliver(relay: Relay, live: Live, event: str) -> bool:
+    """Send a result to the app; an app that has read nothing for a keepalive period while its
+    socket is full is closed (1008), rather than the relay holding its audio and results."""
+    try:
+        await asyncio.wait_for(live.connection.send(event), relay.settings.keepalive_s)
+    except TimeoutError:
+        live.end(1008, 1008, "the app is not reading its results")
+        return False
+    return True
 
 
 async def plain(relay: Relay, live: Live, pending: Pending) -> None:
@@ -378,11 +390,13 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
                 relay.metrics.first_result.labels("plain").observe(time.perf_counter() - live.turn_audio_at)
                 live.turn_audio_at = None
             if msg.path == "speech.hypothesis":
-                await client.send(azure.event("partial", msg.json()))
+                if not await _deliver(relay, live, azure.event("partial", msg.json())):
+                    return
             elif msg.path == "speech.phrase":
                 body = msg.json()
                 if body.get("RecognitionStatus") == "Success":
-                    await client.send(azure.event("final", body))
+                    if not await _deliver(relay, live, azure.event("final", body)):
+                        return
                     azure.confirmed(body)
             elif msg.path == "turn.end":
                 live.in_turn = False

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -195,3 +197,32 @@ async def test_relay_admits_by_the_shared_rules_right_after_redis_restarts(
         assert redis_client.zcard(keys.lease_client(client[0])) == 4
     for ws in opened:
         assert await finish(ws) == 1000
+
+
+async def test_a_plain_app_that_never_reads_its_results_is_closed(
+    stack_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Results it does not read pile up in the kernel, then in the relay: once its socket has
+    been full for a keepalive period, the relay closes the stream instead of holding its audio.
+    (The close frame waits behind megabytes the app never reads: the relay then drops the
+    connection, so the app itself sees 1006; the relay's log says why.)"""
+    caplog.set_level(logging.INFO)
+    stack: Stack = await asyncio.to_thread(stack_factory, keepalive_s=0.5)
+    stack.fake.text = "x" * 900_000  # results of 900 kB: the kernel's buffers fill in a few
+    stack.fake.phrase_every_s = 0.1
+    client = await asyncio.to_thread(stack.service.add_client)
+    token = await token_for(stack, client)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect(("127.0.0.1", stack.relay.port))
+    async with connect(listen_url(stack, token), sock=sock, max_queue=1, max_size=2**21) as ws:
+        await stream_real_time([ws], 10)  # ~9 MB of results: more than the kernel holds
+
+        def ended() -> list[Any]:
+            return [r for r in list(caplog.records) if getattr(r, "fields", {}).get("event") == "stream"]
+
+        # The relay gives up on the stream without the app reading anything.
+        assert await asyncio.to_thread(wait_until, ended, 10.0), "the relay kept a stream nobody reads"
+    (record,) = ended()
+    assert record.fields["close_code"] == 1008
+    assert record.fields["outcome"] == "the app is not reading its results"

@@ -8,6 +8,7 @@ import base64
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,29 @@ def test_an_app_that_stops_answering_is_closed_and_one_that_answers_stays(stack_
     assert asyncio.run(answering())
     with raw_handshake(stack, stack.token(client)) as sock:  # this one never answers
         assert received_frames(sock) == [(frames.PING, None), (frames.CLOSE, 1011)]
+
+
+def test_a_silent_app_is_found_within_twice_the_keepalive(stack_factory: Any) -> None:
+    """A phone that lost its network sends nothing and answers nothing: it is pinged once it has
+    been quiet for up to one keepalive period and closed one period after that, never later."""
+    keepalive = 0.5
+    stack: Stack = stack_factory(keepalive_s=keepalive)
+    with raw_handshake(stack, stack.token(stack.service.add_client())) as sock:
+        hello = usp.encode_text("speech.context", usp.new_request_id(), {}).encode()
+        sock.sendall(frames.encode(frames.TEXT, hello, masked=True))
+        spoke = time.monotonic()
+        data, offset, close_code = b"", 0, None
+        while close_code is None and (chunk := sock.recv(4096)):
+            data += chunk
+            while (header := frames.parse_header(data, offset, 2**20)) is not None and header.end <= len(
+                data
+            ):
+                if header.opcode == frames.CLOSE:
+                    close_code = struct.unpack_from(">H", data, header.start)[0]
+                offset = header.end
+        quiet_for = time.monotonic() - spoke
+        assert close_code == 1011
+    assert keepalive <= quiet_for <= 2 * keepalive + 0.15
 
 
 def kernel_buffering() -> int:
