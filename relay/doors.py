@@ -23,14 +23,15 @@ import json
 import time
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from relay import frames, usp
-from relay.auth import Refusal, upstream_query
-from relay.splice import SAMPLE_MASK, Splice, azure_closed, can_take_over
+from relay import frames, languages, usp
+from relay.auth import Refusal
+from relay.splice import PATH_WINDOW, RESULTS, SAMPLE_MASK, TURN_STARTS, Splice, azure_closed, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
 
 if TYPE_CHECKING:
@@ -91,8 +92,8 @@ async def _timed(relay: Relay, direction: str, send: Awaitable[None]) -> None:
     relay.metrics.forward.labels(direction).observe(time.perf_counter() - started)
 
 
-def _is_result(message: str) -> bool:
-    return "Path:speech.hypothesis" in message or "Path:speech.phrase" in message
+def _path(message: str) -> bytes:
+    return usp.peek_path(message[:PATH_WINDOW].encode())
 
 
 # --- Azure-compatible: frames verbatim ----------------------------------------------------------
@@ -103,7 +104,7 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
     assert request is not None
     extra = {k: v for k, v in request.headers.raw_items() if k.lower() in ("x-connectionid", "user-agent")}
     try:
-        upstream = await _connect(relay, pending.path, upstream_query(pending.params), extra)
+        upstream = await _connect(relay, pending.path, pending.query, extra)
     except UpstreamError as exc:
         resume(live.connection)
         live.end(4000, 1013, f"Azure Speech unavailable: {exc}")
@@ -141,8 +142,17 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                     if stream.flooding(opened):
                         live.end(4000, 1008, "audio sent much faster than real time")
                         return
-            elif "Path:speech.context" in message or "Path:synthesis.context" in message:
-                live.in_turn = True
+            elif isinstance(message, str):
+                path = _path(message)
+                if path in TURN_STARTS:
+                    live.in_turn = True
+                    if path == b"speech.context":
+                        stream.context(usp.continuation_s(message))
+                if "*" not in stream.claims.lang:  # the token restricts languages: read the message
+                    reason = languages.message_refusal(stream.claims.lang, message.encode())
+                    if reason is not None:
+                        live.end(4000, 1008, reason)
+                        return
             count += 1
             if count & SAMPLE_MASK:
                 await upstream.send(message)
@@ -153,12 +163,13 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
         async for message in upstream:
             await client.send(message)
             if type(message) is str:
-                if live.turn_audio_at is not None and _is_result(message):
+                path = _path(message)
+                if live.turn_audio_at is not None and path in RESULTS:
                     relay.metrics.first_result.labels("azure").observe(
                         time.perf_counter() - live.turn_audio_at
                     )
                     live.turn_audio_at = None
-                if "Path:turn.end" in message:
+                if path == b"turn.end":
                     live.in_turn = False
                     if live.drain_after_turn:
                         live.end(1001, 1001, "relay draining; reconnect")
@@ -250,7 +261,7 @@ class _PlainUpstream:
     async def connect(self) -> None:
         self.connection = None
         self.opened, self.results_before = time.monotonic(), self.results
-        query = f"language={self.language}&format=simple"
+        query = urlencode({"language": self.language, "format": "simple"})
         upstream = await _connect(
             self.relay,
             "/speech/recognition/conversation/cognitiveservices/v1",

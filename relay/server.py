@@ -26,9 +26,17 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from relay import doors
-from relay.auth import Authenticator, Refusal, authorize, find_token, plain_path, split_target
+from relay.auth import (
+    Authenticator,
+    Refusal,
+    authorize,
+    find_token,
+    plain_path,
+    split_target,
+    upstream_query,
+)
 from relay.metrics import RelayMetrics
-from relay.sessions import MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
+from relay.sessions import Admission, MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
 from relay.upstream import (
     RECOGNITION_PREFIX,
     SYNTHESIS_PATH,
@@ -92,11 +100,12 @@ class Pending:
     claims: AccessClaims
     kid: str
     stream_id: str
-    started_ms: int
     door: str
     path: str
     params: list[tuple[str, str]]
+    query: str  # what the Azure door passes on (relay.auth.upstream_query)
     sessions: Sessions
+    admission: Admission
 
 
 def json_response(
@@ -247,11 +256,13 @@ class Relay:
         if self.draining:
             raise Refusal(503, "draining", "this relay is shutting down; connect again", 1)
         claims, kid = await self.auth.verify(find_token(request.headers, params, door == "plain"))
-        language = dict((k.lower(), v) for k, v in params).get("language")
-        authorize(claims, "speech:synthesize" if path == SYNTHESIS_PATH else "speech:recognize", language)
+        synthesis = path == SYNTHESIS_PATH
+        languages = [v for k, v in params if k.lower() == "language"]
+        authorize(claims, "speech:synthesize" if synthesis else "speech:recognize", languages, not synthesis)
         policy = await self.clients.get(claims.client_id)
         if not isinstance(policy, ClientPolicy) or not policy.enabled:  # unknown or disabled
             raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
+        query = upstream_query(params, synthesis, policy) if door == "azure" else ""
         stream_id = new_stream_id(claims)
         may_start = time.time() < claims.exp
         sessions: Sessions = self.local_sessions
@@ -270,7 +281,7 @@ class Relay:
             status, error, message = REFUSALS[admission.reason]
             retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
-        return Pending(claims, kid, stream_id, admission.started_ms, door, path, params, sessions)
+        return Pending(claims, kid, stream_id, door, path, params, query, sessions, admission)
 
     async def _refuse_if_revoked(self, claims: AccessClaims, kid: str) -> None:
         reason = await self.revocations.revoked(claims, kid)
@@ -298,7 +309,16 @@ class Relay:
 
     async def handler(self, connection: ServerConnection) -> None:
         pending = self._pending.pop(connection.id)
-        stream = Stream(pending.claims, pending.stream_id, pending.started_ms, backend=pending.sessions)
+        admitted = pending.admission
+        stream = Stream(
+            pending.claims,
+            pending.stream_id,
+            admitted.started_ms,
+            backend=pending.sessions,
+            position_s=admitted.resume_mark_s,
+            mark_s=admitted.resume_mark_s,
+            replay_budget_s=admitted.replay_budget_s,
+        )
         live = Live(connection, stream, pending.door, pending.kid)
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()

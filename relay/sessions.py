@@ -49,11 +49,33 @@ class Stream:
     day: str = ""
     day_base_s: float = 0.0
     reported_s: float = 0.0  # total_audio_s as the last successful write carried it
+    # Continuity: on the session's audio time line, where the next audio goes and how far audio
+    # has been counted (a reconnect starts at the mark its ended connection left). The SDKs
+    # replay unconfirmed audio from an offset they name (a new connection, or a new turn on the
+    # same one); what lies before the mark is not counted again, within the session's replay
+    # budget, so that naming offset 0 on every turn buys nothing.
+    position_s: float = 0.0
+    mark_s: float = 0.0
+    replay_budget_s: float = 0.0
 
     def add_audio(self, payload_bytes: int) -> None:
-        seconds = payload_bytes / self.byte_rate
-        self.audio_s += seconds
-        self.total_audio_s += seconds
+        start = self.position_s
+        end = self.position_s = start + payload_bytes / self.byte_rate
+        if start < self.mark_s:  # replayed audio, below the mark, was counted before
+            self.replay_budget_s -= (end if end < self.mark_s else self.mark_s) - start
+        if end > self.mark_s:
+            counted = end - (start if start > self.mark_s else self.mark_s)
+            self.mark_s = end
+            self.audio_s += counted
+            self.total_audio_s += counted
+
+    def context(self, continuation_s: float | None) -> None:
+        """A speech.context: one that continues the session replays audio from where it says."""
+        if continuation_s is None:
+            return
+        start = max(continuation_s, self.mark_s - self.replay_budget_s, 0.0)
+        if start < self.position_s:
+            self.position_s = start
 
     def total_today(self, today: str) -> float:
         """This stream's audio on `today` (UTC): what the shared counters should hold of it."""
@@ -99,15 +121,20 @@ class Beat:
             self.over.append((stream, "daily audio quota used up"))
 
 
+REPLAY_BUDGET_S = 60.0  # audio a session's reconnects may replay uncounted, in all
+
+
 @dataclass(frozen=True)
 class Admission:
     admitted: bool
     reason: str  # "ok" or a key of relay.server.REFUSALS
     retry_after_s: int = 0
     started_ms: int = 0
+    resume_mark_s: float = 0.0  # what the session's last ended connection left (Stream.context)
+    replay_budget_s: float = REPLAY_BUDGET_S
 
 
-# KEYS: lease_sub, lease_client, session, used, audio_sub, audio_client
+# KEYS: lease_sub, lease_client, session, used, audio_sub, audio_client, resume
 # ARGV: now_ms, lease_ms, max_sub, max_client, stream_id, single_use, session_s, audio_sub_limit,
 #       audio_client_limit, may_start, the token's stream id prefix (stream_prefix)
 _ADMIT = """
@@ -142,26 +169,34 @@ for i = 1, 2 do
   redis.call('zadd', KEYS[i], until_ms, ARGV[5])
   redis.call('pexpire', KEYS[i], tonumber(ARGV[2]) * 2)
 end
+local resume = {}
 if not started then
   started = now
   -- kept past the session's end, to tell a late reconnect why it is refused
   redis.call('set', KEYS[3], started, 'EX', 2 * tonumber(ARGV[7]))
+else  -- a reconnect takes over what the session's last ended connection left (once)
+  resume = redis.call('hmget', KEYS[7], 'mark', 'budget')
+  redis.call('del', KEYS[7])
 end
-return {1, 'ok', 0, tonumber(started)}
+return {1, 'ok', 0, tonumber(started), resume[1] or false, resume[2] or false}
 """
 
 
-# KEYS: audio_streams, audio_client, lease_client, then per subject: lease_subject, audio_subject
-# ARGV: lease_until_ms, lease_key_ttl_ms, audio_ttl_s, then per stream: stream_id, audio total
-#       today, subject index (1-based), live (1) or ended (0)
+# KEYS: audio_streams, audio_client, lease_client, then per subject: lease_subject, audio_subject,
+#       then per stream: its session's resume key
+# ARGV: lease_until_ms, lease_key_ttl_ms, audio_ttl_s, subject count, then per stream: stream_id,
+#       audio total today, subject index (1-based), live (1) or ended (0), mark, replay budget,
+#       seconds its session has left
 # Each stream's total is kept in a hash; only what it adds to the stored one is counted, so a
-# write that ran although its caller timed out, and the caller's retry, count once.
+# write that ran although its caller timed out, and the caller's retry, count once. An ended
+# stream leaves its mark for the connection that may continue its session.
 _BEAT = """
-local until_ms, lease_ttl, audio_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local nsub = (#KEYS - 3) / 2
+local until_ms, lease_ttl, audio_ttl, nsub = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local added, client_added = {}, 0
 for j = 1, nsub do added[j] = 0 end
-for i = 4, #ARGV, 4 do
+local n = 0
+for i = 5, #ARGV, 7 do
+  n = n + 1
   local id, total, j = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local seen = tonumber(redis.call('hget', KEYS[1], id)) or 0
   if total > seen then
@@ -172,9 +207,14 @@ for i = 4, #ARGV, 4 do
   if ARGV[i + 3] == '1' then
     redis.call('zadd', KEYS[3], until_ms, id)
     redis.call('zadd', KEYS[2 + 2 * j], until_ms, id)
-  else
-    redis.call('zrem', KEYS[3], id)
+  elseif redis.call('zrem', KEYS[3], id) == 1 then  -- the first write of its end, not a repeat
     redis.call('zrem', KEYS[2 + 2 * j], id)
+    local left = tonumber(ARGV[i + 6])
+    if tonumber(ARGV[i + 4]) > 0 and left > 0 then
+      local resume = KEYS[3 + 2 * nsub + n]
+      redis.call('hset', resume, 'mark', ARGV[i + 4], 'budget', ARGV[i + 5])
+      redis.call('expire', resume, left)
+    end
   end
 end
 redis.call('expire', KEYS[1], audio_ttl)
@@ -211,6 +251,7 @@ class RedisSessions:
             k.used_jti(c, claims.jti),
             k.audio_subject(c, today, claims.sub),
             k.audio_client(c, today),
+            k.resume(c, claims.jti),
         ]
         args: list[int | str] = [
             int(time.time() * 1000),
@@ -225,8 +266,12 @@ class RedisSessions:
             int(may_start),
             stream_prefix(claims.jti),
         ]
-        admitted, reason, retry, started = await self._admit(keys, args)
+        admitted, reason, retry, started, *resume = await self._admit(keys, args)
         reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        if len(resume) == 2 and resume[0] and resume[1]:
+            return Admission(
+                bool(admitted), reason, int(retry), int(started), float(resume[0]), float(resume[1])
+            )
         return Admission(bool(admitted), reason, int(retry), int(started))
 
     async def heartbeat(self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]) -> Beat:
@@ -274,12 +319,27 @@ class RedisSessions:
         keys.append(k.lease_client(client_id))
         for sub in subjects:
             keys += [k.lease_subject(client_id, sub), k.audio_subject(client_id, today, sub)]
-        args: list[int | str] = [int(time.time() * 1000) + self.lease_ms, 2 * self.lease_ms, AUDIO_TTL_S]
+        now = time.time()
+        args: list[int | str] = [
+            int(now * 1000) + self.lease_ms,
+            2 * self.lease_ms,
+            AUDIO_TTL_S,
+            len(subjects),
+        ]
         sent = []
         for s in streams:
             total = s.total_audio_s
             sent.append(total)
-            args += [s.stream_id, repr(s.total_today(today)), index[s.claims.sub], 0 if s.released else 1]
+            keys.append(k.resume(client_id, s.claims.jti))
+            args += [
+                s.stream_id,
+                repr(s.total_today(today)),
+                index[s.claims.sub],
+                0 if s.released else 1,
+                repr(s.mark_s),
+                repr(s.replay_budget_s),
+                max(0, int(s.session_deadline - now)),
+            ]
         values = await self._beat(keys, args)
         for s, total in zip(streams, sent, strict=True):
             s.reported_s = max(s.reported_s, total)
@@ -315,6 +375,7 @@ class MemorySessions:
         self._sessions: dict[str, float] = {}  # client:jti -> started (s)
         self._used: set[str] = set()
         self._audio: dict[str, float] = {}
+        self._resume: dict[str, tuple[float, float]] = {}  # client:jti -> (mark, replay budget)
 
     def _live(self, key: str, now: float) -> dict[str, float]:
         leases = {sid: until for sid, until in self._leases.get(key, {}).items() if until > now}
@@ -357,7 +418,9 @@ class MemorySessions:
             leases_of[stream_id] = now + self.lease_s
         if started is None:
             started = self._sessions[session_key] = now
-        return Admission(True, "ok", 0, int(started * 1000))
+            return Admission(True, "ok", 0, int(started * 1000))
+        mark, budget = self._resume.pop(session_key, (0.0, REPLAY_BUDGET_S))
+        return Admission(True, "ok", 0, int(started * 1000), mark, budget)
 
     async def heartbeat(self, streams: Sequence[Stream], policies: dict[str, ClientPolicy]) -> Beat:
         now, today, beat = time.time(), day(), Beat()
@@ -384,6 +447,8 @@ class MemorySessions:
     async def release(self, stream: Stream) -> None:
         self.forget(stream)
         c = stream.claims.client_id
+        if stream.mark_s > 0:
+            self._resume[f"{c}:{stream.claims.jti}"] = (stream.mark_s, stream.replay_budget_s)
         today = day()
         self._add(f"{c}:{today}:sub:{stream.claims.sub}", stream.audio_s)
         self._add(f"{c}:{today}:all", stream.audio_s)

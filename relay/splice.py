@@ -19,7 +19,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from relay import frames, usp
+from relay import frames, languages, usp
 from relay.frames import CLOSE, CONTINUATION, PING, TEXT, FrameError, Header
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024
 CLOSE_TIMEOUT_S = 5.0
 PATH_WINDOW = 512  # the `Path:` header of a text message is within its first bytes
+TURN_STARTS = (b"speech.context", b"synthesis.context")
+RESULTS = (b"speech.hypothesis", b"speech.phrase")
 _EMPTY = b""
 SAMPLE_MASK = 15  # the forward-time histogram observes 1 chunk in 16: timing each costs more than it tells
 
@@ -243,11 +245,23 @@ class Splice:
             if header.fin:
                 leg.message_opcode = 0
         else:  # text: speech.config, speech.context, ssml, telemetry
-            text = frames.payload(chunk, header, PATH_WINDOW)  # only where `Path:` can be
-            if b"Path:speech.context" in text or b"Path:synthesis.context" in text:
+            path = usp.peek_path(frames.payload(chunk, header, PATH_WINDOW))  # only where `Path` can be
+            if path in TURN_STARTS:
                 live.in_turn = True
+                if path == b"speech.context":  # once a turn: read it whole for its continuation
+                    whole = frames.payload(chunk, header) if header.fin else b""
+                    stream.context(usp.continuation_s(whole.decode("utf-8", "replace")))
             if not header.fin:
                 leg.message_opcode = opcode
+            if "*" not in stream.claims.lang:  # the token restricts languages: read the message
+                reason = (
+                    languages.message_refusal(stream.claims.lang, frames.payload(chunk, header))
+                    if header.fin
+                    else "a text message in fragments; this token's languages cannot be checked"
+                )
+                if reason is not None:
+                    live.end(4000, 1008, reason)
+                    return False
         if stream.flooding(self.opened):
             live.end(4000, 1008, "audio sent much faster than real time")
             return False
@@ -255,13 +269,11 @@ class Splice:
 
     def from_azure_text(self, chunk: bytes | bytearray, header: Header) -> None:
         live = self.live
-        window = chunk[header.start : min(header.end, header.start + PATH_WINDOW)]
-        if live.turn_audio_at is not None and (
-            b"Path:speech.hypothesis" in window or b"Path:speech.phrase" in window
-        ):
+        path = usp.peek_path(chunk[header.start : min(header.end, header.start + PATH_WINDOW)])
+        if live.turn_audio_at is not None and path in RESULTS:
             self.relay.metrics.first_result.labels("azure").observe(time.perf_counter() - live.turn_audio_at)
             live.turn_audio_at = None
-        if b"Path:turn.end" in window:
+        if path == b"turn.end":
             live.in_turn = False
             if live.drain_after_turn:
                 self.drain_after_flush = True  # after this frame has gone out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import struct
 import uuid
 from collections.abc import Mapping
@@ -72,6 +73,18 @@ def _parse_headers(block: str) -> dict[str, str]:
             raise ProtocolError(f"header line without a name: {line[:40]!r}")
         headers[name.strip()] = value.strip()
     return headers
+
+
+_PATH_HEADER = re.compile(rb"(?:^|\n)[ \t]*path[ \t]*:[ \t]*([!-~]+)", re.IGNORECASE)
+
+
+def peek_path(head: bytes | bytearray) -> bytes:
+    """The `Path` of a text message from its first bytes, lower-cased; b"" if not there. Header
+    names are case-insensitive and may have spaces around the colon (the JavaScript SDK writes
+    `Path: speech.context`). For the relay's watch on turns and results, not for security checks,
+    which parse the whole message."""
+    match = _PATH_HEADER.search(head.split(b"\r\n\r\n", 1)[0])
+    return match.group(1).lower() if match else b""
 
 
 def parse_text(text: str) -> Message:
@@ -173,6 +186,19 @@ def riff_byte_rate(payload: bytes) -> int | None:
     if len(payload) >= 44 and payload[:4] == b"RIFF" and payload[8:12] == b"WAVE":
         return int(struct.unpack_from("<I", payload, 28)[0]) or None
     return None
+
+
+def continuation_s(text: str) -> float | None:
+    """Where a speech.context's continuation says its audio starts on the session's time line
+    (`continuation.audio.streams.1.offset`, ticks; a continuation without one starts at 0, as
+    the SDKs send before the first phrase), in seconds; None when it is no continuation."""
+    try:
+        continuation = parse_text(text).json()["continuation"]
+        offset = continuation.get("audio", {}).get("streams", {}).get("1", {}).get("offset", 0)
+        seconds = int(offset) / (TICKS_PER_MS * 1000)
+    except (ProtocolError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return seconds if seconds >= 0 else None
 
 
 def ms(ticks: int | float) -> int:

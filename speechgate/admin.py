@@ -418,6 +418,11 @@ def clients() -> None:
     """Apps that may ask for tokens, and their limits."""
 
 
+def names(listed: str) -> list[str]:
+    """A comma-separated option's names; empty for none."""
+    return [name.strip() for name in listed.split(",") if name.strip()]
+
+
 def _public_view(policy: ClientPolicy) -> dict[str, Any]:
     view = dataclasses.asdict(policy)
     view["type"] = "public" if policy.public else "confidential"
@@ -454,6 +459,11 @@ async def _store_secret(store: SecretStore, policy: ClientPolicy) -> tuple[Clien
 @click.option("--rate-client", default=RateLimits.client, show_default=True)
 @click.option("--rate-subject", default=RateLimits.subject, show_default=True)
 @click.option("--rate-ip", default=RateLimits.ip, show_default=True)
+@click.option(
+    "--custom-models", default="", help="Custom Speech models (cid) it may use, comma-separated; * any."
+)
+@click.option("--custom-voices", default="", help="Custom voices (deploymentId) it may use, comma-separated.")
+@click.option("--store-audio", is_flag=True, help="It may ask Azure to store its audio (storeAudio=true).")
 @json_option
 def clients_add(
     client_id: str,
@@ -470,6 +480,9 @@ def clients_add(
     rate_client: str,
     rate_subject: str,
     rate_ip: str,
+    custom_models: str,
+    custom_voices: str,
+    store_audio: bool,
     as_json: bool,
 ) -> None:
     """Register a client; a confidential client's secret is printed once, here."""
@@ -490,6 +503,9 @@ def clients_add(
                 "max_session_s": max_session,
                 "rate_limits": {"client": rate_client, "subject": rate_subject, "ip": rate_ip},
                 "idp": dataclasses.asdict(idp) if idp else None,
+                "custom_models": names(custom_models),
+                "custom_voices": names(custom_voices),
+                "store_audio": store_audio,
             }
         )
     except PolicyError as exc:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from speechgate.admin import Failed, announce, audit, confirm, json_option, output, run, yes_option
+from speechgate.admin import Failed, announce, audit, confirm, json_option, names, output, run, yes_option
 from token_service import clients as clientdb
 from token_service import usage
 from token_service.clients import ClientPolicy
@@ -182,6 +182,9 @@ SETTABLE = {
 @click.option("--rate-client", help='Client rate limits in full, e.g. "600/minute;20000/hour".')
 @click.option("--rate-subject", help='Per-user rate limits, e.g. "20/minute;300/hour".')
 @click.option("--rate-ip", help='Per-address rate limits, e.g. "120/minute".')
+@click.option("--custom-models", help='Custom Speech models (cid) allowed, comma-separated ("" none, * any).')
+@click.option("--custom-voices", help='Custom voices (deploymentId) allowed, comma-separated ("" none).')
+@click.option("--store-audio/--no-store-audio", default=None, help="Whether Azure may store its audio.")
 @json_option
 def set_limits(client_id: str, as_json: bool, **options: Any) -> None:
     """Change a client's limits live: every replica applies them within a second."""
@@ -189,6 +192,11 @@ def set_limits(client_id: str, as_json: bool, **options: Any) -> None:
     for option, (name, factor) in SETTABLE.items():
         if options[option] is not None:
             changes[name] = options[option] * factor
+    for name in ("custom_models", "custom_voices"):
+        if options[name] is not None:
+            changes[name] = tuple(names(options[name]))
+    if options["store_audio"] is not None:
+        changes["store_audio"] = options["store_audio"]
     rates = {k: options[f"rate_{k}"] for k in ("client", "subject", "ip") if options[f"rate_{k}"] is not None}
     if options["tokens_per_minute"] is not None:
         if "client" in rates:
@@ -223,6 +231,9 @@ def _limits(policy: ClientPolicy) -> dict[str, Any]:
         "rate_client": policy.rate_limits.client,
         "rate_subject": policy.rate_limits.subject,
         "rate_ip": policy.rate_limits.ip,
+        "custom_models": list(policy.custom_models),
+        "custom_voices": list(policy.custom_voices),
+        "store_audio": policy.store_audio,
     }
 
 

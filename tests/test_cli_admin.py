@@ -559,3 +559,23 @@ def test_keys_init_creates_once_and_is_idempotent(cli: Cli) -> None:
     again = cli("keys", "init", "--json")
     assert json.loads(again.stdout) == {"created": False, "signer_kid": made["signer_kid"]}
     assert audit_lines(again) == []
+
+
+def test_custom_models_voices_and_stored_audio_are_set_per_client(cli: Cli) -> None:
+    added = cli.json("clients", "add", "studio", "--custom-models", "model-1,model-2", "--store-audio")
+    assert (added["custom_models"], added["custom_voices"], added["store_audio"]) == (
+        ["model-1", "model-2"],
+        [],
+        True,
+    )
+    changed = cli("quotas", "set", "studio", "--custom-voices", "voice-1", "--no-store-audio", "--json")
+    (line,) = audit_lines(changed)
+    assert line["changes"] == {"custom_voices": ["voice-1"], "store_audio": False}
+    shown = cli.json("clients", "show", "studio")
+    assert (shown["custom_models"], shown["custom_voices"], shown["store_audio"]) == (
+        ["model-1", "model-2"],
+        ["voice-1"],
+        False,
+    )
+    cleared = cli.json("quotas", "set", "studio", "--custom-models", "")
+    assert cleared["limits"]["custom_models"] == []

@@ -220,3 +220,168 @@ async def test_the_plain_door_honours_the_sample_rate_it_is_told(stack: Stack) -
     assert stack.fake.wav_rates == [8000]  # Azure is told the rate the audio has
     assert await asyncio.to_thread(wait_until, lambda: audio_counted(stack, client_id) > 0)
     assert audio_counted(stack, client_id) == pytest.approx(2.0, abs=1e-6)
+
+
+# --- languages ---------------------------------------------------------------------------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "error"),
+    [
+        ("language=en-US&language=de-DE", 400, "invalid_request"),
+        ("language=de-DE", 403, "language_not_allowed"),
+        ("profanity=raw", 403, "language_required"),
+        ("language=en-US%26cid%3Dmine", 400, "invalid_request"),
+        ("language=en-US%23x", 400, "invalid_request"),
+    ],
+)
+@pytest.mark.parametrize("door", ["azure", "plain"])
+async def test_the_query_language_is_one_the_token_allows(
+    stack: Stack, door: str, query: str, status: int, error: str
+) -> None:
+    _, token = await new_token(stack, languages=["en-US"])
+    if door == "azure":
+        url, headers = f"{stack.relay.url}{RECOGNITION}?{query}", bearer(token)
+    else:
+        url, headers = f"{stack.relay.url}/v1/listen?{query}&access_token={token}", {}
+    got, body = await refusal(url, headers)
+    assert (got, body["error"]) == (status, error)
+    assert not stack.fake.handshakes
+
+
+async def test_any_language_token_needs_no_language_parameter(stack: Stack) -> None:
+    _, token = await new_token(stack)
+    async with await open_azure_door(stack, token, "format=simple"):
+        pass
+    assert stack.fake.handshakes
+
+
+def context_message(body: dict[str, Any], spaced: bool = False) -> str:
+    text = usp.encode_text("speech.context", usp.new_request_id(), body)
+    return text.replace("Path:", "Path: ") if spaced else text  # the JavaScript SDK writes a space
+
+
+@pytest.mark.parametrize(
+    ("body", "spaced"),
+    [
+        ({"phraseDetection": {"language": "de-DE"}}, False),
+        ({"phraseDetection": {"language": "de-DE"}}, True),
+        ({"languageId": {"languages": ["en-US", "fr-FR"]}, "phraseDetection": {"language": "en-US"}}, True),
+    ],
+    ids=["phrase-language", "js-header-style", "language-id-candidates"],
+)
+async def test_a_language_the_token_does_not_allow_in_speech_context_ends_the_stream(
+    either_path: Stack, body: dict[str, Any], spaced: bool
+) -> None:
+    stack = either_path
+    _, token = await new_token(stack, languages=["en-US"])
+    async with await open_azure_door(stack, token) as ws:
+        await ws.send(context_message(body, spaced))
+        _, code, reason = await until_closed(ws)
+    assert code == 4000  # the SDKs cancel at once and show the reason
+    assert "not allowed" in reason
+    assert not stack.fake.contexts  # Azure never saw it
+
+
+async def test_an_allowed_speech_context_passes(either_path: Stack) -> None:
+    stack = either_path
+    _, token = await new_token(stack, languages=["en-US"])
+    request_id = usp.new_request_id()
+    async with await open_azure_door(stack, token) as ws:
+        await ws.send(context_message({"phraseDetection": {"language": "en-us"}}, spaced=True))
+        await ws.send(audio(request_id, wav_header(16000) + b"\0" * 3200))
+        await ws.send(audio(request_id, b""))
+        paths, code, _ = await until_closed(ws)
+    assert code is None
+    assert paths[-1] == "turn.end"
+
+
+def ssml(voice: str, lang: str = "en-US", inner: str = "hello") -> str:
+    return (
+        f"<speak version='1.0' xmlns='http://www.w3.org/2001/10/synthesis' xml:lang='{lang}'>"
+        f"<voice name='{voice}'>{inner}</voice></speak>"
+    )
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        ssml("de-DE-KatjaNeural"),
+        ssml("en-US-AvaNeural", lang="de-DE"),
+        ssml("en-US-AvaMultilingualNeural", inner="<lang xml:lang='fr-FR'>bonjour</lang>"),
+        ssml("Microsoft Server Speech Text to Speech Voice (de-DE, KatjaNeural)"),
+        "<speak><voice name='en-US-AvaNeural'>unclosed",
+    ],
+    ids=["voice", "speak-lang", "lang-element", "long-voice-name", "not-xml"],
+)
+async def test_synthesis_in_a_language_the_token_does_not_allow_ends_the_stream(
+    either_path: Stack, document: str
+) -> None:
+    stack = either_path
+    _, token = await new_token(stack, languages=["en-US"])
+    message = usp.encode_text("ssml", usp.new_request_id(), document, "application/ssml+xml")
+    async with await connect(
+        f"{stack.relay.url}/cognitiveservices/websocket/v1", additional_headers=bearer(token)
+    ) as ws:
+        await ws.send(message)
+        _, code, reason = await until_closed(ws)
+    assert code == 4000
+    assert reason
+    assert stack.fake.synthesis_sent == 0
+
+
+async def test_synthesis_in_an_allowed_language_passes(either_path: Stack) -> None:
+    stack = either_path
+    _, token = await new_token(stack, languages=["en-US"])
+    message = usp.encode_text("ssml", usp.new_request_id(), ssml("en-US-AvaNeural"), "application/ssml+xml")
+    async with await connect(
+        f"{stack.relay.url}/cognitiveservices/websocket/v1", additional_headers=bearer(token)
+    ) as ws:
+        await ws.send(message)
+        paths, code, _ = await until_closed(ws)
+    assert code is None
+    assert paths[-1] == "turn.end"
+
+
+# --- query parameters --------------------------------------------------------------------------
+
+
+async def test_only_known_query_parameters_reach_azure(stack: Stack) -> None:
+    _, token = await new_token(stack)
+    query = "language=en-US&format=detailed&profanity=raw&debugHook=1&X-ConnectionId=abc&Authorization=x"
+    async with await open_azure_door(stack, token, query):
+        pass
+    (seen,) = stack.fake.handshakes
+    assert seen["path"] == f"{RECOGNITION}?language=en-US&format=detailed&profanity=raw&X-ConnectionId=abc"
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "policy", "allowed"),
+    [
+        (RECOGNITION, "language=en-US&cid=model-1", {}, False),
+        (RECOGNITION, "language=en-US&cid=model-1", {"custom_models": ["model-1"]}, True),
+        (RECOGNITION, "language=en-US&CID=model-2", {"custom_models": ["model-1"]}, False),
+        (RECOGNITION, "language=en-US&storeAudio=true", {}, False),
+        (RECOGNITION, "language=en-US&storeAudio=true", {"store_audio": True}, True),
+        ("/cognitiveservices/websocket/v1", "deploymentId=voice-1", {}, False),
+        ("/cognitiveservices/websocket/v1", "deploymentId=voice-1", {"custom_voices": ["voice-1"]}, True),
+    ],
+)
+async def test_custom_models_voices_and_stored_audio_only_as_the_policy_allows(
+    stack: Stack, path: str, query: str, policy: dict[str, Any], allowed: bool
+) -> None:
+    _, token = await new_token(stack, **policy)
+    url = f"{stack.relay.url}{path}?{query}"
+    if allowed:
+        async with connect(url, additional_headers=bearer(token)):
+            pass
+        (seen,) = stack.fake.handshakes
+        assert seen["path"].endswith(query.replace("CID", "cid"))
+        return
+    status, body = await refusal(url, bearer(token))
+    assert (status, body["error"]) == (403, "parameter_not_allowed")
+    assert not stack.fake.handshakes

@@ -8,10 +8,12 @@ from typing import Any
 
 import azure.cognitiveservices.speech as speechsdk
 import pytest
+import redis
 
 from tests.fake_speech import KEY
 from tests.processes import wait_until
 from tests.relays import Stack
+from token_service.keyspace import Keyspace, day
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 INTERACTIVE = "/speech/recognition/interactive/cognitiveservices/v1?language=en-US"
@@ -162,6 +164,11 @@ def test_azure_closing_the_connection_does_not_break_a_continuous_session(stack:
     assert stack.fake.connections >= 2  # the session crossed an upstream close
     assert texts
     assert [e for e in errors if e] == []
+    # The SDK replayed the audio after its last phrase on each new connection: counted once.
+    keys = Keyspace(stack.service.settings.redis_prefix)
+    with redis.Redis.from_url(stack.service.settings.redis_url or "") as db:
+        assert wait_until(lambda: db.zcard(keys.lease_client(client[0])) == 0)  # released: all counted
+        assert float(db.get(keys.audio_client(client[0], day())) or 0) == pytest.approx(2.5, abs=0.01)
 
 
 def test_quota_used_up_mid_turn_cancels_the_sdk_with_the_reason(stack: Stack) -> None:

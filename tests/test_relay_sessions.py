@@ -6,9 +6,10 @@ import asyncio
 import time
 from dataclasses import replace
 
+import pytest
 import redis
 
-from relay.sessions import RedisSessions, Stream
+from relay.sessions import REPLAY_BUDGET_S, RedisSessions, Stream
 from token_service.claims import AccessClaims
 from token_service.clients import ClientPolicy
 from token_service.keyspace import Keyspace
@@ -84,3 +85,39 @@ async def test_a_lease_nobody_renews_frees_its_slot(redis_url: str, prefix: str)
 
 def _stream(token: AccessClaims, stream_id: str) -> Stream:
     return Stream(token, stream_id, 0)
+
+
+def test_replayed_audio_is_counted_once_and_free_replay_is_bounded_per_session() -> None:
+    """The SDKs replay unconfirmed audio from an offset they name; an app naming offset 0 on every
+    turn gets no more than the session's replay budget uncounted."""
+    stream = Stream(claims(), "s1", 0, replay_budget_s=REPLAY_BUDGET_S)
+    ten_seconds = 10 * stream.byte_rate
+    stream.context(None)
+    stream.add_audio(ten_seconds)
+    stream.context(8.0)  # a genuine replay of the last 2 s, then 3 s of new audio
+    stream.add_audio(5 * stream.byte_rate)
+    assert stream.total_audio_s == pytest.approx(13.0)
+    for _ in range(20):  # 200 s more, each turn claiming to replay from the start
+        stream.context(0.0)
+        stream.add_audio(ten_seconds)
+    assert stream.total_audio_s == pytest.approx(215.0 - REPLAY_BUDGET_S)
+
+
+async def test_a_reconnect_takes_over_the_mark_its_ended_connection_left_once(
+    redis_url: str, prefix: str
+) -> None:
+    client = connect(redis_url)
+    sessions = RedisSessions(client, Keyspace(prefix), lease_s=15)
+    policy = replace(POLICY, max_streams_per_subject=5)
+    first = await sessions.admit(claims(), policy, "s1", may_start=True)
+    assert (first.resume_mark_s, first.replay_budget_s) == (0.0, REPLAY_BUDGET_S)
+    ended = Stream(claims(), "s1", first.started_ms, replay_budget_s=first.replay_budget_s)
+    ended.add_audio(3 * ended.byte_rate)
+    await sessions.release(ended)
+    await sessions.release(ended)  # a repeated write of the same end leaves nothing twice
+    again = await sessions.admit(claims(), policy, "s2", may_start=False)
+    assert again.resume_mark_s == pytest.approx(3.0)
+    assert again.replay_budget_s == REPLAY_BUDGET_S
+    parallel = await sessions.admit(claims(), policy, "s3", may_start=False)
+    assert parallel.resume_mark_s == 0.0  # taken once: a parallel stream replays nothing free
+    await client.aclose()

@@ -76,6 +76,11 @@ class ClientPolicy:
     audio_s_per_day_subject: int = 3_600
     idp: IdentityProvider | None = None
     enabled: bool = True
+    # What costs extra or keeps data, allowed by name ("*": any): Custom Speech models (`cid`),
+    # custom voices (`deploymentId`), and whether Azure may store the audio (`storeAudio`).
+    custom_models: tuple[str, ...] = ()
+    custom_voices: tuple[str, ...] = ()
+    store_audio: bool = False
 
     @property
     def public(self) -> bool:
@@ -108,7 +113,7 @@ class ClientPolicy:
             values["rate_limits"] = _rate_limits(values["rate_limits"])
         if values.get("idp") is not None:
             values["idp"] = _idp(values["idp"])
-        for name in ("scopes", "languages"):
+        for name in ("scopes", "languages", "custom_models", "custom_voices"):
             if name in values:
                 values[name] = tuple(_strings(values[name], name))
         try:
@@ -149,6 +154,8 @@ class ClientPolicy:
                 raise PolicyError(
                     f"rate limit {kind}={text!r} is not like '20/minute;300/hour' (empty: no limit)"
                 ) from None
+        if not isinstance(self.store_audio, bool):
+            raise PolicyError("store_audio must be true or false")
         if self.public and self.idp is None:
             raise PolicyError("a public client (no secret) needs an identity provider (idp)")
 

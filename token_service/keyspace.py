@@ -55,6 +55,12 @@ class Keyspace:
         """When the session a token opened started (ms); present while it may reconnect."""
         return f"{self.prefix}session:{{{client_id}}}:{jti}"
 
+    def resume(self, client_id: str, jti: str) -> str:
+        """Hash left by a token's ended Azure-door connection for the one that continues its
+        session: `mark` (audio counted up to, on the session's time line) and `budget` (replay
+        the session may still send uncounted). Taken once; TTL: what the session has left."""
+        return f"{self.prefix}resume:{{{client_id}}}:{jti}"
+
     def used_jti(self, client_id: str, jti: str) -> str:
         """A single-use token that has opened its session."""
         return f"{self.prefix}used:{{{client_id}}}:{jti}"
