@@ -92,7 +92,7 @@ async def _timed(relay: Relay, direction: str, send: Awaitable[None]) -> None:
     relay.metrics.forward.labels(direction).observe(time.perf_counter() - started)
 
 
-def _path(message: str) -> bytes:
+def _path(message: str) -> bytes | bytearray:
     return usp.peek_path(message[:PATH_WINDOW].encode())
 
 

@@ -61,13 +61,18 @@ class Stream:
     def add_audio(self, payload_bytes: int) -> None:
         start = self.position_s
         end = self.position_s = start + payload_bytes / self.byte_rate
-        if start < self.mark_s:  # replayed audio, below the mark, was counted before
-            self.replay_budget_s -= (end if end < self.mark_s else self.mark_s) - start
-        if end > self.mark_s:
-            counted = end - (start if start > self.mark_s else self.mark_s)
+        mark = self.mark_s
+        if start >= mark:  # new audio: the usual case (hot path)
             self.mark_s = end
-            self.audio_s += counted
-            self.total_audio_s += counted
+            self.audio_s += end - start
+            self.total_audio_s += end - start
+        elif end <= mark:  # replayed audio, counted before
+            self.replay_budget_s -= end - start
+        else:  # the replay's end, then new audio
+            self.replay_budget_s -= mark - start
+            self.mark_s = end
+            self.audio_s += end - mark
+            self.total_audio_s += end - mark
 
     def context(self, continuation_s: float | None) -> None:
         """A speech.context: one that continues the session replays audio from where it says."""

@@ -269,7 +269,10 @@ class Splice:
 
     def from_azure_text(self, chunk: bytes | bytearray, header: Header) -> None:
         live = self.live
-        path = usp.peek_path(chunk[header.start : min(header.end, header.start + PATH_WINDOW)])
+        window = chunk[header.start : min(header.end, header.start + PATH_WINDOW)]
+        if live.turn_audio_at is None and b"turn.end" not in window:
+            return  # most of Azure's messages: results while no first-result timing is pending
+        path = usp.peek_path(window)
         if live.turn_audio_at is not None and path in RESULTS:
             self.relay.metrics.first_result.labels("azure").observe(time.perf_counter() - live.turn_audio_at)
             live.turn_audio_at = None

@@ -78,13 +78,20 @@ def _parse_headers(block: str) -> dict[str, str]:
 _PATH_HEADER = re.compile(rb"(?:^|\n)[ \t]*path[ \t]*:[ \t]*([!-~]+)", re.IGNORECASE)
 
 
-def peek_path(head: bytes | bytearray) -> bytes:
-    """The `Path` of a text message from its first bytes, lower-cased; b"" if not there. Header
-    names are case-insensitive and may have spaces around the colon (the JavaScript SDK writes
-    `Path: speech.context`). For the relay's watch on turns and results, not for security checks,
+def peek_path(head: bytes | bytearray) -> bytes | bytearray:
+    """The `Path` of a text message from its first bytes; b"" if not there. Header names are
+    case-insensitive and may have spaces around the colon (the JavaScript SDK writes
+    `Path: speech.context`). For the relay's watch on turns and results (run on every text frame
+    from Azure, hence the quick look for the usual spelling first), not for security checks,
     which parse the whole message."""
+    at = head.find(b"Path:")
+    if at == 0 or (at > 0 and head[at - 1] == 10):  # at a line's start: the usual spelling
+        end = head.find(b"\r", at)
+        blank = head.find(b"\r\n\r\n")
+        if end != -1 and (blank == -1 or at < blank):
+            return head[at + 5 : end].strip(b" \t")
     match = _PATH_HEADER.search(head.split(b"\r\n\r\n", 1)[0])
-    return match.group(1).lower() if match else b""
+    return match.group(1) if match else b""
 
 
 def parse_text(text: str) -> Message:
