@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from token_service.claims import AccessClaims, InvalidToken, verify
-from token_service.clients import LOCALE, ClientPolicy
+from token_service.clients import LOCALE
 from token_service.idp import IdpUnavailable, JwksCache
 from token_service.revocation import SIGNING_KEY_REVOKED
 from token_service.settings import Settings
@@ -49,63 +49,6 @@ def plain_path(path: str) -> bool:
     if "\\" in path or "//" in path or any(code in path.lower() for code in _ENCODED_SEPARATORS):
         return False
     return not any(segment in (".", "..") for segment in path.split("/"))
-
-
-# The query parameters Azure takes on each kind of path (the SDKs' QueryParameterNames), by their
-# lower-case name: what reaches Azure, spelled as Azure spells it. Everything else is dropped.
-_SHARED_PARAMS = ("X-ConnectionId",)
-RECOGNITION_PARAMS = {
-    name.lower(): name
-    for name in (
-        *_SHARED_PARAMS,
-        "language",
-        "format",
-        "profanity",
-        "wordLevelTimestamps",
-        "initialSilenceTimeoutMs",
-        "endSilenceTimeoutMs",
-        "segmentationSilenceTimeoutMs",
-        "segmentationMaximumTimeMs",
-        "segmentationStrategy",
-        "stableIntermediateThreshold",
-        "postprocessing",
-        "lidEnabled",
-        "cid",
-        "storeAudio",
-    )
-}
-SYNTHESIS_PARAMS = {name.lower(): name for name in (*_SHARED_PARAMS, "deploymentId", "enableTalkingAvatar")}
-
-
-def _gate_allows(policy: ClientPolicy, name: str, value: str) -> bool:
-    """Parameters that cost money or keep data, as the client's policy allows them."""
-    if name == "cid":  # a Custom Speech model
-        return "*" in policy.custom_models or value in policy.custom_models
-    if name == "deploymentId":  # a custom voice
-        return "*" in policy.custom_voices or value in policy.custom_voices
-    if name == "storeAudio":  # Azure keeps the audio
-        return value.lower() in ("false", "0") or policy.store_audio
-    return True
-
-
-def upstream_query(params: list[tuple[str, str]], synthesis: bool, policy: ClientPolicy) -> str:
-    """The query to pass on to Azure: the path's known parameters, once each, those the policy
-    gates only as it allows; credentials and anything unknown are dropped. Values are encoded
-    again, never pasted: a decoded `&` or `#` stays inside its value."""
-    known = SYNTHESIS_PARAMS if synthesis else RECOGNITION_PARAMS
-    kept: dict[str, str] = {}
-    for raw_name, value in params:
-        name = known.get(raw_name.lower())
-        if name is None:
-            continue
-        if name in kept:
-            raise Refusal(400, "invalid_request", f"send the {name} parameter once")
-        if not _gate_allows(policy, name, value):
-            raise Refusal(
-                403, "parameter_not_allowed", f"{name}={value[:40]} is not allowed for this app's client"
-            )
-        kept[name] = value
-    return urlencode(list(kept.items()))
 
 
 def find_token(headers: Mapping[str, str], params: list[tuple[str, str]], plain: bool) -> str | None:
@@ -177,15 +120,27 @@ def authorize(claims: AccessClaims, scope: str, languages: list[str], required: 
                 f"this token allows only {', '.join(claims.lang)}: say which with language=",
             )
         return
-    (language,) = languages
+    allow_language(claims, languages[0])
+
+
+def allow_language(claims: AccessClaims, language: str, target: bool = False) -> None:
+    """A locale the token allows (a translation `target` may be a bare language: `de` passes when
+    the token allows `de` or any `de-…` locale)."""
     if not LOCALE.match(language):
-        raise Refusal(400, "invalid_request", "language must be a locale such as en-US")
-    if restricted and language.lower() not in {x.lower() for x in claims.lang}:
-        raise Refusal(
-            403,
-            "language_not_allowed",
-            f"language {language} is not allowed for this token; allowed: {', '.join(claims.lang)}",
-        )
+        raise Refusal(400, "invalid_request", f"{language[:20]!r} is not a locale such as en-US")
+    if "*" in claims.lang:
+        return
+    allowed = {x.lower() for x in claims.lang}
+    lowered = language.lower()
+    if lowered in allowed or (
+        target and "-" not in lowered and any(x.startswith(lowered + "-") for x in allowed)
+    ):
+        return
+    raise Refusal(
+        403,
+        "language_not_allowed",
+        f"language {language} is not allowed for this token; allowed: {', '.join(claims.lang)}",
+    )
 
 
 def _kid(token: str) -> str | None:

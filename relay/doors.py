@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from relay import frames, languages, usp
 from relay.auth import Refusal
+from relay.endpoints import upstream_path
 from relay.splice import PATH_WINDOW, RESULTS, SAMPLE_MASK, TURN_STARTS, Splice, azure_closed, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
 
@@ -56,11 +57,13 @@ def resume(connection: ServerConnection) -> None:
         connection.transport.resume_reading()
 
 
-async def _connect(relay: Relay, path: str, query: str, extra: dict[str, str]) -> ClientConnection:
+async def _connect(
+    relay: Relay, service: str, path: str, query: str, extra: dict[str, str]
+) -> ClientConnection:
     started = time.perf_counter()
     try:
         return await open_upstream(
-            upstream_url(relay.settings, path, query),
+            upstream_url(relay.settings, service, path, query),
             relay.credentials,
             extra,
             relay.settings.upstream_connect_attempts,
@@ -104,7 +107,8 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
     assert request is not None
     extra = {k: v for k, v in request.headers.raw_items() if k.lower() in ("x-connectionid", "user-agent")}
     try:
-        upstream = await _connect(relay, pending.path, pending.query, extra)
+        path = upstream_path(pending.endpoint, pending.path, bool(relay.settings.speech_endpoint))
+        upstream = await _connect(relay, pending.endpoint.service, path, pending.query, extra)
     except UpstreamError as exc:
         resume(live.connection)
         live.end(4000, 1013, f"Azure Speech unavailable: {exc}")
@@ -264,6 +268,7 @@ class _PlainUpstream:
         query = urlencode({"language": self.language, "format": "simple"})
         upstream = await _connect(
             self.relay,
+            "stt",
             "/speech/recognition/conversation/cognitiveservices/v1",
             query,
             {"X-ConnectionId": usp.new_request_id()},

@@ -31,11 +31,11 @@ from websockets.http11 import Request, Response
 from relay import offline_synthesis as synthesis
 from relay import usp
 
+SYNTHESIS_PATHS = ("/cognitiveservices/websocket/v1", "/tts/cognitiveservices/websocket/v1")
 TICKS_PER_S = 10_000_000
 HYPOTHESIS_EVERY_S = 0.3  # a partial result for about every this much speech
 INITIAL_SILENCE_S = 5.0  # interactive mode gives up on a turn without speech, as Azure does
 Event = tuple[str, dict[str, Any]]  # a USP path and its JSON body
-SYNTHESIS_PATH = "/cognitiveservices/websocket/v1"
 
 _ALTERNATE = re.compile(r"\(\d+\)$")  # "the(2)": the dictionary's second pronunciation
 _NOT_WORDS = {"<s>", "</s>", "<sil>"}
@@ -251,7 +251,7 @@ class OfflineSpeech:
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         """Refuse, before the upgrade, what this recognizer cannot do, saying so."""
         url = urlsplit(request.path)
-        if url.path == SYNTHESIS_PATH:
+        if url.path in SYNTHESIS_PATHS:
             if synthesis.ESPEAK is None:
                 return connection.respond(
                     HTTPStatus.NOT_IMPLEMENTED,
@@ -268,7 +268,7 @@ class OfflineSpeech:
     async def handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         url = urlsplit(ws.request.path)
-        if url.path == SYNTHESIS_PATH:
+        if url.path in SYNTHESIS_PATHS:
             await self._synthesize(ws)
             return
         mode = url.path.removeprefix("/speech/recognition/").split("/", 1)[0]

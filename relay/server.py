@@ -33,13 +33,11 @@ from relay.auth import (
     find_token,
     plain_path,
     split_target,
-    upstream_query,
 )
+from relay.endpoints import Endpoint, endpoint_for, upstream_query
 from relay.metrics import RelayMetrics
 from relay.sessions import Admission, MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
 from relay.upstream import (
-    RECOGNITION_PREFIX,
-    SYNTHESIS_PATH,
     Credentials,
     EntraCredentials,
     KeyCredentials,
@@ -61,9 +59,7 @@ log = logging.getLogger("speechgate.relay")
 _ws_log = logging.getLogger("speechgate.relay.websockets")
 _ws_log.setLevel(logging.INFO)
 
-RECOGNITION_MODES = ("conversation", "interactive", "dictation")
 HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
-PLAIN_PATH = "/v1/listen"
 MAX_UNSETTLED = 100_000  # ended streams kept for Redis during an outage (a few hundred bytes each)
 # Plain HTTP pages served beside the WebSocket endpoints (the dev demo).
 Route = Callable[[ServerConnection, Request], Awaitable[Response]]
@@ -100,7 +96,7 @@ class Pending:
     claims: AccessClaims
     kid: str
     stream_id: str
-    door: str
+    endpoint: Endpoint
     path: str
     params: list[tuple[str, str]]
     query: str  # what the Azure door passes on (relay.auth.upstream_query)
@@ -243,26 +239,27 @@ class Relay:
                 connection, 503, {"error": "unavailable", "message": "retry shortly"}, {"Retry-After": "2"}
             )
         self._pending[connection.id] = pending
-        if pending.door == "azure" and self.settings.splice and connection.transport is not None:
+        if pending.endpoint.door == "azure" and self.settings.splice and connection.transport is not None:
             # Nothing more is read until the stream is spliced (relay/splice.py): every byte
             # after the handshake then reaches the splice, none sits in websockets' buffers.
             connection.transport.pause_reading()
         return None
 
     async def _admit(self, request: Request, path: str, params: list[tuple[str, str]]) -> Pending:
-        door = self._door(path)
+        endpoint = endpoint_for(path)
+        door = endpoint.door
         if door == "plain":
             doors.plain_sample_rate(params)
         if self.draining:
             raise Refusal(503, "draining", "this relay is shutting down; connect again", 1)
         claims, kid = await self.auth.verify(find_token(request.headers, params, door == "plain"))
-        synthesis = path == SYNTHESIS_PATH
         languages = [v for k, v in params if k.lower() == "language"]
-        authorize(claims, "speech:synthesize" if synthesis else "speech:recognize", languages, not synthesis)
+        required = not endpoint.synthesis and not any(k.lower() == "from" for k, _ in params)
+        authorize(claims, endpoint.scope(params), languages, required)
         policy = await self.clients.get(claims.client_id)
         if not isinstance(policy, ClientPolicy) or not policy.enabled:  # unknown or disabled
             raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
-        query = upstream_query(params, synthesis, policy) if door == "azure" else ""
+        query = upstream_query(endpoint, params, policy, claims) if door == "azure" else ""
         stream_id = new_stream_id(claims)
         may_start = time.time() < claims.exp
         sessions: Sessions = self.local_sessions
@@ -281,29 +278,12 @@ class Relay:
             status, error, message = REFUSALS[admission.reason]
             retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
-        return Pending(claims, kid, stream_id, door, path, params, query, sessions, admission)
+        return Pending(claims, kid, stream_id, endpoint, path, params, query, sessions, admission)
 
     async def _refuse_if_revoked(self, claims: AccessClaims, kid: str) -> None:
         reason = await self.revocations.revoked(claims, kid)
         if reason is not None:
             raise Refusal(401, "token_revoked", reason)
-
-    @staticmethod
-    def _door(path: str) -> str:
-        if path == SYNTHESIS_PATH:
-            return "azure"
-        if path.startswith(RECOGNITION_PREFIX) and path.endswith("/cognitiveservices/v1"):
-            mode = path.removeprefix(RECOGNITION_PREFIX).split("/", 1)[0]
-            if mode in RECOGNITION_MODES:
-                return "azure"
-        if path == PLAIN_PATH:
-            return "plain"
-        raise Refusal(
-            404,
-            "not_found",
-            f"no such endpoint; use {RECOGNITION_PREFIX}<mode>/cognitiveservices/v1, "
-            f"{SYNTHESIS_PATH} or {PLAIN_PATH}",
-        )
 
     # --- streams ----------------------------------------------------------------------------
 
@@ -319,7 +299,7 @@ class Relay:
             mark_s=admitted.resume_mark_s,
             replay_budget_s=admitted.replay_budget_s,
         )
-        live = Live(connection, stream, pending.door, pending.kid)
+        live = Live(connection, stream, pending.endpoint.door, pending.kid)
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
         opened = time.monotonic()

@@ -29,9 +29,6 @@ log = logging.getLogger("speechgate.relay.upstream")
 _ws_log = logging.getLogger("speechgate.relay.upstream.websockets")
 _ws_log.setLevel(logging.INFO)  # its DEBUG lines hold URLs and headers (the key)
 
-RECOGNITION_PREFIX = "/speech/recognition/"
-SYNTHESIS_PATH = "/cognitiveservices/websocket/v1"
-
 
 class UpstreamError(Exception):
     """Azure could not be reached or refused us; `retryable` says whether trying later may help."""
@@ -42,11 +39,12 @@ class UpstreamError(Exception):
         self.status = status
 
 
-def upstream_url(settings: Settings, path: str, query: str) -> str:
+def upstream_url(settings: Settings, service: str, path: str, query: str) -> str:
+    """Azure's URL for a path of `service` ("stt", "tts", "s2s": the region's host for it), or the
+    configured endpoint (a custom domain, a sovereign cloud, a local fake) for every service."""
     if settings.speech_endpoint:
         base = settings.speech_endpoint.rstrip("/")
     elif settings.speech_region:
-        service = "tts" if path == SYNTHESIS_PATH else "stt"
         base = f"wss://{settings.speech_region}.{service}.speech.microsoft.com"
     else:
         raise UpstreamError("no upstream configured: set SPEECH_REGION or SPEECHGATE_SPEECH_ENDPOINT", False)

@@ -71,7 +71,7 @@ def test_dev_client_credentials_can_be_fixed_by_environment(tmp_path: Path, redi
         output = "".join(proc.output)
         assert credentials(output) == ("demo-app", secret)
         assert f"Redis at {redis_url}" in output
-        assert run_curl_line(output)["scope"] == "speech:recognize speech:synthesize"
+        assert run_curl_line(output)["scope"] == "speech:recognize speech:synthesize speech:translate"
 
 
 def test_bad_setting_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from token_service import jose
 from token_service.keys import ALGORITHM, SigningKey, b64url
 
 TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a password
-SCOPES = ("speech:recognize", "speech:synthesize")
+SCOPES = ("speech:recognize", "speech:synthesize", "speech:translate")
 _REQUIRED = ["iss", "aud", "sub", "client_id", "scope", "iat", "nbf", "exp", "jti", "max_session_s"]
 
 

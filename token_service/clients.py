@@ -81,6 +81,7 @@ class ClientPolicy:
     custom_models: tuple[str, ...] = ()
     custom_voices: tuple[str, ...] = ()
     store_audio: bool = False
+    max_translation_targets: int = 2  # each target language is billed as translation
 
     @property
     def public(self) -> bool:
@@ -139,6 +140,7 @@ class ClientPolicy:
             "max_streams_per_subject",
             "audio_s_per_day_client",
             "audio_s_per_day_subject",
+            "max_translation_targets",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
