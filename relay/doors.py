@@ -162,6 +162,8 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                 await upstream.send(message)
             else:
                 await _timed(relay, "up", upstream.send(message))
+            if live.drain_timer is not None and isinstance(message, str) and _path(message) == b"telemetry":
+                live.drained()  # the app's last word on its turn has gone to Azure
 
     async def azure_to_app() -> None:
         async for message in upstream:
@@ -174,9 +176,7 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                     )
                     live.turn_audio_at = None
                 if path == b"turn.end":
-                    live.in_turn = False
-                    if live.drain_after_turn:
-                        live.end(1001, 1001, "relay draining; reconnect")
+                    live.turn_ended()
 
     await _pump(live, app_to_azure(), azure_to_app(), upstream)
 

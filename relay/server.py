@@ -60,6 +60,7 @@ _ws_log = logging.getLogger("speechgate.relay.websockets")
 _ws_log.setLevel(logging.INFO)
 
 HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
+TELEMETRY_GRACE_S = 1.0  # a drained stream's wait for the app's telemetry after its last turn
 MAX_UNSETTLED = 100_000  # ended streams kept for Redis during an outage (a few hundred bytes each)
 # Plain HTTP pages served beside the WebSocket endpoints (the dev demo).
 Route = Callable[[ServerConnection, Request], Awaitable[Response]]
@@ -81,6 +82,20 @@ class Live:
     splice: Any = None  # relay.splice.Splice once the Azure door's data phase runs on it
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     closer: asyncio.Task[None] | None = None
+    drain_timer: asyncio.TimerHandle | None = None
+
+    def turn_ended(self) -> None:
+        """Azure ended the turn. A draining relay closes the stream once the app has said its last
+        word on it (the SDKs send `telemetry` after each turn; a close before it fails that send,
+        and the JavaScript SDK then reports an error instead of its result), or after a moment."""
+        self.in_turn = False
+        if self.drain_after_turn and self.drain_timer is None:
+            self.drain_timer = asyncio.get_running_loop().call_later(TELEMETRY_GRACE_S, self.drained)
+
+    def drained(self) -> None:
+        if self.drain_timer is not None:
+            self.drain_timer.cancel()
+        self.end(1001, 1001, "relay draining; reconnect")
 
     def end(self, azure_code: int, plain_code: int, reason: str) -> None:
         """Close both legs with the code this door's clients react to correctly."""

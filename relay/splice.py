@@ -246,6 +246,8 @@ class Splice:
                 leg.message_opcode = 0
         else:  # text: speech.config, speech.context, ssml, telemetry
             path = usp.peek_path(frames.payload(chunk, header, PATH_WINDOW))  # only where `Path` can be
+            if live.drain_timer is not None and path == b"telemetry":
+                self.drain_after_flush = True  # the app's last word on its turn: close after it
             if path in TURN_STARTS:
                 live.in_turn = True
                 if path == b"speech.context":  # once a turn: read it whole for its continuation
@@ -277,14 +279,12 @@ class Splice:
             self.relay.metrics.first_result.labels("azure").observe(time.perf_counter() - live.turn_audio_at)
             live.turn_audio_at = None
         if path == b"turn.end":
-            live.in_turn = False
-            if live.drain_after_turn:
-                self.drain_after_flush = True  # after this frame has gone out
+            live.turn_ended()
 
     def drain_now(self) -> None:
-        """The turn a draining relay waited for has ended, and its last frame has gone out."""
+        """The turn a draining relay waited for has ended, and the app's telemetry has gone out."""
         self.drain_after_flush = False
-        self.live.end(1001, 1001, "relay draining; reconnect")
+        self.live.drained()
 
     # --- closing ---------------------------------------------------------------------------
 

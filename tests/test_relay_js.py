@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -90,6 +91,7 @@ def test_js_sdk_cancels_at_once_when_azure_is_gone(node: str, stack: Stack) -> N
 def _hold(node: str, stack: Stack, token: str, seconds: float) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [node, str(JS / "speech.js"), "hold", f"{stack.relay.url}{RECOGNITION}", token, str(seconds)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -127,3 +129,27 @@ def test_js_sdk_cancels_at_once_when_the_quota_runs_out_mid_turn(node: str, stac
     out = _result(_hold(node, stack, token, 1.5))
     assert out["reason"] == "Canceled"
     assert "daily audio quota used up" in out["details"]
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "message-path"])
+def test_a_draining_relay_lets_a_js_turn_finish(node: str, stack_factory: Any, splice: bool) -> None:
+    """The JavaScript SDK writes `Path: speech.context` (a space after the colon): the relay must
+    see its turn start, or a drain would cut the turn instead of waiting for its end; and it
+    closes only after the SDK's telemetry, whose failed send the SDK would report as an error."""
+    stack: Stack = stack_factory(splice=splice)
+    stack.fake.phrase_every_s = 60.0  # the turn stays open until the app ends its audio
+    proc = _hold(node, stack, stack.token(stack.service.add_client()), 0.5)
+    assert wait_until(lambda: stack.fake.audio_bytes > 0)
+    (live,) = stack.relay.relay.live.values()
+    assert live.in_turn
+    assert proc.stdin is not None
+    draining = threading.Thread(target=stack.relay.call, args=(stack.relay.relay.drain(),))
+    draining.start()
+    assert wait_until(lambda: live.drain_after_turn)
+    assert live.stream.closing_reason is None  # still streaming: the turn has not ended
+    proc.stdin.write("end\n")  # the app ends its audio: the turn ends, then the stream
+    proc.stdin.flush()
+    out = _result(proc)
+    draining.join(30)
+    assert out == {"reason": "RecognizedSpeech", "text": stack.fake.text}
+    assert live.code == 1001

@@ -101,3 +101,19 @@ def test_malformed_binary_is_a_protocol_error(frame: bytes, words: str) -> None:
     with pytest.raises(usp.ProtocolError, match=words):
         usp.parse_binary(frame)
     assert usp.audio_payload_size(b"\x00") == 0
+
+
+@pytest.mark.parametrize(
+    ("head", "path"),
+    [
+        (b"Path:speech.context\r\nX-RequestId:1\r\n\r\n{}", b"speech.context"),
+        (b"Path: speech.context\r\n\r\n{}", b"speech.context"),  # the JavaScript SDK's spelling
+        (b"X-RequestId:1\r\npath :\tturn.end \r\n\r\n{}", b"turn.end"),
+        (b"X-RequestId:1\r\nPATH:turn.end\r\n\r\n", b"turn.end"),
+        (b"X-RequestId:1\r\n\r\nPath:turn.end\r\n", b""),  # in the body: not a header
+        (b"X-Path:turn.end\r\n\r\n", b""),
+    ],
+)
+def test_the_path_header_is_found_by_the_header_rules(head: bytes, path: bytes) -> None:
+    assert usp.peek_path(head) == path
+    assert usp.peek_path(bytearray(head)) == path

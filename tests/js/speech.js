@@ -1,6 +1,7 @@
 // Drives the official JavaScript Speech SDK against an endpoint; prints one JSON line.
 // node speech.js recognize|synthesize ENDPOINT TOKEN [WAV]
 // node speech.js hold ENDPOINT TOKEN SECONDS: push SECONDS of audio and keep the turn open
+//   (until a line on standard input: then the audio ends, and so does the turn)
 "use strict";
 const fs = require("fs");
 const sdk = require("microsoft-cognitiveservices-speech-sdk");
@@ -30,7 +31,7 @@ if (mode === "hold") {
   const samples = new Int16Array(Math.round(16000 * Number(wav))).fill(1);
   push.write(samples.buffer);
   console.log("streaming");  // the test acts now; the turn stays open until the relay ends it
-  setTimeout(() => done({ reason: "Timeout" }), 20000);
+  process.stdin.once("data", () => push.close());  setTimeout(() => done({ reason: "Timeout" }), 20000);
 } else if (mode === "recognize") {
   const audio = sdk.AudioConfig.fromWavFileInput(fs.readFileSync(wav));
   const recognizer = new sdk.SpeechRecognizer(config, audio);
