@@ -34,6 +34,7 @@ from relay.auth import Refusal
 from relay.endpoints import upstream_path
 from relay.splice import PATH_WINDOW, RESULTS, SAMPLE_MASK, TURN_STARTS, Splice, azure_closed, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
+from token_service.jose import loads_strict
 
 if TYPE_CHECKING:
     from relay.server import Live, Pending, Relay
@@ -380,7 +381,7 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
                 await azure.send(message)
                 continue
             try:
-                kind = json.loads(message).get("type")
+                kind = loads_strict(message).get("type")
             except (ValueError, AttributeError):
                 live.end(1007, 1007, 'text frames must be JSON such as {"type": "end"}')
                 return

@@ -13,7 +13,6 @@ is refused for such a token (Azure would refuse it too), since what it cannot re
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +22,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
 from relay import usp
+from token_service.jose import loads_strict
 
 XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 _LONG_VOICE = re.compile(r"\(\s*([A-Za-z]{2,3}-[A-Za-z0-9]{2,8})\s*,")
@@ -45,8 +45,8 @@ def restricts(allowed: Iterable[str]) -> bool:
 
 def in_context(body: bytes) -> list[str]:
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = loads_strict(body)
+    except ValueError:  # duplicate members and nesting too deep included
         raise Unreadable("speech.context is not JSON") from None
     if not isinstance(doc, dict):
         raise Unreadable("speech.context is not a JSON object")

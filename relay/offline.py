@@ -115,7 +115,9 @@ class OfflineTurn:
         self._start()
         if not self.done:
             if self._in_utterance:
-                rest = self._endpointer.end_stream(self._pending)
+                # The endpointer flushes its window here, but cannot take an empty last frame
+                # (audio that ends on a frame boundary): one silent sample stands in for it.
+                rest = self._endpointer.end_stream(self._pending or b"\0\0")
                 if rest:
                     self.decoder.process_raw(rest, False, False)
                 self._end_utterance(self._heard_s)

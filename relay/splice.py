@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from relay.frames import CLOSE, CONTINUATION, PING, TEXT, FrameError, Header
 if TYPE_CHECKING:
     from relay.server import Live, Relay
 
+log = logging.getLogger("speechgate.relay.splice")
 WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024
 CLOSE_TIMEOUT_S = 5.0
 PATH_WINDOW = 512  # the `Path:` header of a text message is within its first bytes
@@ -104,6 +106,10 @@ class _Leg(asyncio.Protocol):
                 offset = header.end
         except FrameError as exc:
             splice.fail(self, exc.code, str(exc))
+            return
+        except Exception:  # a bug must end this stream cleanly, not kill the connection silently
+            log.exception("splice failed on a frame")
+            splice.fail(self, 1011, "relay error")
             return
         if offset > run and not other.sent_close and not other.closed:  # other.forward(), inlined
             other.transport.write(chunk if run == 0 and offset == size else chunk[run:offset])

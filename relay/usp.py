@@ -51,7 +51,11 @@ class Message:
         return self.header("X-RequestId")
 
     def json(self) -> Any:
-        return json.loads(self.body) if self.body else {}
+        """The body as JSON; a ProtocolError (a ValueError) when it is not, nesting too deep too."""
+        try:
+            return json.loads(self.body) if self.body else {}
+        except RecursionError:
+            raise ProtocolError("JSON nested too deeply") from None
 
 
 def new_request_id() -> str:

@@ -387,3 +387,16 @@ def test_stream_converts_other_wavs(offline_dev: Dev, tmp_path: Path) -> None:
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["audio_s"] == 4.83
     assert [e for e in events if e["type"] == "final"]
+
+
+@pytest.mark.parametrize("cut_s", [0.8, 1.0, 1.2, 3.6])
+def test_audio_that_ends_mid_utterance_on_a_frame_boundary_still_ends_the_turn(
+    pool: DecoderPool, cut_s: float
+) -> None:
+    """The app stops in the middle of a sentence, after a whole number of 100-ms frames (as
+    3,200-byte chunks always are): the turn still ends with a phrase, never an exception."""
+    pcm = read_pcm16k(SPEECH_WAV)[: int(cut_s * 10) * 3200]
+    events = run_turn(pool, pcm)
+    paths = [path for path, _ in events]
+    assert paths[-2:] == ["speech.endDetected", "turn.end"]
+    assert "speech.phrase" in paths

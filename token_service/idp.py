@@ -92,7 +92,7 @@ class JwksCache:
             response.raise_for_status()
             if len(response.content) > MAX_JWKS_BYTES:
                 raise ValueError("JWKS document too large")
-            keys = _parse_jwks(response.json())
+            keys = _parse_jwks(jose.loads_strict(response.content))
         except (httpx.HTTPError, ValueError) as exc:
             log.warning(
                 "JWKS fetch from %s failed (%s); keeping %d cached keys",

@@ -34,9 +34,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def loads_strict(text: str | bytes) -> Any:
-    """`json.loads` that raises DuplicateMember instead of keeping the last duplicate."""
-    return json.loads(text, object_pairs_hook=_no_duplicates)
+def loads_strict(text: str | bytes | bytearray) -> Any:
+    """`json.loads` for untrusted input: DuplicateMember instead of keeping the last duplicate, and
+    a ValueError (not a RecursionError, which no caller expects) for nesting past the
+    interpreter's limit."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def failure(exc: Exception) -> str:
