@@ -60,6 +60,9 @@ _ws_log = logging.getLogger("speechgate.relay.websockets")
 _ws_log.setLevel(logging.INFO)
 
 HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4000, 4429}
+)
 TELEMETRY_GRACE_S = 1.0  # a drained stream's wait for the app's telemetry after its last turn
 MAX_UNSETTLED = 100_000  # ended streams kept for Redis during an outage (a few hundred bytes each)
 # Plain HTTP pages served beside the WebSocket endpoints (the dev demo).
@@ -119,14 +122,28 @@ class Pending:
     admission: Admission
 
 
+def respond(connection: ServerConnection, status: int, text: str, content_type: str) -> Response:
+    """A plain HTTP answer. websockets' `respond` sets a text/plain Content-Type, and its headers
+    keep every value assigned: replace it, so that the answer has exactly one."""
+    response = connection.respond(HTTPStatus(status), text)
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    return response
+
+
 def json_response(
     connection: ServerConnection, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> Response:
     """A plain HTTP answer with a JSON body (refusals, health, the dev demo's token)."""
-    response = connection.respond(HTTPStatus(status), json.dumps(body) + "\n")
-    response.headers["Content-Type"] = "application/json"
+    response = respond(connection, status, json.dumps(body) + "\n", "application/json")
     for name, value in (headers or {}).items():
         response.headers[name] = value
+    return response
+
+
+def _nosniff(connection: ServerConnection, request: Request, response: Response) -> Response:
+    """Every answer, websockets' own refusals included: browsers take the Content-Type as said."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
 
@@ -221,9 +238,9 @@ class Relay:
                 {"status": "draining" if self.draining else "degraded" if degraded else "ready"},
             )
         if path == "/metrics":
-            response = connection.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
-            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-            return response
+            return respond(
+                connection, 200, generate_latest(self.metrics.registry).decode(), CONTENT_TYPE_LATEST
+            )
         route = self.routes.get(path)
         if route is not None:
             return await route(connection, request)
@@ -342,7 +359,9 @@ class Relay:
             self.metrics.active.labels(live.door).dec()
             self._meter([stream])
             code = live.code or connection.close_code
-            self.metrics.closed.labels(live.door, str(code)).inc()
+            # An app picks any code from 3000 to 4999: only the ones that mean something here
+            # become label values, or one client could create thousands of series.
+            self.metrics.closed.labels(live.door, str(code) if code in KNOWN_CLOSE_CODES else "other").inc()
             log.info(
                 "stream ended",
                 extra={
@@ -465,6 +484,7 @@ class Relay:
                 host,
                 port,
                 process_request=self.process_request,
+                process_response=_nosniff,
                 subprotocols=[Subprotocol("USP")],
                 select_subprotocol=_usp_if_offered,
                 compression=None,

@@ -20,7 +20,7 @@ from relay.server import Relay
 from speechgate import admin
 from speechgate.quotas import quotas
 from token_service import logs
-from token_service.app import create_app
+from token_service.app import create_app, server_options
 from token_service.filestore import FileStore
 from token_service.keys import load_keyring
 from token_service.revocation import MemoryRevocations
@@ -46,9 +46,8 @@ def _uvicorn(app: object, host: str, port: int, settings: Settings) -> uvicorn.S
         log_level=settings.log_level,
         log_config=None,  # ours (token_service/logs.py): one format for every line
         access_log=False,  # query strings may carry tokens; we log requests ourselves
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=10,
+        **server_options(settings),
     )
     return uvicorn.Server(config)
 

@@ -8,7 +8,6 @@ then presents to `/v1/listen`. It answers loopback callers only, as the demo is 
 from __future__ import annotations
 
 import ipaddress
-from http import HTTPStatus
 from importlib import resources
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from relay.server import Route, json_response
+from relay.server import Route, json_response, respond
 from speechgate.dev import DevClient
 
 PAGE_PATH = "/demo"
@@ -42,8 +41,7 @@ def demo_routes(client: DevClient, token_url: str, http: httpx.AsyncClient) -> d
     page = resources.files("speechgate").joinpath("demo.html").read_text(encoding="utf-8")
 
     async def show_page(connection: ServerConnection, request: Request) -> Response:
-        response = connection.respond(HTTPStatus.OK, page)
-        response.headers["Content-Type"] = "text/html; charset=utf-8"
+        response = respond(connection, 200, page, "text/html; charset=utf-8")
         response.headers.update(NO_STORE)
         # Only this page's own script, and WebSockets back to where it came from.
         response.headers["Content-Security-Policy"] = (

@@ -17,7 +17,7 @@ from tests.js_sdk import node  # noqa: F401 - fixtures for every test module
 from tests.relays import stack, stack_factory  # noqa: F401
 from tests.servers import ServerThread
 from tests.vault import vault  # noqa: F401
-from token_service.app import create_app
+from token_service.app import create_app, server_options
 from token_service.clients import ClientPolicy, ensure_hash_key, hash_secret, new_client_secret, save_client
 from token_service.keys import ensure_signing_key
 from token_service.redisconn import connect
@@ -131,7 +131,7 @@ def start_service(prefix: str, redis_url: str) -> Iterator[Any]:
         settings = replace(Settings(redis_prefix=prefix), **overrides)
         redis_client = connect(settings.redis_url) if settings.redis_url else None
         app = create_app(settings, store, redis_client)
-        server = ServerThread(app).__enter__()
+        server = ServerThread(app, **server_options(settings)).__enter__()
         service = TokenService(server, httpx.Client(base_url=server.url), store, hash_key, settings, app)
         running.append(service)
         return service

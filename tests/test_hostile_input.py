@@ -9,12 +9,14 @@ import contextlib
 import json
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay import usp
 from tests.conftest import TokenService
+from tests.processes import wait_until
 from tests.relays import Stack
 
 DEPTH = 5000  # far past the interpreter's recursion limit
@@ -95,3 +97,58 @@ async def test_a_deeply_nested_plain_text_frame_closes_with_1007(stack: Stack) -
             async for _ in ws:
                 pass
     assert ws.close_code == 1007
+
+
+async def test_close_codes_an_app_chooses_do_not_become_metric_series(stack: Stack) -> None:
+    client = await asyncio.to_thread(stack.service.add_client)
+    for code in (4321, 3999, 4999):
+        token = await asyncio.to_thread(stack.token, client)
+        async with connect(f"{stack.relay.url}/v1/listen?language=en-US&access_token={token}") as ws:
+            await ws.close(code, "mine")
+    metrics = await asyncio.to_thread(lambda: httpx.get(f"http://127.0.0.1:{stack.relay.port}/metrics").text)
+    assert not any(f'code="{code}"' in metrics for code in (4321, 3999, 4999))
+    assert wait_until(
+        lambda: (
+            'speechgate_relay_closes_total{code="other",door="plain"} 3.0'
+            in httpx.get(f"http://127.0.0.1:{stack.relay.port}/metrics").text
+        )
+    )
+
+
+def test_relay_answers_carry_one_content_type_and_nosniff(stack: Stack) -> None:
+    for path in ("/healthz", "/nowhere", "/v1/listen"):
+        response = httpx.get(f"http://127.0.0.1:{stack.relay.port}{path}")
+        assert response.headers.get_list("content-type") == ["application/json"], path
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_token_service_answers_carry_nosniff_and_no_server_name(service: TokenService) -> None:
+    for response in (service.http.get("/healthz"), service.http.post("/v1/token", data={})):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert "server" not in response.headers
+
+
+def test_an_unknown_scope_is_echoed_only_in_part(service: TokenService) -> None:
+    client = service.add_client()
+    asked = " ".join(f"scope-{n}" for n in range(1200))  # about 12 KB
+    response = service.token(*client, scope=asked)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_scope"
+    assert len(response.json()["error_description"]) < 400
+
+
+def test_x_forwarded_for_is_ignored_unless_a_proxy_is_trusted(start_service: Any) -> None:
+    """Per-address limits key on the peer: a caller cannot pick another address with a header."""
+    for trusted, expected in (("", [200, 200, 429, 429]), ("127.0.0.1", [200, 200, 200, 200])):
+        service = start_service(forwarded_allow_ips=trusted)
+        client = service.add_client(rate_limits={"client": "", "subject": "", "ip": "2/minute"})
+        statuses = [
+            service.http.post(
+                "/v1/token",
+                auth=client,
+                data={"grant_type": "client_credentials"},
+                headers={"X-Forwarded-For": f"192.0.2.{n}"},
+            ).status_code
+            for n in range(4)
+        ]
+        assert statuses == expected, trusted

@@ -328,9 +328,10 @@ def _scopes(policy: ClientPolicy, requested: str | None) -> str:
     scopes = requested.split()
     denied = [s for s in scopes if s not in policy.scopes]
     if denied:
+        named = " ".join(denied)
+        named = named if len(named) <= 100 else named[:100] + "…"  # echo a part, not kilobytes
         raise OAuthError(
-            "invalid_scope",
-            f"scope not allowed for this client: {' '.join(denied)}; allowed: {' '.join(policy.scopes)}",
+            "invalid_scope", f"scope not allowed for this client: {named}; allowed: {' '.join(policy.scopes)}"
         )
     return " ".join(dict.fromkeys(scopes))
 
@@ -539,6 +540,18 @@ def _metadata(settings: Settings) -> dict[str, Any]:
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "scopes_supported": ["speech:recognize", "speech:synthesize"],
         "service_documentation": f"{base}/openapi.json",
+    }
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn serves the token service (`speechgate token-service`, and the tests): no
+    software name in a `server` header, and `X-Forwarded-For` believed only from the proxies
+    `SPEECHGATE_FORWARDED_ALLOW_IPS` names (none by default: the per-address limit would
+    otherwise be keyed on a value any caller sets)."""
+    return {
+        "server_header": False,
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": settings.forwarded_allow_ips or None,
     }
 
 

@@ -41,7 +41,7 @@ class Settings:
     idp_jwks_max_age_s: float = 3600.0
     idp_leeway_s: int = 30
     # Proxies whose X-Forwarded-For we believe (uvicorn's --forwarded-allow-ips).
-    forwarded_allow_ips: str = "127.0.0.1"
+    forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For is believed; none by default
     log_level: str = "info"
     log_format: str = "auto"  # json | text | auto: JSON unless stderr is a terminal
     # The relay: where Azure Speech is, and how it authenticates there.
