@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from speechgate.admin import Failed, announce, audit, confirm, json_option, names, output, run, yes_option
 from token_service import clients as clientdb
@@ -54,6 +55,16 @@ def quotas() -> None:
 # --- top -------------------------------------------------------------------------------------
 
 
+def escaped(text: str) -> str:
+    """Control characters as escapes: names from tokens reach a terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown(text: str) -> Text:
+    """A name for a table cell: escaped, and never read as rich markup."""
+    return Text(escaped(text))
+
+
 def _table(rows: list[usage.Usage], by: str) -> Table:
     table = Table(title=f"speechgate quotas by {by} — {time.strftime('%H:%M:%S')}", title_justify="left")
     table.add_column("client")
@@ -65,7 +76,9 @@ def _table(rows: list[usage.Usage], by: str) -> Table:
         audio = f"{_duration(row.audio_s)} / {_duration(row.audio_limit_s)}"
         use = f"{row.ratio:.0%}"
         style = "bold red" if row.ratio >= 0.9 else "yellow" if row.ratio >= 0.7 else None
-        cells = [row.client_id] + ([row.subject or ""] if by == "subject" else [])
+        cells: list[str | Text] = [shown(row.client_id)] + (
+            [shown(row.subject or "")] if by == "subject" else []
+        )
         cells += [f"{row.streams} / {row.streams_limit}", audio, use, str(row.issued_1m), str(row.refused_1m)]
         table.add_row(*cells, style=style)
     return table
@@ -142,7 +155,7 @@ def show(client_id: str, subject: str | None, as_json: bool) -> None:
     found = run(op)
     u = found.usage
     share = u.audio_s / max(u.audio_limit_s, 1)
-    who = client_id + (f" / subject {subject}" if subject else "")
+    who = client_id + (f" / subject {escaped(subject)}" if subject else "")
     lines = [
         who,
         f"  streams      {u.streams} of {u.streams_limit}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 ISSUER = "https://login.example.test/tenant"
@@ -26,6 +27,8 @@ class FakeIdp:
     extra_jwks: list[dict[str, Any]] = field(default_factory=list)
     failing: bool = False
     fetches: int = 0
+    flood_bytes: int = 0  # serve a JWKS this large, made as it is read (a hostile or broken IdP)
+    served_bytes: int = 0
 
     def add_rsa_key(self, kid: str) -> None:
         self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -52,11 +55,21 @@ class FakeIdp:
         payload = {k: v for k, v in payload.items() if v is not None}
         return jwt.encode(payload, key, algorithm=alg, headers={"kid": kid, **(headers or {})})
 
+    async def _flood(self) -> AsyncIterator[bytes]:
+        chunk = b" " * 65536
+        yield b'{"keys": ['
+        while self.served_bytes < self.flood_bytes:
+            self.served_bytes += len(chunk)
+            yield chunk
+        yield b"]}"
+
     def app(self) -> Starlette:
         async def jwks(request: Request) -> Response:
             self.fetches += 1
             if self.failing:
                 return Response("unavailable", status_code=503)
+            if self.flood_bytes:
+                return StreamingResponse(self._flood(), media_type="application/json")
             return JSONResponse(self.jwks())
 
         return Starlette(routes=[Route("/jwks", jwks)])

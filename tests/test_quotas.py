@@ -174,3 +174,14 @@ def test_top_watch_refreshes_until_interrupted(tmp_path: Path, redis_url: str, p
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
     assert all([row["client_id"] for row in frame] == ["kiosk"] for frame in frames)
+
+
+def test_top_prints_subjects_escaped(live: Any, sync_redis: redis.Redis) -> None:
+    """A subject with control characters (from a token issued before they were refused) reaches
+    the SRE's terminal escaped, never as escape sequences."""
+    stack, cli, _ = live
+    keys = Keyspace(stack.service.settings.redis_prefix)
+    sync_redis.set(keys.audio_subject("shop", day(), "eve\x1b[2J\n"), 5)
+    table = cli("quotas", "top", "--by", "subject").stdout
+    assert "\x1b" not in table
+    assert "eve\\x1b[2J" in table  # the cell is cut to fit; what shows is the escape

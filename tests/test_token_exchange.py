@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from tests.conftest import TokenService
 from tests.idp import AUDIENCE, ISSUER, FakeIdp, b64, unsigned_token
 from tests.servers import ServerThread
+from token_service.clients import ClientPolicy, PolicyError
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
@@ -122,6 +123,11 @@ BAD_TOKENS: dict[str, tuple[Any, str]] = {
     "not a JWT": (lambda f: "not-a-jwt", "malformed"),
     "oversized": (lambda f: f.id_token("rsa-1", pad="x" * 9000), "longer than"),
     "critical header": (lambda f: f.id_token("rsa-1", headers={"crit": ["exp"]}), "critical"),
+    "newline in sub": (lambda f: f.id_token("rsa-1", sub="alice\nbob"), "printable"),
+    "escape in sub": (lambda f: f.id_token("rsa-1", sub="alice\x1b[31m"), "printable"),
+    "NUL in sub": (lambda f: f.id_token("rsa-1", sub="alice\x00"), "printable"),
+    "DPoP proof": (lambda f: f.id_token("rsa-1", headers={"typ": "dpop+jwt"}), "typ"),
+    "logout token": (lambda f: f.id_token("rsa-1", headers={"typ": "logout+jwt"}), "typ"),
 }
 
 
@@ -274,3 +280,43 @@ def test_concurrent_exchanges_on_a_cold_cache_all_wait_for_the_one_fetch(
         statuses = list(pool.map(lambda t: exchange(service, client_id, t).status_code, tokens))
     assert statuses == [200] * 16
     assert fake.fetches == 1
+
+
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "at+jwt", "application/at+jwt", None])
+def test_id_and_access_tokens_of_the_idp_are_taken(
+    service: TokenService, idp: tuple[FakeIdp, str], typ: str | None
+) -> None:
+    fake, uri = idp
+    headers = {"typ": typ} if typ else {}
+    response = exchange(service, public_client(service, uri), fake.id_token("rsa-1", headers=headers))
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("uri", "allowed"),
+    [
+        ("https://login.example/keys", True),
+        ("http://127.0.0.1:9000/keys", True),  # loopback: a local IdP in development
+        ("http://localhost:9000/keys", True),
+        ("http://login.example/keys", False),
+        ("ftp://login.example/keys", False),
+    ],
+)
+def test_an_idp_jwks_is_fetched_over_https_outside_loopback(uri: str, allowed: bool) -> None:
+    doc = {"client_id": "mobile", "idp": {"issuer": ISSUER, "jwks_uri": uri, "audience": AUDIENCE}}
+    if allowed:
+        assert ClientPolicy.from_dict(doc).idp is not None
+        return
+    with pytest.raises(PolicyError, match="https"):
+        ClientPolicy.from_dict(doc)
+
+
+def test_an_oversized_jwks_is_refused_without_being_read_whole(
+    service: TokenService, idp: tuple[FakeIdp, str]
+) -> None:
+    fake, uri = idp
+    fake.flood_bytes = 200 * 2**20  # 200 MB
+    response = exchange(service, public_client(service, uri), fake.id_token("rsa-1"))
+    assert response.status_code == 503  # the keys were never fetched: retry later
+    assert response.json()["error"] == "temporarily_unavailable"
+    assert fake.served_bytes < 8 * 2**20  # read up to the cap (and what was in flight), no more

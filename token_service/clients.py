@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 import secrets
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import limits
 
@@ -186,6 +188,21 @@ def _rate_limits(value: Any) -> RateLimits:
     return limits_
 
 
+def _https_or_loopback(url: str) -> bool:
+    """Keys that decide who a user is come over TLS; plain HTTP only from this machine."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
 def _idp(value: Any) -> IdentityProvider:
     if not isinstance(value, dict):
         raise PolicyError("idp must be an object with issuer, jwks_uri and audience")
@@ -195,8 +212,8 @@ def _idp(value: Any) -> IdentityProvider:
         raise PolicyError("idp needs issuer, jwks_uri, audience and optionally algorithms") from None
     if not all(isinstance(x, str) and x for x in (idp.issuer, idp.jwks_uri, idp.audience)):
         raise PolicyError("idp issuer, jwks_uri and audience must be non-empty strings")
-    if not idp.jwks_uri.startswith(("https://", "http://")):
-        raise PolicyError("idp.jwks_uri must be an http(s) URL")
+    if not _https_or_loopback(idp.jwks_uri):
+        raise PolicyError("idp.jwks_uri must be an https:// URL (http:// only on loopback, for development)")
     bad = set(idp.algorithms) - IDP_ALGORITHMS
     if bad or not idp.algorithms:
         raise PolicyError(f"idp.algorithms must be asymmetric JWS algorithms, not {sorted(bad)}")

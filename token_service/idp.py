@@ -85,14 +85,22 @@ class JwksCache:
             return False  # the floor between fetches, whatever the reason
         return now - entry.fetched >= self.max_age_s or (kid is not None and kid not in entry.keys)
 
+    async def _download(self, jwks_uri: str) -> bytes:
+        """The JWKS document, read up to MAX_JWKS_BYTES and no further (a huge or endless body
+        costs a few chunks, not memory)."""
+        async with self.http.stream("GET", jwks_uri, timeout=5.0) as response:
+            response.raise_for_status()
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise ValueError("JWKS document too large")
+        return bytes(body)
+
     async def _fetch(self, jwks_uri: str, entry: _KeySet) -> None:
         entry.attempted = self.clock()
         try:
-            response = await self.http.get(jwks_uri, timeout=5.0)
-            response.raise_for_status()
-            if len(response.content) > MAX_JWKS_BYTES:
-                raise ValueError("JWKS document too large")
-            keys = _parse_jwks(jose.loads_strict(response.content))
+            keys = _parse_jwks(jose.loads_strict(await self._download(jwks_uri)))
         except (httpx.HTTPError, ValueError) as exc:
             log.warning(
                 "JWKS fetch from %s failed (%s); keeping %d cached keys",
@@ -122,6 +130,10 @@ def _parse_jwks(doc: Any) -> dict[str, jwt.PyJWK]:
     return keys
 
 
+# The `typ` of tokens that name a signed-in user: ID tokens (JWT, or none) and RFC 9068 access tokens.
+SUBJECT_TOKEN_TYPS = frozenset({"jwt", "application/jwt", "at+jwt", "application/at+jwt"})
+
+
 async def verify_subject_token(
     token: str,
     idp: IdentityProvider,
@@ -135,6 +147,11 @@ async def verify_subject_token(
         header, payload = jose.split(token)
     except jose.MalformedToken as exc:
         raise SubjectTokenError(f"subject_token is malformed: {exc}") from None
+    typ = header.get("typ")
+    if typ is not None and str(typ).lower() not in SUBJECT_TOKEN_TYPS:
+        # A DPoP proof, a logout token, a security event… is signed by the IdP but says nothing
+        # about who is signed in (RFC 8725 §3.11: explicit typing, checked).
+        raise SubjectTokenError(f"subject_token typ {str(typ)[:30]!r} is not an ID or access token")
     alg = header.get("alg")
     if alg not in idp.algorithms:
         raise SubjectTokenError(f"subject_token algorithm {alg!r} is not allowed for this client")
@@ -163,6 +180,7 @@ async def verify_subject_token(
     except (jwt.InvalidKeyError, TypeError, ValueError):
         raise SubjectTokenError("subject_token has an invalid signature") from None
     subject = claims["sub"]
-    if not isinstance(subject, str) or not 0 < len(subject) <= 256:
-        raise SubjectTokenError("subject_token 'sub' must be a string of 1-256 characters")
+    if not isinstance(subject, str) or not 0 < len(subject) <= 256 or not subject.isprintable():
+        # Control characters would reach logs, Redis keys and the SRE's terminal.
+        raise SubjectTokenError("subject_token 'sub' must be 1-256 printable characters")
     return subject
