@@ -76,9 +76,9 @@ def _table(rows: list[usage.Usage], by: str) -> Table:
         audio = f"{_duration(row.audio_s)} / {_duration(row.audio_limit_s)}"
         use = f"{row.ratio:.0%}"
         style = "bold red" if row.ratio >= 0.9 else "yellow" if row.ratio >= 0.7 else None
-        cells: list[str | Text] = [shown(row.client_id)] + (
-            [shown(row.subject or "")] if by == "subject" else []
-        )
+        cells: list[str | Text] = [shown(row.client_id)]
+        if by == "subject":
+            cells.append(shown(row.subject or ""))
         cells += [f"{row.streams} / {row.streams_limit}", audio, use, str(row.issued_1m), str(row.refused_1m)]
         table.add_row(*cells, style=style)
     return table
