@@ -141,10 +141,12 @@ def json_response(
     return response
 
 
-def _nosniff(connection: ServerConnection, request: Request, response: Response) -> Response:
-    """Every answer, websockets' own refusals included: browsers take the Content-Type as said."""
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    return response
+def _asks_for_upgrade(request: Request) -> bool:
+    """Whether a request asks to become a WebSocket: nothing is admitted for one that does not
+    (websockets checks the rest of the handshake; `Relay.after_handshake` undoes an admission
+    when it fails)."""
+    connection = request.headers.get("Connection", "").lower()
+    return "upgrade" in connection and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
 REFUSALS = {
@@ -213,6 +215,7 @@ class Relay:
         self._pending: dict[uuid.UUID, Pending] = {}
         self._listener = EventListener(redis, self.keyspace, self.on_event) if redis else None
         self._tasks: list[asyncio.Task[None]] = []
+        self._releasing: set[asyncio.Future[None]] = set()
 
     # --- the handshake ----------------------------------------------------------------------
 
@@ -244,6 +247,10 @@ class Relay:
         route = self.routes.get(path)
         if route is not None:
             return await route(connection, request)
+        if any(k.lower() == "generateredirectresponse" for k, _ in params) and not _asks_for_upgrade(request):
+            # The JavaScript SDK asks where a bare-host endpoint redirects to, and connects to
+            # the URL it was given on any answer but 200: there is nowhere else to go.
+            return respond(connection, 204, "", "text/plain")
         try:
             pending = await self._admit(request, path, params)
         except Refusal as refusal:
@@ -262,6 +269,8 @@ class Relay:
                 },
             )
             headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after else {}
+            if refusal.status == 426:
+                headers["Upgrade"] = "websocket"  # what a 426 must name (RFC 9110 §15.5.22)
             return json_response(
                 connection, refusal.status, {"error": refusal.error, "message": refusal.message}, headers
             )
@@ -277,8 +286,25 @@ class Relay:
             connection.transport.pause_reading()
         return None
 
+    def after_handshake(self, connection: ServerConnection, request: Request, response: Response) -> Response:
+        """Every answer gets nosniff (browsers take the Content-Type as said), websockets' own
+        refusals included; a stream admitted for a handshake that then failed (a bad key, a
+        version websockets refuses) gives its slot back at once, and holds no memory."""
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if response.status_code != 101:
+            pending = self._pending.pop(connection.id, None)
+            if pending is not None:
+                stream = Stream(pending.claims, pending.stream_id, pending.admission.started_ms)
+                stream.backend = pending.sessions
+                task = asyncio.ensure_future(self._release(stream))
+                self._releasing.add(task)  # held until done, then let go
+                task.add_done_callback(self._releasing.discard)
+        return response
+
     async def _admit(self, request: Request, path: str, params: list[tuple[str, str]]) -> Pending:
         endpoint = endpoint_for(path)
+        if not _asks_for_upgrade(request):
+            raise Refusal(426, "upgrade_required", "this endpoint takes a WebSocket connection")
         door = endpoint.door
         if door == "plain":
             doors.plain_sample_rate(params)
@@ -484,7 +510,7 @@ class Relay:
                 host,
                 port,
                 process_request=self.process_request,
-                process_response=_nosniff,
+                process_response=self.after_handshake,
                 subprotocols=[Subprotocol("USP")],
                 select_subprotocol=_usp_if_offered,
                 compression=None,

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -18,6 +19,7 @@ from relay import usp
 from tests.conftest import TokenService
 from tests.processes import wait_until
 from tests.relays import Stack
+from token_service.keyspace import Keyspace
 
 DEPTH = 5000  # far past the interpreter's recursion limit
 
@@ -152,3 +154,33 @@ def test_x_forwarded_for_is_ignored_unless_a_proxy_is_trusted(start_service: Any
             for n in range(4)
         ]
         assert statuses == expected, trusted
+
+
+async def test_nothing_is_admitted_for_a_request_that_is_no_upgrade(stack: Stack) -> None:
+    """Plain GETs with a valid token, and upgrades websockets refuses, take no stream slot and
+    leave nothing behind: the user's two slots stay free for real streams."""
+    client = await asyncio.to_thread(stack.service.add_client, max_streams_per_subject=2)
+    token = await asyncio.to_thread(stack.token, client)
+    base = f"http://127.0.0.1:{stack.relay.port}/v1/listen?language=en-US&access_token={token}"
+    async with httpx.AsyncClient() as http:
+        for _ in range(3):
+            plain = await http.get(base)
+            assert plain.status_code == 426
+            assert plain.json()["error"] == "upgrade_required"
+            assert plain.headers["upgrade"] == "websocket"
+        bad_key = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
+        for _ in range(3):
+            refused = await http.get(base, headers={**bad_key, "Sec-WebSocket-Key": "not-a-key"})
+            assert refused.status_code == 400
+        probe = await http.get(
+            f"http://127.0.0.1:{stack.relay.port}/stt/speech/universal/v2?GenerateRedirectResponse=true"
+        )
+        assert probe.status_code == 204  # the JavaScript SDK keeps its URL on anything but 200
+    keys = Keyspace(stack.service.settings.redis_prefix)
+    with redis.Redis.from_url(stack.service.settings.redis_url or "") as db:
+        assert await asyncio.to_thread(wait_until, lambda: db.zcard(keys.lease_client(client[0])) == 0)
+    assert not stack.relay.relay._pending
+    url = f"{stack.relay.url}/v1/listen?language=en-US&access_token="
+    tokens = [await asyncio.to_thread(stack.token, client) for _ in range(2)]
+    async with connect(url + tokens[0]), connect(url + tokens[1]):
+        pass  # both slots were free
