@@ -184,3 +184,13 @@ async def test_nothing_is_admitted_for_a_request_that_is_no_upgrade(stack: Stack
     tokens = [await asyncio.to_thread(stack.token, client) for _ in range(2)]
     async with connect(url + tokens[0]), connect(url + tokens[1]):
         pass  # both slots were free
+
+
+def test_subjects_never_share_a_redis_key(service: TokenService) -> None:
+    """A subject named like another's previous rate-limit window (`victim/-1`), or with a hash
+    tag or glob characters, counts only against itself."""
+    client = service.add_client(rate_limits={"client": "", "subject": "5/minute", "ip": ""})
+    for subject in ("victim/-1", "victim:x", "{victim}", "victim*"):
+        for _ in range(6):
+            service.token(*client, subject=subject)
+    assert service.token(*client, subject="victim").status_code == 200

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 
 def day(now: float | None = None) -> str:
     """The UTC day daily quotas count in, as the audio keys name it: YYYYMMDD."""
     return time.strftime("%Y%m%d", time.gmtime(now))
+
+
+def part(value: str) -> str:
+    """A value from a request or a token (a subject, an address, a jti) as a key part: encoded
+    so that no two values share a key, whatever they hold: no `/` (the previous window's
+    `/-1`), `:`, `{}` (hash tags) or glob characters survive; names stay readable."""
+    return quote(value, safe="@+=")
+
+
+def unpart(text: str) -> str:
+    return unquote(text)
 
 
 @dataclass(frozen=True)
@@ -21,15 +33,15 @@ class Keyspace:
 
     def rate(self, client_id: str, policy: str, ident: str, amount: int, window_s: int) -> str:
         """The current-window counter of one rate limit; the previous window is this + '/-1'."""
-        return f"{self.prefix}rl:{{{client_id}}}:{policy}:{amount}/{window_s}:{ident}"
+        return f"{self.prefix}rl:{{{client_id}}}:{policy}:{amount}/{window_s}:{part(ident)}"
 
     def revoked_jti(self, jti: str) -> str:
         """Present while the token with this `jti` is revoked (TTL: until it can no longer be used)."""
-        return f"{self.prefix}revoked:jti:{jti}"
+        return f"{self.prefix}revoked:jti:{part(jti)}"
 
     def revoked_subject(self, client_id: str, subject: str) -> str:
         """When every token of this subject of this client issued until then was revoked."""
-        return f"{self.prefix}revoked:{{{client_id}}}:sub:{subject}"
+        return f"{self.prefix}revoked:{{{client_id}}}:sub:{part(subject)}"
 
     def revoked_client(self, client_id: str) -> str:
         """When every token of this client issued until then was revoked."""
@@ -46,28 +58,28 @@ class Keyspace:
 
     def lease_subject(self, client_id: str, subject: str) -> str:
         """Sorted set of live streams of a subject, scored by when each lease runs out (ms)."""
-        return f"{self.prefix}lease:{{{client_id}}}:sub:{subject}"
+        return f"{self.prefix}lease:{{{client_id}}}:sub:{part(subject)}"
 
     def lease_client(self, client_id: str) -> str:
         return f"{self.prefix}lease:{{{client_id}}}:all"
 
     def session(self, client_id: str, jti: str) -> str:
         """When the session a token opened started (ms); present while it may reconnect."""
-        return f"{self.prefix}session:{{{client_id}}}:{jti}"
+        return f"{self.prefix}session:{{{client_id}}}:{part(jti)}"
 
     def resume(self, client_id: str, jti: str) -> str:
         """Hash left by a token's ended Azure-door connection for the one that continues its
         session: `mark` (audio counted up to, on the session's time line) and `budget` (replay
         the session may still send uncounted). Taken once; TTL: what the session has left."""
-        return f"{self.prefix}resume:{{{client_id}}}:{jti}"
+        return f"{self.prefix}resume:{{{client_id}}}:{part(jti)}"
 
     def used_jti(self, client_id: str, jti: str) -> str:
         """A single-use token that has opened its session."""
-        return f"{self.prefix}used:{{{client_id}}}:{jti}"
+        return f"{self.prefix}used:{{{client_id}}}:{part(jti)}"
 
     def audio_subject(self, client_id: str, day: str, subject: str) -> str:
         """Audio seconds a subject streamed on `day` (UTC, YYYYMMDD)."""
-        return f"{self.prefix}audio:{{{client_id}}}:{day}:sub:{subject}"
+        return f"{self.prefix}audio:{{{client_id}}}:{day}:sub:{part(subject)}"
 
     def audio_streams(self, client_id: str, day: str) -> str:
         """Hash of each stream's audio seconds on `day`, as last written: what the relay adds to the

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from token_service.clients import ClientPolicy
-from token_service.keyspace import Keyspace, day
+from token_service.keyspace import Keyspace, day, unpart
 from token_service.ratelimit import checks_for
 from token_service.redisconn import Redis
 
@@ -137,9 +137,9 @@ async def subject_usage(
         lease_prefix = keys.lease_subject(c, "")
         subjects: set[str] = set()
         async for key in redis.scan_iter(match=_glob(audio_prefix) + "*", count=1000):
-            subjects.add(_text(key).removeprefix(audio_prefix))
+            subjects.add(unpart(_text(key).removeprefix(audio_prefix)))
         async for key in redis.scan_iter(match=_glob(lease_prefix) + "*", count=1000):
-            subjects.add(_text(key).removeprefix(lease_prefix))
+            subjects.add(unpart(_text(key).removeprefix(lease_prefix)))
         async with redis.pipeline(transaction=False) as pipe:
             _queue_stats(pipe, keys, c, now)
             this_minute, last_minute = await pipe.execute()
