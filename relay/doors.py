@@ -244,8 +244,10 @@ class _PlainUpstream:
     # Bounded in bytes whatever the rate, since it is what a stream may hold of the relay's memory.
     MAX_REPLAY_BYTES = 512 * 1024
     RECONNECT_CODES = frozenset({1000, 1001, 1006, 1011, 1012, 1013})  # gone, not refused
-    SHORT_S = 5.0  # a connection Azure closed sooner than this, with no result, made no headway
+    SHORT_S = 5.0  # a connection Azure closed sooner than this, with no final result, made no headway
     MAX_FRUITLESS = 3  # such connections in a row, and the relay stops trying
+    BACKOFF_S = 0.25  # before the n-th fruitless retry: this, doubled n - 1 times
+    MAX_RECONNECTS, RECONNECT_WINDOW_S = 10, 600.0  # Azure itself ends one about every 10 minutes
 
     def __init__(self, relay: Relay, live: Live, language: str, sample_rate: int) -> None:
         self.relay, self.live, self.language = relay, live, language
@@ -259,13 +261,15 @@ class _PlainUpstream:
         self.request_id = ""
         self.ended = False
         self.opened = 0.0
-        self.results = 0  # partial and final results passed to the app
-        self.results_before = 0  # as many when the current connection opened
+        # Progress is a final result: partials come again for the same audio on every replay.
+        self.finals = 0
+        self.finals_before = 0  # as many when the current connection opened
         self.fruitless = 0  # connections in a row that made no headway
+        self.reconnects: collections.deque[float] = collections.deque()  # when, in the last window
 
     async def connect(self) -> None:
         self.connection = None
-        self.opened, self.results_before = time.monotonic(), self.results
+        self.opened, self.finals_before = time.monotonic(), self.finals
         query = urlencode({"language": self.language, "format": "simple"})
         upstream = await _connect(
             self.relay,
@@ -293,15 +297,26 @@ class _PlainUpstream:
 
     def refused(self) -> str | None:
         """Azure closed the connection: why not to open another, or None to carry on. Not after
-        a refusal (1007 bad request, 1008 policy, 4xxx), which would be refused again, nor
-        after a few connections in a row that it closed at once without a result."""
+        a refusal (1007 bad request, 1008 policy, 4xxx), which would be refused again, nor after
+        a few connections in a row that it closed soon without a final result, nor past
+        MAX_RECONNECTS in RECONNECT_WINDOW_S (each new connection replays audio)."""
         assert self.connection is not None
         code, reason = self.connection.close_code or 1006, self.connection.close_reason or ""
-        quick = time.monotonic() - self.opened < self.SHORT_S
-        self.fruitless = self.fruitless + 1 if quick and self.results == self.results_before else 0
+        now = time.monotonic()
+        quick = now - self.opened < self.SHORT_S
+        self.fruitless = self.fruitless + 1 if quick and self.finals == self.finals_before else 0
+        while self.reconnects and self.reconnects[0] < now - self.RECONNECT_WINDOW_S:
+            self.reconnects.popleft()
+        if len(self.reconnects) >= self.MAX_RECONNECTS:
+            return "Azure Speech keeps closing the connection; giving up"
         if code in self.RECONNECT_CODES and self.fruitless < self.MAX_FRUITLESS:
+            self.reconnects.append(now)
             return None
         return azure_closed(code, reason, True)[1]
+
+    def backoff_s(self) -> float:
+        """How long to wait before the next connection: none after one that made headway."""
+        return self.BACKOFF_S * 2 ** (self.fruitless - 1) if self.fruitless else 0.0
 
     def _frame(self, payload: bytes, content_type: str | None = None) -> bytes:
         return usp.encode_binary("audio", self.request_id, payload, content_type, extra={"X-StreamId": "1"})
@@ -324,7 +339,8 @@ class _PlainUpstream:
                 await self.connection.send(frame)
 
     def event(self, kind: str, body: dict[str, Any]) -> str:
-        self.results += 1
+        if kind == "final":
+            self.finals += 1
         shift = self.base * 1000 // self.bytes_per_s
         return json.dumps(
             {
@@ -434,6 +450,7 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
             if refusal is not None:
                 live.end(1011, 1011, refusal)
                 return
+            await asyncio.sleep(azure.backoff_s())
             try:  # Azure ended the connection mid-recognition: carry on over a new one
                 await azure.connect()
             except UpstreamError as exc:

@@ -55,10 +55,11 @@ class FakeIdp:
         payload = {k: v for k, v in payload.items() if v is not None}
         return jwt.encode(payload, key, algorithm=alg, headers={"kid": kid, **(headers or {})})
 
-    async def _flood(self) -> AsyncIterator[bytes]:
+    async def _flood(self, request: Request) -> AsyncIterator[bytes]:
+        """Counts what it makes while the reader is there (once it has gone, writes go nowhere)."""
         chunk = b" " * 65536
         yield b'{"keys": ['
-        while self.served_bytes < self.flood_bytes:
+        while self.served_bytes < self.flood_bytes and not await request.is_disconnected():
             self.served_bytes += len(chunk)
             yield chunk
         yield b"]}"
@@ -69,7 +70,7 @@ class FakeIdp:
             if self.failing:
                 return Response("unavailable", status_code=503)
             if self.flood_bytes:
-                return StreamingResponse(self._flood(), media_type="application/json")
+                return StreamingResponse(self._flood(request), media_type="application/json")
             return JSONResponse(self.jwks())
 
         return Starlette(routes=[Route("/jwks", jwks)])

@@ -226,3 +226,19 @@ async def test_a_plain_app_that_never_reads_its_results_is_closed(
     (record,) = ended()
     assert record.fields["close_code"] == 1008
     assert record.fields["outcome"] == "the app is not reading its results"
+
+
+async def test_the_plain_door_stops_reconnecting_to_an_azure_that_makes_no_headway(stack: Stack) -> None:
+    """Azure closes every connection after partial results but before any final: partials are no
+    progress (each new connection replays the same audio and gets them again), so the relay gives
+    up after a few tries with backoff instead of reconnecting without end."""
+    stack.fake.close_after_s = 0.3
+    stack.fake.phrase_every_s = 60.0  # partials every half second of audio, never a final
+    client = await asyncio.to_thread(stack.service.add_client)
+    token = await token_for(stack, client)
+    async with connect(listen_url(stack, token)) as ws:
+        with contextlib.suppress(ConnectionClosed):
+            await stream_real_time([ws], 40)
+        await asyncio.wait_for(ws.wait_closed(), 10)  # the relay has given up by now
+    assert ws.close_code == 1011
+    assert stack.fake.connections <= 4  # the first, and three fruitless tries at most

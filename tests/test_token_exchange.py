@@ -7,6 +7,7 @@ import hmac
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -319,4 +320,8 @@ def test_an_oversized_jwks_is_refused_without_being_read_whole(
     response = exchange(service, public_client(service, uri), fake.id_token("rsa-1"))
     assert response.status_code == 503  # the keys were never fetched: retry later
     assert response.json()["error"] == "temporarily_unavailable"
-    assert fake.served_bytes < 8 * 2**20  # read up to the cap (and what was in flight), no more
+    # Read up to the cap; what the kernel buffers between the two (its autotuning limits, which
+    # differ per machine) may have left the IdP too, but not the rest of the 200 MB.
+    receive = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
+    send = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    assert fake.served_bytes < receive + send + 4 * 2**20
