@@ -317,6 +317,9 @@ class Relay:
         policy = await self.clients.get(claims.client_id)
         if not isinstance(policy, ClientPolicy) or not policy.enabled:  # unknown or disabled
             raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
+        origin = request.headers.get("Origin")
+        if origin is not None and policy.origins and origin not in policy.origins:
+            raise Refusal(403, "origin_not_allowed", f"pages of {origin[:60]} may not use this app's tokens")
         query = upstream_query(endpoint, params, policy, claims) if door == "azure" else ""
         stream_id = new_stream_id(claims)
         may_start = time.time() < claims.exp

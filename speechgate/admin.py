@@ -464,6 +464,7 @@ async def _store_secret(store: SecretStore, policy: ClientPolicy) -> tuple[Clien
 )
 @click.option("--custom-voices", default="", help="Custom voices (deploymentId) it may use, comma-separated.")
 @click.option("--store-audio", is_flag=True, help="It may ask Azure to store its audio (storeAudio=true).")
+@click.option("--origins", default="", help="Web origins whose pages may stream, comma-separated [any].")
 @json_option
 def clients_add(
     client_id: str,
@@ -483,6 +484,7 @@ def clients_add(
     custom_models: str,
     custom_voices: str,
     store_audio: bool,
+    origins: str,
     as_json: bool,
 ) -> None:
     """Register a client; a confidential client's secret is printed once, here."""
@@ -506,6 +508,7 @@ def clients_add(
                 "custom_models": names(custom_models),
                 "custom_voices": names(custom_voices),
                 "store_audio": store_audio,
+                "origins": names(origins),
             }
         )
     except PolicyError as exc:

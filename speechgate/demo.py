@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from websockets.asyncio.server import ServerConnection
@@ -37,6 +38,24 @@ def _loopback(connection: ServerConnection) -> bool:
         return False
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _loopback_page(request: Request) -> bool:
+    """Asked for by a page of this machine: a web page elsewhere whose name was made to resolve
+    to 127.0.0.1 (DNS rebinding) sends its own name in Host, and a page of another site sends
+    its origin; the demo's own page sends loopback names in both (or no Origin, same-origin)."""
+    origin = request.headers.get("Origin")
+    try:
+        host = urlsplit("http://" + request.headers.get("Host", "")).hostname
+        page = urlsplit(origin) if origin is not None else None
+    except ValueError:  # not a host name at all
+        return False
+    if host not in LOOPBACK_HOSTS:
+        return False
+    return page is None or (page.scheme == "http" and page.hostname in LOOPBACK_HOSTS)
+
+
 def demo_routes(client: DevClient, token_url: str, http: httpx.AsyncClient) -> dict[str, Route]:
     page = resources.files("speechgate").joinpath("demo.html").read_text(encoding="utf-8")
 
@@ -51,7 +70,7 @@ def demo_routes(client: DevClient, token_url: str, http: httpx.AsyncClient) -> d
         return response
 
     async def get_token(connection: ServerConnection, request: Request) -> Response:
-        if not _loopback(connection):
+        if not (_loopback(connection) and _loopback_page(request)):
             return _json(connection, 403, {"error": "forbidden", "message": "the demo is for this machine"})
         try:
             answer = await http.post(

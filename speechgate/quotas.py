@@ -198,6 +198,7 @@ SETTABLE = {
 @click.option("--custom-models", help='Custom Speech models (cid) allowed, comma-separated ("" none, * any).')
 @click.option("--custom-voices", help='Custom voices (deploymentId) allowed, comma-separated ("" none).')
 @click.option("--store-audio/--no-store-audio", default=None, help="Whether Azure may store its audio.")
+@click.option("--origins", help='Web origins whose pages may stream, comma-separated ("": any).')
 @json_option
 def set_limits(client_id: str, as_json: bool, **options: Any) -> None:
     """Change a client's limits live: every replica applies them within a second."""
@@ -205,7 +206,7 @@ def set_limits(client_id: str, as_json: bool, **options: Any) -> None:
     for option, (name, factor) in SETTABLE.items():
         if options[option] is not None:
             changes[name] = options[option] * factor
-    for name in ("custom_models", "custom_voices"):
+    for name in ("custom_models", "custom_voices", "origins"):
         if options[name] is not None:
             changes[name] = tuple(names(options[name]))
     if options["store_audio"] is not None:
@@ -247,6 +248,7 @@ def _limits(policy: ClientPolicy) -> dict[str, Any]:
         "custom_models": list(policy.custom_models),
         "custom_voices": list(policy.custom_voices),
         "store_audio": policy.store_audio,
+        "origins": list(policy.origins),
     }
 
 

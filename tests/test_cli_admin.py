@@ -577,5 +577,10 @@ def test_custom_models_voices_and_stored_audio_are_set_per_client(cli: Cli) -> N
         ["voice-1"],
         False,
     )
-    cleared = cli.json("quotas", "set", "studio", "--custom-models", "")
+    cleared = cli.json(
+        "quotas", "set", "studio", "--custom-models", "", "--origins", "https://studio.example"
+    )
     assert cleared["limits"]["custom_models"] == []
+    assert cleared["limits"]["origins"] == ["https://studio.example"]
+    bad = cli("quotas", "set", "studio", "--origins", "studio.example", code=1)
+    assert "https://app.example" in bad.output

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -14,11 +15,15 @@ import pytest
 import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 from relay import usp
+from relay.server import Relay
+from speechgate.demo import demo_routes
+from speechgate.dev import DevClient
 from tests.conftest import TokenService
 from tests.processes import wait_until
-from tests.relays import Stack
+from tests.relays import RelayThread, Stack
 from token_service.keyspace import Keyspace
 
 DEPTH = 5000  # far past the interpreter's recursion limit
@@ -194,3 +199,52 @@ def test_subjects_never_share_a_redis_key(service: TokenService) -> None:
         for _ in range(6):
             service.token(*client, subject=subject)
     assert service.token(*client, subject="victim").status_code == 200
+
+
+@pytest.fixture
+def demo_relay(stack: Stack) -> Iterator[RelayThread]:
+    """A relay serving the dev demo's routes, its token minted by the stack's token service."""
+    client = stack.service.add_client()
+    relay = Relay(
+        stack.relay.relay.settings,
+        stack.service.store,
+        None,
+        routes=demo_routes(DevClient(*client), stack.service.url, httpx.AsyncClient()),
+    )
+    with RelayThread(relay) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),
+        ({"Origin": "http://127.0.0.1:8001"}, 200),
+        ({"Origin": "http://localhost:8001", "Host": "localhost:8001"}, 200),
+        ({"Host": "evil.example:8001"}, 403),  # DNS rebinding: a page of evil.example on 127.0.0.1
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": "null"}, 403),
+    ],
+)
+def test_the_demo_token_is_for_pages_of_this_machine_only(
+    demo_relay: RelayThread, headers: dict[str, str], status: int
+) -> None:
+    response = httpx.get(f"http://127.0.0.1:{demo_relay.port}/demo/token", headers=headers)
+    assert response.status_code == status, response.text
+
+
+async def test_a_clients_origin_allow_list_holds_for_browsers(stack: Stack) -> None:
+    client = await asyncio.to_thread(stack.service.add_client, origins=["https://app.example"])
+    url = f"{stack.relay.url}/v1/listen?language=en-US&access_token="
+    token = await asyncio.to_thread(stack.token, client)
+    async with connect(url + token, origin=Origin("https://app.example")):
+        pass
+    async with connect(url + await asyncio.to_thread(stack.token, client)):
+        pass  # native SDKs send no Origin
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(
+            url + await asyncio.to_thread(stack.token, client), origin=Origin("https://evil.example")
+        ):
+            pass
+    assert refused.value.response.status_code == 403
+    assert json.loads(refused.value.response.body or b"{}")["error"] == "origin_not_allowed"

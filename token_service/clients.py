@@ -84,6 +84,9 @@ class ClientPolicy:
     custom_voices: tuple[str, ...] = ()
     store_audio: bool = False
     max_translation_targets: int = 2  # each target language is billed as translation
+    # Web origins whose pages may open streams (`https://app.example`); empty: any. Browsers
+    # send Origin, native SDKs do not, so this holds for browsers only.
+    origins: tuple[str, ...] = ()
 
     @property
     def public(self) -> bool:
@@ -116,7 +119,7 @@ class ClientPolicy:
             values["rate_limits"] = _rate_limits(values["rate_limits"])
         if values.get("idp") is not None:
             values["idp"] = _idp(values["idp"])
-        for name in ("scopes", "languages", "custom_models", "custom_voices"):
+        for name in ("scopes", "languages", "custom_models", "custom_voices", "origins"):
             if name in values:
                 values[name] = tuple(_strings(values[name], name))
         try:
@@ -158,6 +161,15 @@ class ClientPolicy:
                 raise PolicyError(
                     f"rate limit {kind}={text!r} is not like '20/minute;300/hour' (empty: no limit)"
                 ) from None
+        for origin in self.origins:
+            parts = urlsplit(origin)
+            if (
+                parts.scheme not in ("https", "http")
+                or not parts.hostname
+                or parts.path
+                or origin.endswith("/")
+            ):
+                raise PolicyError(f"origin {origin!r} is not like https://app.example (scheme, host, port)")
         if not isinstance(self.store_audio, bool):
             raise PolicyError("store_audio must be true or false")
         if self.public and self.idp is None:
