@@ -356,8 +356,7 @@ class Relay:
             pending.stream_id,
             admitted.started_ms,
             backend=pending.sessions,
-            position_s=admitted.resume_mark_s,
-            mark_s=admitted.resume_mark_s,
+            start_mark_s=admitted.resume_mark_s,
             replay_budget_s=admitted.replay_budget_s,
         )
         live = Live(connection, stream, pending.endpoint.door, pending.kid)

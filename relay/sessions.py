@@ -49,38 +49,43 @@ class Stream:
     day: str = ""
     day_base_s: float = 0.0
     reported_s: float = 0.0  # total_audio_s as the last successful write carried it
-    # Continuity: on the session's audio time line, where the next audio goes and how far audio
-    # has been counted (a reconnect starts at the mark its ended connection left). The SDKs
-    # replay unconfirmed audio from an offset they name (a new connection, or a new turn on the
-    # same one); what lies before the mark is not counted again, within the session's replay
-    # budget, so that naming offset 0 on every turn buys nothing.
-    position_s: float = 0.0
-    mark_s: float = 0.0
+    # Continuity: on the session's audio time line, how far audio has been counted (the mark: a
+    # reconnect starts at the one its ended connection left, `start_mark_s`, and each counted
+    # second moves it on) and how far behind it the next audio goes. The SDKs replay
+    # unconfirmed audio from an offset they name (a new connection, or a new turn on the same
+    # one); what lies before the mark is not counted again, within the session's replay budget,
+    # so that naming offset 0 on every turn buys nothing.
+    start_mark_s: float = 0.0
+    behind_s: float = 0.0
     replay_budget_s: float = 0.0
 
+    @property
+    def mark_s(self) -> float:
+        return self.start_mark_s + self.total_audio_s
+
     def add_audio(self, payload_bytes: int) -> None:
-        start = self.position_s
-        end = self.position_s = start + payload_bytes / self.byte_rate
-        mark = self.mark_s
-        if start >= mark:  # new audio: the usual case (hot path)
-            self.mark_s = end
-            self.audio_s += end - start
-            self.total_audio_s += end - start
-        elif end <= mark:  # replayed audio, counted before
-            self.replay_budget_s -= end - start
+        seconds = payload_bytes / self.byte_rate
+        behind = self.behind_s
+        if behind <= 0.0:  # new audio: the usual case (hot path)
+            self.audio_s += seconds
+            self.total_audio_s += seconds
+        elif seconds <= behind:  # replayed audio, counted before
+            self.behind_s = behind - seconds
+            self.replay_budget_s -= seconds
         else:  # the replay's end, then new audio
-            self.replay_budget_s -= mark - start
-            self.mark_s = end
-            self.audio_s += end - mark
-            self.total_audio_s += end - mark
+            self.behind_s = 0.0
+            self.replay_budget_s -= behind
+            self.audio_s += seconds - behind
+            self.total_audio_s += seconds - behind
 
     def context(self, continuation_s: float | None) -> None:
         """A speech.context: one that continues the session replays audio from where it says."""
         if continuation_s is None:
             return
-        start = max(continuation_s, self.mark_s - self.replay_budget_s, 0.0)
-        if start < self.position_s:
-            self.position_s = start
+        mark = self.mark_s
+        start = max(continuation_s, mark - self.replay_budget_s, 0.0)
+        if start < mark - self.behind_s:
+            self.behind_s = mark - start
 
     def total_today(self, today: str) -> float:
         """This stream's audio on `today` (UTC): what the shared counters should hold of it."""
