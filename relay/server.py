@@ -117,7 +117,7 @@ class Pending:
     endpoint: Endpoint
     path: str
     params: list[tuple[str, str]]
-    query: str  # what the Azure door passes on (relay.auth.upstream_query)
+    query: str  # what the Azure door passes on (relay.endpoints.upstream_query)
     sessions: Sessions
     admission: Admission
 
@@ -145,8 +145,14 @@ def _asks_for_upgrade(request: Request) -> bool:
     """Whether a request asks to become a WebSocket: nothing is admitted for one that does not
     (websockets checks the rest of the handshake; `Relay.after_handshake` undoes an admission
     when it fails)."""
-    connection = request.headers.get("Connection", "").lower()
-    return "upgrade" in connection and request.headers.get("Upgrade", "").lower() == "websocket"
+    connection = header(request, "Connection").lower()
+    return "upgrade" in connection and header(request, "Upgrade").lower() == "websocket"
+
+
+def header(request: Request, name: str) -> str:
+    """A request header's values, joined: a header sent twice is no error (websockets' `get`
+    raises on it, which would become a 500)."""
+    return ", ".join(request.headers.get_all(name))
 
 
 REFUSALS = {
@@ -317,7 +323,7 @@ class Relay:
         policy = await self.clients.get(claims.client_id)
         if not isinstance(policy, ClientPolicy) or not policy.enabled:  # unknown or disabled
             raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
-        origin = request.headers.get("Origin")
+        origin = header(request, "Origin") or None
         if origin is not None and policy.origins and origin not in policy.origins:
             raise Refusal(403, "origin_not_allowed", f"pages of {origin[:60]} may not use this app's tokens")
         query = upstream_query(endpoint, params, policy, claims) if door == "azure" else ""

@@ -16,7 +16,7 @@ import httpx
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from relay.server import Route, json_response, respond
+from relay.server import Route, header, json_response, respond
 from speechgate.dev import DevClient
 
 PAGE_PATH = "/demo"
@@ -45,9 +45,9 @@ def _loopback_page(request: Request) -> bool:
     """Asked for by a page of this machine: a web page elsewhere whose name was made to resolve
     to 127.0.0.1 (DNS rebinding) sends its own name in Host, and a page of another site sends
     its origin; the demo's own page sends loopback names in both (or no Origin, same-origin)."""
-    origin = request.headers.get("Origin")
+    origin = header(request, "Origin") or None
     try:
-        host = urlsplit("http://" + request.headers.get("Host", "")).hostname
+        host = urlsplit("http://" + header(request, "Host")).hostname
         page = urlsplit(origin) if origin is not None else None
     except ValueError:  # not a host name at all
         return False

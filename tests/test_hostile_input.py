@@ -248,3 +248,17 @@ async def test_a_clients_origin_allow_list_holds_for_browsers(stack: Stack) -> N
             pass
     assert refused.value.response.status_code == 403
     assert json.loads(refused.value.response.body or b"{}")["error"] == "origin_not_allowed"
+
+
+def test_a_header_sent_twice_is_no_server_error(stack: Stack) -> None:
+    client = stack.service.add_client()
+    token = stack.token(client)
+    url = f"http://127.0.0.1:{stack.relay.port}/v1/listen?language=en-US&access_token={token}"
+    twice = [
+        ("Connection", "keep-alive"),
+        ("Connection", "Upgrade"),
+        ("Origin", "https://a"),
+        ("Origin", "https://b"),
+    ]
+    response = httpx.get(url, headers=twice)
+    assert response.status_code < 500
