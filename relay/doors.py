@@ -29,10 +29,10 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from relay import frames, languages, usp
+from relay import frames, usp
 from relay.auth import Refusal
 from relay.endpoints import upstream_path
-from relay.splice import PATH_WINDOW, RESULTS, SAMPLE_MASK, TURN_STARTS, Splice, azure_closed, can_take_over
+from relay.splice import PATH_WINDOW, RESULTS, SAMPLE_MASK, Splice, azure_closed, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
 from token_service.jose import loads_strict
 
@@ -136,28 +136,15 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                 if size:
                     start = len(message) - size
                     if message[start : start + 4] == b"RIFF":  # the first frame of a turn: a WAV header
-                        try:
-                            stream.byte_rate = usp.wav_byte_rate(message[start:])
-                        except usp.ProtocolError as exc:
-                            live.end(1007, 1007, str(exc))
+                        if not live.wav_header(message[start:]):
                             return
                         size = max(0, size - 44)
-                        live.turn_audio_at = time.perf_counter()
                     stream.add_audio(size)
                     if stream.flooding(opened):
                         live.end(4000, 1008, "audio sent much faster than real time")
                         return
-            elif isinstance(message, str):
-                path = _path(message)
-                if path in TURN_STARTS:
-                    live.in_turn = True
-                    if path == b"speech.context":
-                        stream.context(usp.continuation_s(message))
-                if "*" not in stream.claims.lang:  # the token restricts languages: read the message
-                    reason = languages.message_refusal(stream.claims.lang, message.encode())
-                    if reason is not None:
-                        live.end(4000, 1008, reason)
-                        return
+            elif isinstance(message, str) and not live.app_text(_path(message), message.encode):
+                return
             count += 1
             if count & SAMPLE_MASK:
                 await upstream.send(message)

@@ -25,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from relay import doors
+from relay import doors, languages, usp
 from relay.auth import (
     Authenticator,
     Refusal,
@@ -37,6 +37,7 @@ from relay.auth import (
 from relay.endpoints import Endpoint, endpoint_for, upstream_query
 from relay.metrics import RelayMetrics
 from relay.sessions import Admission, MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
+from relay.splice import TURN_STARTS
 from relay.upstream import (
     Credentials,
     EntraCredentials,
@@ -94,6 +95,41 @@ class Live:
         self.in_turn = False
         if self.drain_after_turn and self.drain_timer is None:
             self.drain_timer = asyncio.get_running_loop().call_later(TELEMETRY_GRACE_S, self.drained)
+
+    def wav_header(self, header: bytes | bytearray) -> bool:
+        """The WAV header a turn's audio starts with: meter by its format, or end the stream
+        (1007, saying what to send) when the relay cannot. Both data paths of the Azure door."""
+        try:
+            self.stream.byte_rate = usp.wav_byte_rate(header)
+        except usp.ProtocolError as exc:
+            self.end(1007, 1007, str(exc))
+            return False
+        self.turn_audio_at = time.perf_counter()
+        return True
+
+    def app_text(self, path: bytes | bytearray, whole: Callable[[], bytes | bytearray | None]) -> bool:
+        """A text message from the app on the Azure door, by its Path and its whole payload
+        (None for a message in fragments), read only when needed: turns and continuations, and
+        the token's languages. False when the stream ends because of it."""
+        stream = self.stream
+        if path in TURN_STARTS:
+            self.in_turn = True
+            if path == b"speech.context":  # once a turn: read it whole for its continuation
+                payload = whole()
+                text = bytes(payload).decode("utf-8", "replace") if payload is not None else ""
+                stream.context(usp.continuation_s(text))
+        if "*" in stream.claims.lang:
+            return True
+        payload = whole()  # the token restricts languages: read the message
+        reason = (
+            languages.message_refusal(stream.claims.lang, payload)
+            if payload is not None
+            else "a text message in fragments; this token's languages cannot be checked"
+        )
+        if reason is not None:
+            self.end(4000, 1008, reason)
+            return False
+        return True
 
     def drained(self) -> None:
         if self.drain_timer is not None:

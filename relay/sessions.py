@@ -293,9 +293,7 @@ class RedisSessions:
         (`released`) lose the lease this beat may have renewed.
         """
         beat = Beat()
-        by_client: dict[str, list[Stream]] = {}
-        for s in streams:
-            by_client.setdefault(s.claims.client_id, []).append(s)
+        by_client = _by_client(streams)
         results = await asyncio.gather(*(self._write(c, group) for c, group in by_client.items()))
         for (c, group), totals in zip(by_client.items(), results, strict=True):
             for s in group:
@@ -313,10 +311,7 @@ class RedisSessions:
 
     async def settle(self, streams: Sequence[Stream]) -> None:
         """Write the final state of ended streams (again, after a failure: the write is idempotent)."""
-        by_client: dict[str, list[Stream]] = {}
-        for s in streams:
-            by_client.setdefault(s.claims.client_id, []).append(s)
-        await asyncio.gather(*(self._write(c, group) for c, group in by_client.items()))
+        await asyncio.gather(*(self._write(c, group) for c, group in _by_client(streams).items()))
 
     async def _write(self, client_id: str, streams: list[Stream]) -> dict[str, float]:
         """One client's streams in one script: leases renewed (or removed, for ended streams),
@@ -360,6 +355,13 @@ class RedisSessions:
     async def aclose(self) -> None:
         await self._admit.aclose()
         await self._beat.aclose()
+
+
+def _by_client(streams: Sequence[Stream]) -> dict[str, list[Stream]]:
+    grouped: dict[str, list[Stream]] = {}
+    for s in streams:
+        grouped.setdefault(s.claims.client_id, []).append(s)
+    return grouped
 
 
 def stream_prefix(jti: str) -> str:

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from relay import frames, languages, usp
+from relay import frames, usp
 from relay.frames import CLOSE, CONTINUATION, PING, TEXT, FrameError, Header
 
 if TYPE_CHECKING:
@@ -235,13 +235,9 @@ class Splice:
             if size > 0:
                 at = header.length - size
                 if size >= 44 and frames.holds(chunk, header, at, b"RIFF"):
-                    try:
-                        stream.byte_rate = usp.wav_byte_rate(frames.peek(chunk, header, at, 44))
-                    except usp.ProtocolError as exc:
-                        live.end(1007, 1007, str(exc))
+                    if not live.wav_header(frames.peek(chunk, header, at, 44)):
                         return False
                     size -= 44
-                    live.turn_audio_at = time.perf_counter()
                 stream.add_audio(size)
             if not header.fin:
                 leg.message_opcode = opcode
@@ -254,22 +250,10 @@ class Splice:
             path = usp.peek_path(frames.payload(chunk, header, PATH_WINDOW))  # only where `Path` can be
             if live.drain_timer is not None and path == b"telemetry":
                 self.drain_after_flush = True  # the app's last word on its turn: close after it
-            if path in TURN_STARTS:
-                live.in_turn = True
-                if path == b"speech.context":  # once a turn: read it whole for its continuation
-                    whole = frames.payload(chunk, header) if header.fin else b""
-                    stream.context(usp.continuation_s(whole.decode("utf-8", "replace")))
             if not header.fin:
                 leg.message_opcode = opcode
-            if "*" not in stream.claims.lang:  # the token restricts languages: read the message
-                reason = (
-                    languages.message_refusal(stream.claims.lang, frames.payload(chunk, header))
-                    if header.fin
-                    else "a text message in fragments; this token's languages cannot be checked"
-                )
-                if reason is not None:
-                    live.end(4000, 1008, reason)
-                    return False
+            if not live.app_text(path, lambda: frames.payload(chunk, header) if header.fin else None):
+                return False
         if stream.flooding(self.opened):
             live.end(4000, 1008, "audio sent much faster than real time")
             return False
