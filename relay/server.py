@@ -157,6 +157,17 @@ class Pending:
     sessions: Sessions
     admission: Admission
 
+    def stream(self) -> Stream:
+        """The stream this admission opens, on the session's time line where its last one ended."""
+        return Stream(
+            self.claims,
+            self.stream_id,
+            self.admission.started_ms,
+            backend=self.sessions,
+            start_mark_s=self.admission.resume_mark_s,
+            replay_budget_s=self.admission.replay_budget_s,
+        )
+
 
 def respond(connection: ServerConnection, status: int, text: str, content_type: str) -> Response:
     """A plain HTTP answer. websockets' `respond` sets a text/plain Content-Type, and its headers
@@ -336,9 +347,7 @@ class Relay:
         if response.status_code != 101:
             pending = self._pending.pop(connection.id, None)
             if pending is not None:
-                stream = Stream(pending.claims, pending.stream_id, pending.admission.started_ms)
-                stream.backend = pending.sessions
-                task = asyncio.ensure_future(self._release(stream))
+                task = asyncio.ensure_future(self._release(pending.stream()))
                 self._releasing.add(task)  # held until done, then let go
                 task.add_done_callback(self._releasing.discard)
         return response
@@ -392,15 +401,7 @@ class Relay:
 
     async def handler(self, connection: ServerConnection) -> None:
         pending = self._pending.pop(connection.id)
-        admitted = pending.admission
-        stream = Stream(
-            pending.claims,
-            pending.stream_id,
-            admitted.started_ms,
-            backend=pending.sessions,
-            start_mark_s=admitted.resume_mark_s,
-            replay_budget_s=admitted.replay_budget_s,
-        )
+        stream = pending.stream()
         live = Live(connection, stream, pending.endpoint.door, pending.kid)
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
