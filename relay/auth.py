@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
+from relay.languages import allows
 from token_service.claims import AccessClaims, InvalidToken, verify
 from token_service.clients import LOCALE
 from token_service.idp import IdpUnavailable, JwksCache
@@ -104,11 +105,11 @@ class Authenticator:
         return claims, header_kid
 
 
-def authorize(claims: AccessClaims, scope: str, languages: list[str], required: bool) -> None:
-    """The token's scope, and its languages against the query's (`required`: where a missing
-    `language=` would let Azure pick one the token may not allow)."""
-    if scope not in claims.scopes:
-        raise Refusal(403, "insufficient_scope", f"this token lacks the {scope} scope")
+def authorize(claims: AccessClaims, scopes: tuple[str, ...], languages: list[str], required: bool) -> None:
+    """The token's scope (any of `scopes`), and its languages against the query's (`required`:
+    where a missing `language=` would let Azure pick one the token may not allow)."""
+    if not any(scope in claims.scopes for scope in scopes):
+        raise Refusal(403, "insufficient_scope", f"this token lacks the {' or '.join(scopes)} scope")
     if len(languages) > 1:
         raise Refusal(400, "invalid_request", "send the language parameter once")
     restricted = "*" not in claims.lang
@@ -128,13 +129,7 @@ def allow_language(claims: AccessClaims, language: str, target: bool = False) ->
     the token allows `de` or any `de-…` locale)."""
     if not LOCALE.match(language):
         raise Refusal(400, "invalid_request", f"{language[:20]!r} is not a locale such as en-US")
-    if "*" in claims.lang:
-        return
-    allowed = {x.lower() for x in claims.lang}
-    lowered = language.lower()
-    if lowered in allowed or (
-        target and "-" not in lowered and any(x.startswith(lowered + "-") for x in allowed)
-    ):
+    if allows(claims.lang, language, target):
         return
     raise Refusal(
         403,

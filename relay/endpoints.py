@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from relay.auth import Refusal, allow_language
+from relay.languages import Rules
 from token_service.claims import AccessClaims
 from token_service.clients import ClientPolicy
 
@@ -69,15 +70,21 @@ class Endpoint:
     def synthesis(self) -> bool:
         return self.kind == "synthesis"
 
-    def scope(self, params: list[tuple[str, str]]) -> str:
-        """The scope a token needs here (universal v2 translates when the query names targets)."""
+    def scopes(self, params: list[tuple[str, str]]) -> tuple[str, ...]:
+        """The scopes a token needs one of here. Universal v2 translates when its query names
+        targets; without them it may still translate, as its `speech.context` says (where the
+        relay checks the scope again: relay.languages.Rules)."""
         if self.kind == "synthesis":
-            return "speech:synthesize"
-        if self.kind == "translation" or (
-            self.kind == "universal" and any(k.lower() == "to" for k, _ in params)
-        ):
-            return "speech:translate"
-        return "speech:recognize"
+            return ("speech:synthesize",)
+        if self.kind == "translation" or (self.kind == "universal" and _names_targets(params)):
+            return ("speech:translate",)
+        if self.kind == "universal":
+            return ("speech:recognize", "speech:translate")
+        return ("speech:recognize",)
+
+
+def _names_targets(params: list[tuple[str, str]]) -> bool:
+    return any(k.lower() == "to" for k, _ in params)
 
 
 RECOGNITION = Endpoint("recognition", "stt", _names(RECOGNITION_PARAMS))
@@ -102,6 +109,20 @@ UNSUPPORTED = {
     "/api/v3": "Direct Line Speech",
     "/commands/api/v1": "Custom Commands",
 }
+
+
+def message_rules(
+    endpoint: Endpoint, params: list[tuple[str, str]], claims: AccessClaims, policy: ClientPolicy
+) -> Rules:
+    """What the app's messages on this stream may still ask for, after the handshake's checks."""
+    return Rules(
+        lang=claims.lang,
+        scopes=frozenset(claims.scopes),
+        max_targets=policy.max_translation_targets,
+        universal=endpoint.kind == "universal",
+        query_targets=_names_targets(params),
+        query_language=any(k.lower() in ("language", "from") for k, _ in params),
+    )
 
 
 def endpoint_for(path: str) -> Endpoint:

@@ -25,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from relay import doors, languages, usp
+from relay import doors, frames, languages, usp
 from relay.auth import (
     Authenticator,
     Refusal,
@@ -34,7 +34,7 @@ from relay.auth import (
     plain_path,
     split_target,
 )
-from relay.endpoints import Endpoint, endpoint_for, upstream_query
+from relay.endpoints import Endpoint, endpoint_for, message_rules, upstream_query
 from relay.metrics import RelayMetrics
 from relay.sessions import Admission, MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
 from relay.splice import TURN_STARTS
@@ -43,7 +43,9 @@ from relay.upstream import (
     EntraCredentials,
     KeyCredentials,
     StsCredentials,
+    UpstreamError,
 )
+from relay.voices import VOICES_PATHS, VoiceList, for_token
 from token_service.claims import AccessClaims
 from token_service.clients import ClientPolicy, ClientRegistry
 from token_service.events import EventListener
@@ -87,6 +89,7 @@ class Live:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     closer: asyncio.Task[None] | None = None
     drain_timer: asyncio.TimerHandle | None = None
+    rules: languages.Rules | None = None  # what the app's messages may ask for, when they need reading
 
     def turn_ended(self) -> None:
         """Azure ended the turn. A draining relay closes the stream once the app has said its last
@@ -118,13 +121,13 @@ class Live:
                 payload = whole()
                 text = bytes(payload).decode("utf-8", "replace") if payload is not None else ""
                 stream.context(usp.continuation_s(text))
-        if "*" in stream.claims.lang:
+        if self.rules is None:
             return True
-        payload = whole()  # the token restricts languages: read the message
+        payload = whole()  # the message may ask for what the token does not allow: read it
         reason = (
-            languages.message_refusal(stream.claims.lang, payload)
+            languages.message_refusal(self.rules, payload)
             if payload is not None
-            else "a text message in fragments; this token's languages cannot be checked"
+            else "a text message in fragments; what it asks for cannot be checked"
         )
         if reason is not None:
             self.end(4000, 1008, reason)
@@ -142,6 +145,8 @@ class Live:
             return
         self.stream.closing_reason = reason
         code = self.code = azure_code if self.door == "azure" else plain_code
+        if self.splice is not None:  # at once: not one more of the app's frames goes on to Azure
+            self.splice.close(code, frames.fit_reason(reason))
         self.closer = asyncio.ensure_future(doors.close_both(self, code, reason))
 
 
@@ -156,6 +161,7 @@ class Pending:
     query: str  # what the Azure door passes on (relay.endpoints.upstream_query)
     sessions: Sessions
     admission: Admission
+    rules: languages.Rules
 
     def stream(self) -> Stream:
         """The stream this admission opens, on the session's time line where its last one ended."""
@@ -262,6 +268,7 @@ class Relay:
             self.credentials = EntraCredentials(settings.speech_resource_id)
         if settings.upstream_auth == "sts":
             self.credentials = StsCredentials(key, sts_base_for(settings.speech_region, None), self.http)
+        self.voices = VoiceList(settings, self.credentials, self.http)
         self.live: dict[str, Live] = {}
         self.unsettled: list[Stream] = []  # ended streams whose last state Redis has yet to get
         self.draining = False
@@ -305,6 +312,8 @@ class Relay:
             # the URL it was given on any answer but 200: there is nowhere else to go.
             return respond(connection, 204, "", "text/plain")
         try:
+            if path in VOICES_PATHS:
+                return await self._voices(connection, request, params)
             pending = await self._admit(request, path, params)
         except Refusal as refusal:
             self.metrics.refused.labels(refusal.error).inc()
@@ -363,8 +372,11 @@ class Relay:
             raise Refusal(503, "draining", "this relay is shutting down; connect again", 1)
         claims, kid = await self.auth.verify(find_token(request.headers, params, door == "plain"))
         languages = [v for k, v in params if k.lower() == "language"]
-        required = not endpoint.synthesis and not any(k.lower() == "from" for k, _ in params)
-        authorize(claims, endpoint.scope(params), languages, required)
+        # Universal v2 may name its language in speech.context only (checked there: Rules).
+        required = endpoint.kind not in ("synthesis", "universal") and not any(
+            k.lower() == "from" for k, _ in params
+        )
+        authorize(claims, endpoint.scopes(params), languages, required)
         policy = await self.clients.get(claims.client_id)
         if not isinstance(policy, ClientPolicy) or not policy.enabled:  # unknown or disabled
             raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
@@ -390,7 +402,36 @@ class Relay:
             status, error, message = REFUSALS[admission.reason]
             retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
-        return Pending(claims, kid, stream_id, endpoint, path, params, query, sessions, admission)
+        rules = message_rules(endpoint, params, claims, policy)
+        return Pending(claims, kid, stream_id, endpoint, path, params, query, sessions, admission, rules)
+
+    async def _voices(
+        self, connection: ServerConnection, request: Request, params: list[tuple[str, str]]
+    ) -> Response:
+        """`GET /cognitiveservices/voices/list` with a token that may synthesize: Azure's list
+        (cached; relay.voices), only the token's languages' voices when it restricts them."""
+        claims, kid = await self.auth.verify(find_token(request.headers, params, False))
+        if time.time() >= claims.exp:
+            raise Refusal(401, "token_expired", "the token has expired; get a new one")
+        authorize(claims, ("speech:synthesize",), [], False)
+        policy = await self.clients.get(claims.client_id)
+        if not isinstance(policy, ClientPolicy) or not policy.enabled:
+            raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
+        if self.redis is None or self.health.up:
+            try:
+                await self._refuse_if_revoked(claims, kid)
+            except REDIS_ERRORS as exc:
+                self.health.mark_down(exc)
+        try:
+            voices = await self.voices.get()
+        except UpstreamError as exc:
+            log.warning("voices list unavailable: %s", exc)
+            raise Refusal(
+                503, "upstream_unavailable", "Azure's voices list cannot be fetched; retry", 30
+            ) from None
+        response = respond(connection, 200, json.dumps(for_token(voices, claims.lang)), "application/json")
+        response.headers["Cache-Control"] = "private, max-age=600"
+        return response
 
     async def _refuse_if_revoked(self, claims: AccessClaims, kid: str) -> None:
         reason = await self.revocations.revoked(claims, kid)
@@ -403,6 +444,7 @@ class Relay:
         pending = self._pending.pop(connection.id)
         stream = pending.stream()
         live = Live(connection, stream, pending.endpoint.door, pending.kid)
+        live.rules = pending.rules if pending.rules.reads else None
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
         opened = time.monotonic()

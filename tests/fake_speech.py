@@ -3,15 +3,22 @@
 Recognition: each `speech.context` starts a turn; audio frames are answered with `turn.start`,
 `speech.startDetected`, hypotheses, a `speech.phrase` for every second of audio (conversation
 mode gives several phrases per turn) and, after the empty end-of-audio frame, the last phrase,
-`speech.endDetected` and `turn.end`. Synthesis: `ssml` is answered with `turn.start`, a
-`response`, audio frames and `turn.end`. Failure modes: refuse the handshake with a status, close
-every connection after some seconds, close with a code in the middle of a turn.
+`speech.endDetected` and `turn.end`. A connection that asks for translation (`to=` in its query)
+gets `translation.hypothesis` and `translation.phrase` instead, each target language's text
+being the recognized text prefixed with `[lang]`, and `translation.synthesis.end` when it asked
+for a voice. A `speech.context` with candidate languages (language identification) gets the
+first candidate as every phrase's `PrimaryLanguage`. The shapes are those the SDKs' own parsers
+read (`ITranslationPhrase`, `ISimpleSpeechPhrase` in the JavaScript SDK). Synthesis: `ssml` is
+answered with `turn.start`, a `response`, audio frames and `turn.end`. Failure modes: refuse the
+handshake with a status, close every connection after some seconds, close with a code mid-turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -23,6 +30,27 @@ from websockets.http11 import Request, Response
 from relay import usp
 
 KEY = "0123456789abcdef0123456789abcdef"
+# The fields of Azure's voices list that the SDKs read (`VoiceInfo`), for three voices.
+VOICES = [
+    {
+        "Name": f"Microsoft Server Speech Text to Speech Voice ({locale}, {short})",
+        "ShortName": f"{locale}-{short}",
+        "DisplayName": short.removesuffix("Neural"),
+        "LocalName": short.removesuffix("Neural"),
+        "Gender": gender,
+        "Locale": locale,
+        "LocaleName": name,
+        "SampleRateHertz": "24000",
+        "VoiceType": "Neural",
+        "Status": "GA",
+        "WordsPerMinute": "150",
+    }
+    for locale, short, gender, name in [
+        ("en-US", "AvaNeural", "Female", "English (United States)"),
+        ("de-DE", "KatjaNeural", "Female", "German (Germany)"),
+        ("fr-FR", "HenriNeural", "Male", "French (France)"),
+    ]
+]
 BYTES_PER_S = 32000
 
 
@@ -43,6 +71,7 @@ class FakeSpeech:
     synthesis_sent: int = 0
     wav_rates: list[int] = field(default_factory=list)  # the sample rate of each WAV header heard
     contexts: list[Any] = field(default_factory=list)  # each speech.context body
+    voices: list[dict[str, str]] = field(default_factory=lambda: list(VOICES))  # GET …/voices/list
 
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         self.handshakes.append({"path": request.path, "headers": dict(request.headers.raw_items())})
@@ -51,6 +80,10 @@ class FakeSpeech:
         bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if request.headers.get("Ocp-Apim-Subscription-Key") != self.key and bearer not in self.bearer_tokens:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "bad key\n")
+        if request.path.partition("?")[0] == "/cognitiveservices/voices/list":
+            response = connection.respond(HTTPStatus.OK, json.dumps(self.voices))
+            response.headers["Content-Type"] = "application/json"
+            return response
         return None
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -69,6 +102,12 @@ class FakeSpeech:
                 closer.cancel()
 
     async def _serve(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(ws.request.path).query)
+        turn = _Turn(
+            targets=[t for value in query.get("to", []) for t in value.split(",") if t],
+            voice=bool(query.get("voice")) or "requireVoice" in query.get("features", []),
+        )
         request_id = ""
         heard = 0  # audio bytes in this turn
         phrases = 0
@@ -77,7 +116,9 @@ class FakeSpeech:
             if isinstance(message, str):
                 msg = usp.parse_text(message)
                 if msg.path == "speech.context":
-                    self.contexts.append(msg.json())
+                    context = msg.json()
+                    self.contexts.append(context)
+                    turn.asked(context)
                     request_id, heard, phrases, started = msg.request_id, 0, 0, False
                 elif msg.path == "ssml" and self.refuse_ssml is not None:
                     await ws.close(*self.refuse_ssml)  # as Azure does, e.g. for an unknown voice
@@ -91,9 +132,9 @@ class FakeSpeech:
             if not started:
                 started = True
                 await self._send(
-                    ws, "turn.start", request_id, {"context": {"serviceTag": usp.new_request_id()}}
+                    ws, "turn.start", {"context": {"serviceTag": usp.new_request_id()}}, request_id
                 )
-                await self._send(ws, "speech.startDetected", request_id, {"Offset": 0})
+                await self._send(ws, "speech.startDetected", {"Offset": 0}, request_id)
             if usp.riff_byte_rate(payload):
                 self.wav_rates.append(int.from_bytes(payload[24:28], "little"))
                 payload = payload[44:]
@@ -104,40 +145,36 @@ class FakeSpeech:
                 return
             if payload and heard // int(BYTES_PER_S * self.phrase_every_s) > phrases:
                 phrases += 1
-                await self._phrase(ws, request_id, phrases)
+                await self._phrase(ws, turn, request_id, phrases)
             elif payload and heard % (BYTES_PER_S // 2) < len(payload):
-                await self._send(
-                    ws,
-                    "speech.hypothesis",
-                    request_id,
-                    {"Text": "hello", "Offset": 0, "Duration": heard * 10_000_000 // BYTES_PER_S},
-                )
+                hypothesis = {"Text": "hello", "Offset": 0, "Duration": heard * 10_000_000 // BYTES_PER_S}
+                await self._send(ws, *turn.result("hypothesis", hypothesis), request_id)
             if not frame.body:  # end of audio
                 phrases += 1
-                await self._phrase(ws, request_id, phrases)
+                await self._phrase(ws, turn, request_id, phrases)
                 await self._send(
-                    ws, "speech.endDetected", request_id, {"Offset": heard * 10_000_000 // BYTES_PER_S}
+                    ws, "speech.endDetected", {"Offset": heard * 10_000_000 // BYTES_PER_S}, request_id
                 )
-                await self._send(ws, "turn.end", request_id, {})
+                if turn.targets and turn.voice:
+                    await self._send(
+                        ws, "translation.synthesis.end", {"SynthesisStatus": "Success"}, request_id
+                    )
+                await self._send(ws, "turn.end", {}, request_id)
                 started = False
 
-    async def _phrase(self, ws: ServerConnection, request_id: str, n: int) -> None:
-        await self._send(
-            ws,
-            "speech.phrase",
-            request_id,
-            {
-                "RecognitionStatus": "Success",
-                "Offset": (n - 1) * 10_000_000,
-                "Duration": 8_000_000,
-                "DisplayText": self.text,
-            },
-        )
+    async def _phrase(self, ws: ServerConnection, turn: _Turn, request_id: str, n: int) -> None:
+        phrase = {
+            "RecognitionStatus": "Success",
+            "Offset": (n - 1) * 10_000_000,
+            "Duration": 8_000_000,
+            "DisplayText": self.text,
+        }
+        await self._send(ws, *turn.result("phrase", phrase), request_id)
 
     async def _synthesize(self, ws: ServerConnection, request_id: str) -> None:
         stream_id = usp.new_request_id()
-        await self._send(ws, "turn.start", request_id, {"context": {"serviceTag": usp.new_request_id()}})
-        await self._send(ws, "response", request_id, {"audio": {"streamId": stream_id}})
+        await self._send(ws, "turn.start", {"context": {"serviceTag": usp.new_request_id()}}, request_id)
+        await self._send(ws, "response", {"audio": {"streamId": stream_id}}, request_id)
         for _ in range(self.synthesis_frames):
             await ws.send(
                 usp.encode_binary(
@@ -145,11 +182,46 @@ class FakeSpeech:
                 )
             )
             self.synthesis_sent += 1
-        await self._send(ws, "turn.end", request_id, {})
+        await self._send(ws, "turn.end", {}, request_id)
 
     @staticmethod
-    async def _send(ws: ServerConnection, path: str, request_id: str, body: dict[str, Any]) -> None:
+    async def _send(ws: ServerConnection, path: str, body: dict[str, Any], request_id: str) -> None:
         await ws.send(usp.encode_text(path, request_id, body, "application/json; charset=utf-8"))
+
+
+@dataclass
+class _Turn:
+    """What one connection asked for (its query, then each speech.context): translation
+    targets, a spoken translation, a language to report."""
+
+    targets: list[str]
+    voice: bool
+    language: str | None = None
+
+    def result(self, kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The path and body of a hypothesis or phrase, as recognition or as translation."""
+        body = dict(body)
+        text = body.get("DisplayText", body.get("Text", ""))
+        if self.language is not None:
+            body["PrimaryLanguage"] = {"Language": self.language, "Confidence": "High"}
+        if not self.targets:
+            return f"speech.{kind}", body
+        body.setdefault("Text", text)
+        body["Translation"] = {
+            "TranslationStatus": "Success",
+            "Translations": [{"Language": t, "Text": f"[{t}] {text}"} for t in self.targets],
+        }
+        return f"translation.{kind}", body
+
+    def asked(self, context: Any) -> None:
+        """What a `speech.context` asks for: the first candidate of language identification as
+        the language heard; translation targets and a voice (as universal v2 carries them)."""
+        if not isinstance(context, dict):
+            return
+        languages = (context.get("languageId") or {}).get("languages") or []
+        self.language = str(languages[0]) if languages else None
+        self.targets = (context.get("translation") or {}).get("targetLanguages") or self.targets
+        self.voice = self.voice or bool(context.get("synthesis"))
 
 
 class FakeSpeechServer:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import struct
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from relay import usp
+from relay import languages, usp
 from tests.processes import wait_until
 from tests.relays import Stack
 from token_service.keyspace import Keyspace, day
@@ -385,3 +386,60 @@ async def test_custom_models_voices_and_stored_audio_only_as_the_policy_allows(
     status, body = await refusal(url, bearer(token))
     assert (status, body["error"]) == (403, "parameter_not_allowed")
     assert not stack.fake.handshakes
+
+
+UNIVERSAL_RULES = languages.Rules(
+    lang=("en-US", "de-DE"), scopes=frozenset({"speech:recognize"}), max_targets=1, universal=True
+)
+
+
+@pytest.mark.parametrize(
+    ("rules", "context", "refused"),
+    [
+        (UNIVERSAL_RULES, {"phraseDetection": {"language": "en-US"}}, None),
+        (
+            UNIVERSAL_RULES,
+            {"phraseDetection": {"language": "en-US"}, "translation": {"targetLanguages": ["de"]}},
+            "lacks the speech:translate scope",
+        ),
+        (
+            replace(UNIVERSAL_RULES, scopes=frozenset({"speech:translate"})),
+            {"phraseDetection": {"language": "en-US"}},
+            "lacks the speech:recognize scope",
+        ),
+        (
+            replace(UNIVERSAL_RULES, scopes=frozenset({"speech:translate"})),
+            {"phraseDetection": {"language": "en-US"}, "translation": {"targetLanguages": ["de"]}},
+            None,
+        ),
+        (
+            replace(UNIVERSAL_RULES, scopes=frozenset({"speech:translate"})),
+            {"phraseDetection": {"language": "en-US"}, "translation": {"targetLanguages": ["de", "en"]}},
+            "2 translation targets",
+        ),
+        (
+            replace(UNIVERSAL_RULES, scopes=frozenset({"speech:translate"})),
+            {"phraseDetection": {"language": "en-US"}, "translation": {"targetLanguages": ["fr"]}},
+            "language fr is not allowed",
+        ),
+        (
+            replace(UNIVERSAL_RULES, scopes=frozenset({"speech:translate"})),
+            {
+                "phraseDetection": {"language": "en-US"},
+                "translation": {"targetLanguages": ["de"]},
+                "synthesis": {"defaultVoices": {"de": "fr-FR-DeniseNeural"}},
+            },
+            "language fr-FR is not allowed",
+        ),
+        (UNIVERSAL_RULES, {"audio": {}}, "say which language"),
+        (replace(UNIVERSAL_RULES, query_language=True), {"audio": {}}, None),
+        (replace(UNIVERSAL_RULES, lang=("*",)), {"audio": {}}, None),
+        (UNIVERSAL_RULES, {"languageId": {"languages": ["en-US", "fr-FR"]}}, "language fr-FR is not allowed"),
+    ],
+)
+def test_universal_v2_says_in_speech_context_what_its_token_must_allow(
+    rules: languages.Rules, context: dict[str, Any], refused: str | None
+) -> None:
+    reason = languages.refusal(rules, "speech.context", json.dumps(context).encode())
+    assert (reason is None) == (refused is None), reason
+    assert refused is None or refused in str(reason)
