@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from tests.js_sdk import node  # noqa: F401 - fixtures for every test module
+from tests.js_sdk import node, sdk_versions  # noqa: F401 - fixtures for every test module
 from tests.relays import stack, stack_factory  # noqa: F401
 from tests.servers import ServerThread
 from tests.vault import vault  # noqa: F401
@@ -23,6 +23,11 @@ from token_service.keys import ensure_signing_key
 from token_service.redisconn import connect
 from token_service.settings import Settings
 from token_service.store import MemoryStore, SecretStore
+
+
+def pytest_report_header() -> str:
+    return sdk_versions()
+
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

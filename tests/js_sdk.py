@@ -4,6 +4,7 @@ pinned in tests/js/package-lock.json on first use (npm ci); `run_js` runs tests/
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 
 import pytest
 
-JS = Path(__file__).parent / "js"
+# SPEECHGATE_JS_SDK_DIR: a copy of tests/js with another SDK version installed (.ci/run's second
+# step runs the compatibility tests on the newest release that way).
+JS = Path(os.environ.get("SPEECHGATE_JS_SDK_DIR") or Path(__file__).parent / "js")
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +29,32 @@ def node() -> str:
     return binary
 
 
-def run_js(node: str, *args: str) -> dict[str, Any]:
-    """`node speech.js recognize|synthesize ENDPOINT TOKEN [WAV]`: its last JSON line."""
+def run_js(
+    node: str, *args: str, form: str = "endpoint", websocket: str = "ws", env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """`node speech.js MODE ENDPOINT TOKEN [WAV]`: its last JSON line. `form`: how the app configures
+    the SDK (`endpoint`: fromEndpoint, `host`: fromHost); `websocket`: the npm `ws` package the SDK
+    takes in Node, or Node's built-in one (`native`; the SDK then sends its headers in the query,
+    as in a browser)."""
+    flags = ["--experimental-websocket"] if websocket == "native" else []
     result = subprocess.run(
-        [node, str(JS / "speech.js"), *args], capture_output=True, text=True, timeout=60, check=False
+        [node, *flags, str(JS / "speech.js"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {}), "SPEECH_FORM": form},
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, (result.stdout, result.stderr)
     out: dict[str, Any] = json.loads(lines[-1])
     return out
+
+
+def sdk_versions() -> str:
+    """The Speech SDK versions this run tests, for pytest's header."""
+    import azure.cognitiveservices.speech as speechsdk
+
+    package = JS / "node_modules" / "microsoft-cognitiveservices-speech-sdk" / "package.json"
+    js = json.loads(package.read_text())["version"] if package.exists() else "not installed yet"
+    return f"Speech SDKs: Python {speechsdk.__version__}, JavaScript {js} ({JS})"

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+import azure.cognitiveservices.speech as speechsdk
 import pytest
 
 from tests.js_sdk import JS, run_js
@@ -153,3 +154,41 @@ def test_a_draining_relay_lets_a_js_turn_finish(node: str, stack_factory: Any, s
     draining.join(30)
     assert out == {"reason": "RecognizedSpeech", "text": stack.fake.text}
     assert live.code == 1001
+
+
+def test_a_draining_relay_lets_a_js_and_a_python_continuous_turn_finish(node: str, stack: Stack) -> None:
+    """SIGTERM's drain with a JavaScript and a Python app each mid-turn: both turns end with their
+    result, and only then is each stream closed (1001)."""
+    stack.fake.phrase_every_s = 60.0  # the turns stay open until the apps end their audio
+    js = _hold(node, stack, stack.token(stack.service.add_client()), 0.5)
+    config = stack.config(
+        "/speech/recognition/conversation/cognitiveservices/v1?language=en-US",
+        stack.token(stack.service.add_client()),
+    )
+    push = speechsdk.audio.PushAudioInputStream()
+    python = speechsdk.SpeechRecognizer(config, audio_config=speechsdk.audio.AudioConfig(stream=push))
+    texts: list[str] = []
+    stopped = threading.Event()
+    python.recognized.connect(lambda e: texts.append(e.result.text))
+    python.session_stopped.connect(lambda e: stopped.set())
+    python.canceled.connect(lambda e: stopped.set())
+    python.start_continuous_recognition_async().get()
+    push.write(b"\1\0" * 8000)
+    assert wait_until(
+        lambda: len(stack.relay.relay.live) == 2 and all(x.in_turn for x in stack.relay.relay.live.values())
+    )
+    lives = list(stack.relay.relay.live.values())
+    draining = threading.Thread(target=stack.relay.call, args=(stack.relay.relay.drain(),))
+    draining.start()
+    assert wait_until(lambda: all(x.drain_after_turn for x in lives))
+    assert all(x.stream.closing_reason is None for x in lives)  # both still mid-turn
+    assert js.stdin is not None
+    js.stdin.write("end\n")
+    js.stdin.flush()
+    push.close()
+    assert _result(js) == {"reason": "RecognizedSpeech", "text": stack.fake.text}
+    assert stopped.wait(30)
+    python.stop_continuous_recognition_async().get()
+    draining.join(30)
+    assert texts == [stack.fake.text]
+    assert [x.code for x in lives] == [1001, 1001]

@@ -4,7 +4,9 @@ SDK opened as the fake recorded it. The JavaScript rows are in tests/test_relay_
 
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import azure.cognitiveservices.speech as speechsdk
@@ -12,9 +14,12 @@ import httpx
 import pytest
 
 from relay.voices import VoiceList
+from tests.js_sdk import run_js
 from tests.relays import Stack
+from tests.tls_front import TlsFront
 
 TEXT = "Hello from the fake service."
+INTERACTIVE = "/speech/recognition/interactive/cognitiveservices/v1?"
 
 
 def translation_config(stack: Stack, **form: str) -> speechsdk.translation.SpeechTranslationConfig:
@@ -186,3 +191,87 @@ async def test_voices_list_is_served_stale_while_azure_is_away(stack: Stack) -> 
     assert voices.fetches == 2
     assert await voices.get() == fresh
     assert voices.fetches == 2  # a stale list is retried after a pause, not on every request
+
+
+# --- JavaScript (tests/js/speech.js on the machine's Node.js) ----------------------------------
+
+WEBSOCKETS = pytest.mark.parametrize("websocket", ["ws", "native"])
+
+
+@WEBSOCKETS
+def test_js_from_endpoint_recognizes(node: str, stack: Stack, websocket: str) -> None:
+    """`SpeechConfig.fromEndpoint` with the full v1 path; Node's built-in WebSocket sends the
+    token in the query (`?Authorization=Bearer …`), as browsers do."""
+    token = stack.token(stack.service.add_client())
+    url = f"{stack.relay.url}/speech/recognition/interactive/cognitiveservices/v1?language=en-US"
+    out = run_js(node, "recognize", url, token, str(stack.wav), websocket=websocket)
+    assert out == {"reason": "RecognizedSpeech", "text": TEXT}
+    assert "Authorization" not in stack.fake.handshakes[0]["path"]
+
+
+@WEBSOCKETS
+def test_js_from_host_recognizes(node: str, stack: Stack, websocket: str) -> None:
+    token = stack.token(stack.service.add_client())
+    out = run_js(node, "recognize", stack.relay.url, token, str(stack.wav), form="host", websocket=websocket)
+    assert out == {"reason": "RecognizedSpeech", "text": TEXT}
+    assert stack.fake.handshakes[0]["path"].startswith(
+        "/speech/recognition/interactive/cognitiveservices/v1?"
+    )
+
+
+@WEBSOCKETS
+def test_js_from_host_synthesizes(node: str, stack: Stack, websocket: str) -> None:
+    token = stack.token(stack.service.add_client())
+    out = run_js(node, "synthesize", stack.relay.url, token, form="host", websocket=websocket)
+    assert out["reason"] == "SynthesizingAudioCompleted", out
+    assert stack.fake.handshakes[0]["path"].startswith("/tts/cognitiveservices/websocket/v1")
+
+
+@WEBSOCKETS
+def test_js_translation_from_host(node: str, stack: Stack, websocket: str) -> None:
+    token = stack.token(stack.service.add_client(scopes=["speech:translate"]))
+    out = run_js(node, "translate", stack.relay.url, token, str(stack.wav), form="host", websocket=websocket)
+    assert out == {"reason": "TranslatedSpeech", "text": TEXT, "de": f"[de] {TEXT}"}
+    assert stack.fake.handshakes[0]["path"].startswith("/stt/speech/universal/v2")
+
+
+def test_js_voices_list_from_host(node: str, stack: Stack) -> None:
+    """`getVoicesAsync` with `fromHost(http(s)://…)` (its REST client takes no ws:// URL)."""
+    token = stack.token(stack.service.add_client())
+    host = stack.relay.url.replace("ws://", "http://")
+    out = run_js(node, "voices", host, token, form="host")
+    assert out["reason"] == "VoicesListRetrieved", out
+    assert out["voices"] == ["en-US-AvaNeural", "de-DE-KatjaNeural", "fr-FR-HenriNeural"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "path"),
+    [("recognize", "/stt/speech/universal/v2"), ("synthesize", "/tts/cognitiveservices/websocket/v1")],
+)
+def test_js_bare_host_endpoint_takes_the_redirect_probes_answer(
+    node: str, stack: Stack, tmp_path: Path, mode: str, path: str
+) -> None:
+    """`fromEndpoint(new URL("wss://host"))`: the SDK first GETs `https://host:443/<path>?
+    GenerateRedirectResponse=true`; the relay answers 204 (no redirect), and the SDK connects to
+    the URL it was given, on 443 through the ingress."""
+    token = stack.token(stack.service.add_client())
+    port = int(stack.relay.url.rpartition(":")[2])
+    with TlsFront(port, tmp_path) as front:
+        args = [mode, "wss://127.0.0.1", token] + ([str(stack.wav)] if mode == "recognize" else [])
+        out = run_js(node, *args, env={"NODE_EXTRA_CA_CERTS": str(front.ca_path)})
+    assert out["reason"] in ("RecognizedSpeech", "SynthesizingAudioCompleted"), out
+    probe, connect = front.requests
+    assert probe == f"GET {path}?GenerateRedirectResponse=true HTTP/1.1"
+    assert connect.startswith(f"GET {path}?")
+    assert stack.fake.handshakes[0]["path"].startswith(path)
+
+
+def test_the_readmes_compatibility_table_names_tests_that_exist() -> None:
+    """Each row of the README's SDK compatibility table names a test of this suite."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("#### SDK compatibility", 1)[1].split("Known gaps", 1)[0]
+    named = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)(?:\[[^\]]*\])?`", table)
+    assert len(named) >= 20
+    for module, test in named:
+        source = (Path(__file__).parent / (module or "test_sdk_compat.py")).read_text()
+        assert f"def {test}(" in source, f"the README names {module or 'test_sdk_compat.py'}::{test}"
