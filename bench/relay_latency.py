@@ -188,7 +188,7 @@ def main() -> None:
         with (
             redis_server,
             echo,
-            server("token_service.app:app_from_env", token_port, env, str(LOAD_CORE), True),
+            server("token_service.app:app_from_env", token_port, env, str(LOAD_CORE), True, "bounded"),
             relay,
             forwarder,
             messages,

@@ -1,8 +1,11 @@
 """Benchmark: tokens per second from one token-service worker, against a trivial endpoint.
 
-Both servers run under the same uvicorn settings (one worker, uvloop, httptools, no access log)
-pinned to one core; wrk loads them from the other core. The token endpoint does the full work:
-form parsing, client authentication (HMAC), three rate limits in Redis, an ES256 signature.
+All servers run under the same uvicorn settings (one worker, uvloop, no access log) pinned to one
+core; wrk loads them from the other core. The token endpoint runs twice: on the bounded HTTP
+protocol production uses (token_service/http.py) and on uvicorn's plain httptools ("plain"), so
+the bounds' cost is measured in the same run; the trivial endpoint runs on plain httptools. The
+token endpoint does the full work: form parsing, client authentication (HMAC), three rate limits
+in Redis, an ES256 signature.
 
     uv run python -m bench.token_throughput [--duration 10] [--connections 4,16] [--runs 3]
 
@@ -72,29 +75,8 @@ def wrk(url: str, script: Path, connections: int, duration: int, cpu: str) -> Re
     return Result(rps, p50, p99, int(errors.group(1)) if errors else 0)
 
 
-def server(target: str, port: int, env: dict[str, str], cpu: str, factory: bool) -> Process:
-    args = [
-        "taskset",
-        "-c",
-        cpu,
-        sys.executable,
-        "-m",
-        "uvicorn",
-        target,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--log-level",
-        "info",
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--timeout-graceful-shutdown",
-        "1",
-    ]
+def server(target: str, port: int, env: dict[str, str], cpu: str, factory: bool, http: str) -> Process:
+    args = ["taskset", "-c", cpu, sys.executable, "-m", "bench.serve", target, str(port), "--http", http]
     if factory:
         args.append("--factory")
     return Process(args, "Uvicorn running on", env={**os.environ, **env})
@@ -125,13 +107,15 @@ def main() -> None:
             "REDIS_URL": redis_url,
             "SPEECHGATE_REDIS_PREFIX": "sgbench:",
         }
-        token_port, trivial_port = free_port(), free_port()
+        token_port, plain_port, trivial_port = free_port(), free_port(), free_port()
         token_url = f"http://127.0.0.1:{token_port}/v1/token"
+        plain_url = f"http://127.0.0.1:{plain_port}/v1/token"
         trivial_url = f"http://127.0.0.1:{trivial_port}/"
         with (
             redis_server,
-            server("token_service.app:app_from_env", token_port, env, "0", True),
-            server("bench.trivial_app:app", trivial_port, env, "0", False),
+            server("token_service.app:app_from_env", token_port, env, "0", True, "bounded"),
+            server("token_service.app:app_from_env", plain_port, env, "0", True, "httptools"),
+            server("bench.trivial_app:app", trivial_port, env, "0", False, "httptools"),
         ):
             check = httpx.post(
                 token_url,
@@ -139,21 +123,27 @@ def main() -> None:
                 data={"grant_type": "client_credentials", "subject": "bench-user"},
             )
             assert check.status_code == 200, check.text
-            wrk(token_url, script, 4, 2, "1")  # warm-up
-            wrk(trivial_url, script, 4, 2, "1")
+            for url in (token_url, plain_url, trivial_url):  # warm-up
+                wrk(url, script, 4, 2, "1")
             print(f"{'conns':>5} {'endpoint':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}")
             for connections in (int(c) for c in args.connections.split(",")):
-                tokens, trivials = [], []
-                for _ in range(args.runs):  # interleaved, so both see the same machine noise
+                tokens, plains, trivials = [], [], []
+                for _ in range(args.runs):  # interleaved, so all see the same machine noise
                     tokens.append(wrk(token_url, script, connections, args.duration, "1"))
+                    plains.append(wrk(plain_url, script, connections, args.duration, "1"))
                     trivials.append(wrk(trivial_url, script, connections, args.duration, "1"))
-                for name, results in (("token", tokens), ("trivial", trivials)):
+                for name, results in (("token", tokens), ("plain", plains), ("trivial", trivials)):
                     for r in results:
                         print(
                             f"{connections:>5} {name:>8} {r.rps:>8.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} "
                             f"{r.errors:>7}"
                         )
                 ratios = [t.rps / b.rps for t, b in zip(tokens, trivials, strict=True)]
+                bounds = [t.rps / p.rps for t, p in zip(tokens, plains, strict=True)]
+                print(
+                    f"  c={connections}: the bounded protocol against uvicorn's plain httptools, median "
+                    f"{statistics.median(bounds):.3f} (runs: {', '.join(f'{r:.3f}' for r in bounds)})"
+                )
                 print(
                     f"  c={connections}: tokens/s median {statistics.median(t.rps for t in tokens):.0f}, "
                     f"p99 median {statistics.median(t.p99_ms for t in tokens):.2f} ms, "

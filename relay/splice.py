@@ -71,6 +71,7 @@ class _Leg(asyncio.Protocol):
         self.other: _Leg
         self.buffer: bytes | bytearray = _EMPTY  # a frame's start, until the rest of it comes
         self.message_opcode = 0  # the opcode of a fragmented message in progress
+        self.message_bytes = 0  # its size so far: bounded like a whole frame (max_size)
         self.sent_close = False
         self.closed = False
         self.heard = 0  # the splice's chunk count when this side last sent anything
@@ -240,8 +241,11 @@ class Splice:
                     size -= 44
                 stream.add_audio(size)
             if not header.fin:
-                leg.message_opcode = opcode
+                leg.message_opcode, leg.message_bytes = opcode, header.length
         elif opcode == CONTINUATION:
+            leg.message_bytes += header.length
+            if leg.message_bytes > self.max_size:  # as websockets bounds a message on the other path
+                raise FrameError(f"message larger than {self.max_size} bytes over its fragments", 1009)
             if leg.message_opcode == frames.BINARY:
                 stream.add_audio(header.length)
             if header.fin:
@@ -251,7 +255,7 @@ class Splice:
             if live.drain_timer is not None and path == b"telemetry":
                 self.drain_after_flush = True  # the app's last word on its turn: close after it
             if not header.fin:
-                leg.message_opcode = opcode
+                leg.message_opcode, leg.message_bytes = opcode, header.length
             if not live.app_text(path, lambda: frames.payload(chunk, header) if header.fin else None):
                 return False
         if stream.flooding(self.opened):

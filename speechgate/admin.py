@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import click
 import httpx
+from redis.exceptions import RedisError
 
 from token_service import clients as clientdb
 from token_service import keys as signing
@@ -85,8 +86,12 @@ def deps() -> Deps:
     return found if found is not None else ctx.ensure_object(Deps)
 
 
-def run(operation: Callable[[SecretStore, Redis | None, Settings], Awaitable[T]]) -> T:
-    """Open the store and Redis inside one event loop, run, close; store errors become exits."""
+def run(operation: Callable[[SecretStore, Redis | None, Settings], Awaitable[T]], changes: bool = True) -> T:
+    """Open the store and Redis inside one event loop, run, close; store errors become exits.
+
+    A command that `changes` something checks first that the configured Redis answers, so that it
+    never changes the store and then fails to tell the services (or to write Redis' part): with
+    Redis away, nothing is changed and the command says so."""
     dependencies = deps()
     settings = dependencies.get_settings()
 
@@ -94,6 +99,14 @@ def run(operation: Callable[[SecretStore, Redis | None, Settings], Awaitable[T]]
         store = dependencies.open_store(settings)
         redis = dependencies.open_redis(settings)
         try:
+            if changes and redis is not None:
+                try:
+                    await redis.ping()
+                except REDIS_ERRORS as exc:
+                    raise Failed(
+                        f"Redis unreachable ({type(exc).__name__}): nothing was changed; check "
+                        "SPEECHGATE_REDIS_URL / REDIS_URL, then run the command again"
+                    ) from None
             return await operation(store, redis, settings)
         finally:
             await store.close()
@@ -107,8 +120,9 @@ def run(operation: Callable[[SecretStore, Redis | None, Settings], Awaitable[T]]
     except (StoreError, PolicyError) as exc:
         raise Failed(str(exc)) from None
     except REDIS_ERRORS as exc:
+        then = "then run the command again: it finishes what was begun" if changes else "then retry"
         raise Failed(
-            f"Redis unreachable ({type(exc).__name__}); check SPEECHGATE_REDIS_URL / REDIS_URL"
+            f"Redis unreachable ({type(exc).__name__}); check SPEECHGATE_REDIS_URL / REDIS_URL, {then}"
         ) from None
 
 
@@ -121,7 +135,16 @@ async def announce(redis: Redis | None, settings: Settings, what: str) -> bool:
             err=True,
         )
         return False
-    await publish(redis, Keyspace(settings.redis_prefix), {"type": "reload", "what": what})
+    try:
+        await publish(redis, Keyspace(settings.redis_prefix), {"type": "reload", "what": what})
+    except RedisError as exc:  # the change is made: say so, and when the services see it anyway
+        click.echo(
+            f"warning: the change is made, but the reload event could not be sent ({type(exc).__name__}); "
+            f"services pick it up within {int(settings.key_refresh_s)} s (keys) or "
+            f"{int(settings.client_cache_s)} s (clients)",
+            err=True,
+        )
+        return False
     return True
 
 
@@ -202,7 +225,7 @@ def keys_list(as_json: bool) -> None:
             ]
         return found
 
-    found = run(op)
+    found = run(op, changes=False)
     lines = []
     now = int(time.time())
     for name, versions in found.items():
@@ -545,7 +568,7 @@ def clients_list(as_json: bool) -> None:
     async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> list[ClientPolicy]:
         return await clientdb.all_clients(store)
 
-    found = run(op)
+    found = run(op, changes=False)
     rows = [
         f"{c.client_id:<32} {'public' if c.public else 'confidential':<13} "
         f"{'enabled' if c.enabled else 'DISABLED':<9} {' '.join(c.scopes)}"
@@ -563,7 +586,7 @@ def clients_show(client_id: str, as_json: bool) -> None:
     async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> ClientPolicy:
         return await clientdb.load_client(store, client_id)
 
-    view = _public_view(run(op))
+    view = _public_view(run(op, changes=False))
     output(as_json, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
 
 

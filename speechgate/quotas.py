@@ -133,7 +133,7 @@ def top(by: str, watch: bool, interval: float, limit: int, as_json: bool) -> Non
                 display.update(_table(await frame(), by), refresh=True)
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --watch
-        run(op)
+        run(op, changes=False)
 
 
 # --- show ------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def show(client_id: str, subject: str | None, as_json: bool) -> None:
             _need_redis(redis), Keyspace(settings.redis_prefix), policy, subject, time.time()
         )
 
-    found = run(op)
+    found = run(op, changes=False)
     u = found.usage
     share = u.audio_s / max(u.audio_limit_s, 1)
     who = client_id + (f" / subject {escaped(subject)}" if subject else "")

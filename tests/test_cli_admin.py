@@ -26,7 +26,7 @@ from starlette.routing import Route
 from speechgate.admin import Deps
 from speechgate.cli import main
 from tests.conftest import TokenService
-from tests.processes import wait_until
+from tests.processes import RedisServer, wait_until
 from tests.servers import ServerThread
 from tests.vault import Vault
 from token_service.filestore import FileStore
@@ -584,3 +584,56 @@ def test_custom_models_voices_and_stored_audio_are_set_per_client(cli: Cli) -> N
     assert cleared["limits"]["origins"] == ["https://studio.example"]
     bad = cli("quotas", "set", "studio", "--origins", "studio.example", code=1)
     assert "https://app.example" in bad.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["keys", "rotate-signing"],
+        ["clients", "disable", "CLIENT", "--yes"],
+        ["clients", "rotate-secret", "CLIENT", "--yes"],
+        ["quotas", "set", "CLIENT", "--streams", "9"],
+    ],
+    ids=lambda c: " ".join(c[:2]),
+)
+def test_a_change_with_redis_away_changes_nothing_and_a_rerun_finishes_it(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Redis configured but not answering: the command says nothing was changed and changes
+    nothing (no store change, no audit line); run again with Redis back, it is done once."""
+    redis_server = RedisServer(tmp_path)
+    settings = Settings(store_dir=tmp_path / "store", redis_url=redis_server.url, redis_prefix="t:")
+    cli = Cli(Deps(settings=settings), settings)
+    with redis_server:
+        cli("keys", "init")
+        client_id = cli.json("clients", "add", "app")["client_id"]
+    before = (cli.json("keys", "list"), cli.json("clients", "show", client_id))  # read-only: no Redis needed
+    args = [client_id if a == "CLIENT" else a for a in command]
+    failed = cli(*args, code=1)
+    assert "nothing was changed" in failed.output
+    assert not audit_lines(failed)
+    assert (cli.json("keys", "list"), cli.json("clients", "show", client_id)) == before
+    with redis_server:
+        done = cli(*args)
+    assert len(audit_lines(done)) == 1
+    after = (cli.json("keys", "list"), cli.json("clients", "show", client_id))
+    assert after != before
+    if command[:2] == ["keys", "rotate-signing"]:
+        assert len(after[0]["speechgate-signing-key"]) == len(before[0]["speechgate-signing-key"]) + 1
+
+
+def test_a_change_whose_reload_event_fails_is_done_and_says_so(tmp_path: Path) -> None:
+    """Redis answers but refuses the event (here: an ACL without PUBLISH): the store change
+    stands, the audit line is written, and the command says when the services see it anyway."""
+    with RedisServer(tmp_path) as redis_server:
+        admin = redis_server.client()
+        admin.acl_setuser("cli", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-publish"])
+        url = f"redis://cli:pw@127.0.0.1:{redis_server.port}/0"
+        settings = Settings(store_dir=tmp_path / "store", redis_url=url, redis_prefix="t:")
+        cli = Cli(Deps(settings=settings), settings)
+        cli("keys", "init")
+        client_id = cli.json("clients", "add", "app")["client_id"]
+        done = cli("clients", "disable", client_id, "--yes")
+    assert "the change is made, but the reload event could not be sent" in done.stderr
+    assert [line["audit"] for line in audit_lines(done)] == ["clients.disable"]
+    assert cli.json("clients", "show", client_id)["enabled"] is False

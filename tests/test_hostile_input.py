@@ -7,7 +7,13 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,9 +28,11 @@ from relay.server import Relay
 from speechgate.demo import demo_routes
 from speechgate.dev import DevClient
 from tests.conftest import TokenService
-from tests.processes import wait_until
+from tests.processes import Process, free_port, wait_until
 from tests.relays import RelayThread, Stack
 from token_service.keyspace import Keyspace
+
+SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
 
 DEPTH = 5000  # far past the interpreter's recursion limit
 
@@ -262,3 +270,73 @@ def test_a_header_sent_twice_is_no_server_error(stack: Stack) -> None:
     ]
     response = httpx.get(url, headers=twice)
     assert response.status_code < 500
+
+
+# --- the token service's HTTP bounds (token_service/http.py), on the production command ---------
+
+
+@pytest.fixture(scope="module")
+def token_service_command(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[int]:
+    """`speechgate token-service` as production runs it, with 1 s timeouts and 4 connections."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "SPEECHGATE_STORE_DIR": str(tmp_path_factory.mktemp("store")),
+        "SPEECHGATE_REDIS_PREFIX": f"test:{port}:",
+        "SPEECHGATE_HTTP_TIMEOUT_S": "1",
+        "SPEECHGATE_MAX_CONNECTIONS": "4",
+    }
+    subprocess.run([SPEECHGATE, "keys", "init"], env=env, check=True, capture_output=True, timeout=60)
+    with Process([SPEECHGATE, "token-service", "--port", str(port)], "Uvicorn running on", env=env):
+        yield port
+
+
+def _exchange(port: int, data: bytes, then_read: bool = True) -> tuple[bytes, float]:
+    """Sends `data` on a fresh connection; what comes back until the server closes, and when."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while then_read and (chunk := sock.recv(65536)):
+            answer += chunk
+    return answer, time.monotonic() - started
+
+
+def test_a_huge_header_gets_431_at_once_and_costs_others_nothing(token_service_command: int) -> None:
+    port = token_service_command
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20)
+    answer, took = _exchange(port, head)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"larger than 32768 bytes" in answer
+    assert took < 2
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connects and says nothing
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: a",  # slowloris: headers never end
+        b"POST /v1/token HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ngrant_type",  # body never ends
+    ],
+    ids=["idle", "headers", "body"],
+)
+def test_a_request_that_does_not_arrive_in_time_gets_408_and_is_closed(
+    token_service_command: int, sent: bytes
+) -> None:
+    answer, took = _exchange(token_service_command, sent)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert 0.9 < took < 3
+
+
+def test_connections_beyond_the_process_limit_get_503(token_service_command: int) -> None:
+    port = token_service_command
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        answer, _ = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ")
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200)

@@ -443,3 +443,24 @@ def test_universal_v2_says_in_speech_context_what_its_token_must_allow(
     reason = languages.refusal(rules, "speech.context", json.dumps(context).encode())
     assert (reason is None) == (refused is None), reason
     assert refused is None or refused in str(reason)
+
+
+async def test_a_message_in_fragments_is_bounded_in_total_like_a_frame(either_path: Stack) -> None:
+    """Each frame under the limit, the message over it: closed with 1009 on both data paths,
+    and Azure never gets a message larger than the relay's limit."""
+    stack = either_path
+    _, token = await new_token(stack)
+    limit = stack.relay.relay.settings.max_frame_bytes
+    ws = await open_azure_door(stack, token)
+    first = audio(usp.new_request_id(), wav_header(16000))
+
+    async def fragments() -> Any:
+        yield first
+        for _ in range(2 * limit // 4096 + 1):
+            yield b"\0" * 4096
+
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(fragments())
+    _, code, _ = await until_closed(ws)
+    assert code == 1009
+    assert stack.fake.audio_bytes <= limit

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
+import statistics
+import time
 from typing import Any
 
 import jwt
@@ -15,6 +18,7 @@ import pytest
 from tests.conftest import TokenService
 from token_service.clients import secret_name
 from token_service.logs import JsonFormatter
+from token_service.oauth import OAuthError
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 
@@ -403,7 +407,8 @@ def test_client_whose_store_version_is_disabled_is_refused(service: TokenService
     asyncio.run(disable())
     response = service.token(client_id, secret)
     assert response.status_code == 401
-    assert response.json()["error_description"] == "this client is disabled"
+    # Its secret cannot be read to be checked, so it is answered as an unknown client is.
+    assert response.json()["error_description"] == "unknown client or wrong client secret"
 
 
 def test_public_client_may_not_use_client_credentials(service: TokenService) -> None:
@@ -555,3 +560,37 @@ def test_the_app_may_ask_for_a_shorter_lifetime_never_a_longer_one(
     claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
     assert response.json()["expires_in"] == expires_in
     assert claims["exp"] - claims["iat"] == expires_in
+
+
+def test_unknown_client_and_wrong_secret_are_told_and_timed_alike(service: TokenService) -> None:
+    """Neither the answer nor the work tells an attacker whether a client id exists: an unknown id,
+    a wrong secret and a client disabled in the store (whose secret cannot be checked) get the
+    same message, after the same work (one keyed hash)."""
+    known, _ = service.add_client()
+    disabled, secret = service.add_client()
+
+    async def disable() -> None:
+        versions = await service.store.versions(secret_name(disabled))
+        await service.store.update(secret_name(disabled), versions[-1].version, enabled=False)
+
+    asyncio.run(disable())
+    answers = {
+        service.token(client, "wrong-" + secret).json()["error_description"]
+        for client in (known, "speechgate-nobody", disabled)
+    }
+    assert answers == {"unknown client or wrong client secret"}
+
+    core = service.app.state.service
+
+    async def timings() -> dict[str, float]:
+        samples: dict[str, list[int]] = {"known": [], "unknown": []}
+        for _ in range(3000):  # interleaved: both see the same machine noise
+            for name, client in (("known", known), ("unknown", "speechgate-nobody")):
+                started = time.perf_counter_ns()
+                with contextlib.suppress(OAuthError):
+                    await core.authenticate(client, "wrong-" + secret)
+                samples[name].append(time.perf_counter_ns() - started)
+        return {name: statistics.median(values) for name, values in samples.items()}
+
+    medians = asyncio.run(timings())
+    assert 0.85 < medians["unknown"] / medians["known"] < 1.18, medians

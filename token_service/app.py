@@ -27,7 +27,6 @@ from starlette.routing import Route
 from token_service import oauth
 from token_service.claims import AccessClaims, InvalidToken, new_jti, sign, verify
 from token_service.clients import (
-    DISABLED,
     LOCALE,
     ClientPolicy,
     ClientRegistry,
@@ -35,6 +34,7 @@ from token_service.clients import (
     ensure_hash_key,
 )
 from token_service.events import EventListener
+from token_service.http import BoundedHttpToolsProtocol
 from token_service.idp import IdpUnavailable, JwksCache, SubjectTokenError, verify_subject_token
 from token_service.keys import KeyRing, load_keyring
 from token_service.keyspace import Keyspace
@@ -59,6 +59,8 @@ from token_service.store import SecretStore, StoreError
 log = logging.getLogger("speechgate.token")
 
 GRANTS = (oauth.GRANT_CLIENT_CREDENTIALS, oauth.GRANT_TOKEN_EXCHANGE)
+# Stands in for a client that does not exist: its secret is checked, and never matches.
+_NOBODY = ClientPolicy(client_id="speechgate-nobody", secret_hash="hmac-sha256:" + "0" * 64)
 
 
 @dataclass
@@ -97,11 +99,12 @@ class TokenService:
                 503,
                 {"Retry-After": "5"},
             ) from None
-        if policy is None:
+        if not isinstance(policy, ClientPolicy):
+            # No such client, or one disabled in the store (whose secret cannot be read): the
+            # same answer as a wrong secret, after the same keyed hash, so that neither the
+            # message nor the time tells whether the id exists.
+            check_secret(self.hash_key, _NOBODY, secret or "")
             raise invalid_client("unknown client or wrong client secret")
-        if policy == DISABLED:
-            raise invalid_client("this client is disabled")
-        assert isinstance(policy, ClientPolicy)
         if policy.public:
             if secret:
                 raise invalid_client("this is a public client: send no client_secret")
@@ -547,8 +550,11 @@ def server_options(settings: Settings) -> dict[str, Any]:
     """How uvicorn serves the token service (`speechgate token-service`, and the tests): no
     software name in a `server` header, and `X-Forwarded-For` believed only from the proxies
     `SPEECHGATE_FORWARDED_ALLOW_IPS` names (none by default: the per-address limit would
-    otherwise be keyed on a value any caller sets)."""
+    otherwise be keyed on a value any caller sets); the bounds of token_service/http.py."""
+    bounds = {"head_timeout_s": settings.http_timeout_s, "body_timeout_s": settings.http_timeout_s}
     return {
+        "http": type("BoundedHttp", (BoundedHttpToolsProtocol,), bounds),
+        "limit_concurrency": settings.max_connections,
         "server_header": False,
         "proxy_headers": bool(settings.forwarded_allow_ips),
         "forwarded_allow_ips": settings.forwarded_allow_ips or None,

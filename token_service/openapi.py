@@ -51,6 +51,8 @@ _TOKEN_REQUEST = {
         "subject_token": {"type": "string", "description": "token exchange: the IdP's ID or access token"},
         "subject_token_type": {"type": "string"},
     },
+    # OAuth parameters are strings; unknown ones are ignored (RFC 6749 §3.1).
+    "additionalProperties": {"type": "string"},
 }
 
 
@@ -98,6 +100,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                         "token": {"type": "string"},
                                         "token_type_hint": {"type": "string"},
                                     },
+                                    "additionalProperties": {"type": "string"},
                                 }
                             }
                         },

@@ -35,6 +35,8 @@ class Settings:
     key_vault_url: str | None = None
     # Token endpoint behaviour.
     max_body_bytes: int = 16 * 1024
+    http_timeout_s: float = 10.0  # for a request's headers, and again for its body (408 after)
+    max_connections: int = 2048  # per token-service process; 503 beyond
     client_cache_s: float = 30.0
     key_refresh_s: float = 60.0
     idp_jwks_min_refresh_s: float = 10.0
@@ -82,6 +84,10 @@ class Settings:
                 raise SettingsError(f"{ENV_NAMES[name]} must be a port number (0-65535)")
         if self.max_body_bytes < 1024:
             raise SettingsError("SPEECHGATE_MAX_BODY_BYTES must be at least 1024")
+        if not 0 < self.http_timeout_s <= 300:
+            raise SettingsError("SPEECHGATE_HTTP_TIMEOUT_S must be more than 0 and at most 300 (e.g. 10)")
+        if self.max_connections < 1:
+            raise SettingsError("SPEECHGATE_MAX_CONNECTIONS must be at least 1 (e.g. 2048)")
         if self.key_vault_url is not None and not self.key_vault_url.startswith("https://"):
             raise SettingsError("SPEECHGATE_KEY_VAULT_URL must be an https:// URL")
         if not self.issuer.startswith(("https://", "http://")):
@@ -115,6 +121,8 @@ ENV_NAMES: dict[str, str] = {
     "store_dir": "SPEECHGATE_STORE_DIR",
     "key_vault_url": "SPEECHGATE_KEY_VAULT_URL",
     "max_body_bytes": "SPEECHGATE_MAX_BODY_BYTES",
+    "http_timeout_s": "SPEECHGATE_HTTP_TIMEOUT_S",
+    "max_connections": "SPEECHGATE_MAX_CONNECTIONS",
     "client_cache_s": "SPEECHGATE_CLIENT_CACHE_S",
     "key_refresh_s": "SPEECHGATE_KEY_REFRESH_S",
     "idp_jwks_min_refresh_s": "SPEECHGATE_IDP_JWKS_MIN_REFRESH_S",
