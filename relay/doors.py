@@ -112,7 +112,7 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
         upstream = await _connect(relay, pending.endpoint.service, path, pending.query, extra)
     except UpstreamError as exc:
         resume(live.connection)
-        live.end(4000, 1013, f"Azure Speech unavailable: {exc}")
+        live.end(4000, 1013, f"{relay.upstream_name} unavailable: {exc}")
         return
     live.upstream = upstream
     stream, client = live.stream, live.connection
@@ -166,17 +166,20 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
                 if path == b"turn.end":
                     live.turn_ended()
 
-    await _pump(live, app_to_azure(), azure_to_app(), upstream)
+    await _pump(relay, live, app_to_azure(), azure_to_app(), upstream)
 
 
-async def _pump(live: Live, outgoing: Any, incoming: Any, upstream: ClientConnection) -> None:
+async def _pump(relay: Relay, live: Live, outgoing: Any, incoming: Any, upstream: ClientConnection) -> None:
     tasks = [asyncio.ensure_future(outgoing), asyncio.ensure_future(incoming)]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if live.stream.closing_reason is None:
             if tasks[1] in done and live.connection.close_code is None:
                 code, reason = azure_closed(
-                    upstream.close_code or 1006, upstream.close_reason or "", live.in_turn
+                    upstream.close_code or 1006,
+                    upstream.close_reason or "",
+                    live.in_turn,
+                    relay.upstream_name,
                 )
                 live.code = code
                 with contextlib.suppress(ConnectionClosed):
@@ -295,11 +298,11 @@ class _PlainUpstream:
         while self.reconnects and self.reconnects[0] < now - self.RECONNECT_WINDOW_S:
             self.reconnects.popleft()
         if len(self.reconnects) >= self.MAX_RECONNECTS:
-            return "Azure Speech keeps closing the connection; giving up"
+            return f"{self.relay.upstream_name} keeps closing the connection; giving up"
         if code in self.RECONNECT_CODES and self.fruitless < self.MAX_FRUITLESS:
             self.reconnects.append(now)
             return None
-        return azure_closed(code, reason, True)[1]
+        return azure_closed(code, reason, True, self.relay.upstream_name)[1]
 
     def backoff_s(self) -> float:
         """How long to wait before the next connection: none after one that made headway."""
@@ -365,7 +368,7 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
     try:
         await azure.connect()
     except UpstreamError as exc:
-        live.end(1013, 1013, f"Azure Speech unavailable: {exc}")
+        live.end(1013, 1013, f"{relay.upstream_name} unavailable: {exc}")
         return
     stream, client = live.stream, live.connection
     live.in_turn = True
@@ -441,7 +444,7 @@ async def plain(relay: Relay, live: Live, pending: Pending) -> None:
             try:  # Azure ended the connection mid-recognition: carry on over a new one
                 await azure.connect()
             except UpstreamError as exc:
-                live.end(1011, 1011, f"Azure Speech failed: {exc}")
+                live.end(1011, 1011, f"{relay.upstream_name} failed: {exc}")
                 return
 
     tasks = [asyncio.ensure_future(app_to_azure()), asyncio.ensure_future(azure_to_app())]

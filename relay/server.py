@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -243,8 +244,10 @@ class Relay:
         registry: CollectorRegistry | None = None,
         revocations: Revocations | None = None,
         routes: Mapping[str, Route] | None = None,
+        upstream_name: str = "Azure Speech",  # what the apps are told closed or failed
     ) -> None:
         self.settings = settings
+        self.upstream_name = upstream_name
         self.routes = dict(routes or {})
         self.store = store
         self.redis = redis
@@ -587,7 +590,10 @@ class Relay:
     # --- running ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def running(self, host: str, port: int) -> AsyncIterator[Server]:
+    async def running(
+        self, host: str | None = None, port: int | None = None, sock: socket.socket | None = None
+    ) -> AsyncIterator[Server]:
+        """Serve on `host`:`port`, or on a socket bound already (`sock`)."""
         if self._listener is not None:
             self._listener.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_forever()))
@@ -596,6 +602,7 @@ class Relay:
                 self.handler,
                 host,
                 port,
+                sock=sock,
                 process_request=self.process_request,
                 process_response=self.after_handshake,
                 subprotocols=[Subprotocol("USP")],

@@ -36,14 +36,14 @@ _EMPTY = b""
 SAMPLE_MASK = 15  # the forward-time histogram observes 1 chunk in 16: timing each costs more than it tells
 
 
-def azure_closed(code: int, reason: str, in_turn: bool) -> tuple[int, str]:
+def azure_closed(code: int, reason: str, in_turn: bool, upstream: str = "Azure Speech") -> tuple[int, str]:
     """The close the app gets when Azure closes, with Azure's reason kept. 1007 (Azure refused what
     it was sent: bad SSML, an unknown voice or output format) passes on: both SDKs cancel at once
     and show why, where a retry would be refused again. Between turns 1000 and 1001 pass on (the
     SDK reconnects by itself); anything else becomes 1011, and never 1000 mid-turn (the SDKs hang)."""
     if code != 1007 and (in_turn or code not in (1000, 1001)):
         code = 1011
-    said = f"Azure Speech closed the connection: {reason}" if reason else "Azure Speech closed the connection"
+    said = f"{upstream} closed the connection" + (f": {reason}" if reason else "")
     return code, frames.fit_reason(said)
 
 
@@ -293,7 +293,7 @@ class Splice:
             leg.transport.close()
             self.azure.send_close(1000, "client done")
         else:
-            code, reason = azure_closed(code, reason, self.live.in_turn)
+            code, reason = azure_closed(code, reason, self.live.in_turn, self.relay.upstream_name)
             self.live.code = code
             leg.send_close(1000, "")
             leg.transport.close()

@@ -3,7 +3,7 @@
 Conventions: `--help` everywhere; `--json` prints one JSON object for scripts; destructive steps ask
 for confirmation unless `--yes` (and refuse without a terminal); every change writes one JSON
 audit line to stderr (who, what, when; never a secret). Exit codes: 0 done, 1 failed (store or
-Redis unreachable, Azure refused), 2 bad usage, 3 not found, 4 not confirmed.
+Redis unreachable, Azure refused), 2 bad usage, 3 not found, 4 not confirmed, 5 cannot start.
 """
 
 from __future__ import annotations
@@ -37,7 +37,11 @@ from token_service.runtime import open_redis, open_store
 from token_service.settings import Settings, SettingsError
 from token_service.store import SecretDisabled, SecretNotFound, SecretStore, StoreError
 
-EXIT_FAILED, EXIT_NOT_FOUND, EXIT_DECLINED = 1, 3, 4
+# One meaning per code, across every command (listed in `speechgate --help`).
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_DECLINED, EXIT_CANNOT_START = 1, 2, 3, 4, 5
+EXIT_CODES = """Exit codes: 0 done; 1 failed (the store, Redis or Azure refused or is unreachable; the
+message says what changed); 2 bad usage (an option or argument); 3 not found (a client, a key);
+4 not confirmed; 5 cannot start (an invalid setting, a port in use, no signing key)."""
 T = TypeVar("T")
 
 
@@ -56,7 +60,13 @@ class Deps:
             try:
                 self.settings = Settings.from_env()
             except SettingsError as exc:
-                raise click.UsageError(str(exc)) from None
+                raise Failed(str(exc), EXIT_CANNOT_START) from None
+            if self.settings.redis_url is None:  # a running `speechgate dev`'s private Redis
+                from speechgate.dev import running_state
+
+                state = running_state(self.settings.store_dir)
+                if state is not None and state.redis_url:
+                    self.settings = dataclasses.replace(self.settings, redis_url=state.redis_url)
         return self.settings
 
 
@@ -587,7 +597,25 @@ def clients_show(client_id: str, as_json: bool) -> None:
         return await clientdb.load_client(store, client_id)
 
     view = _public_view(run(op, changes=False))
-    output(as_json, view, "\n".join(f"{k}: {v}" for k, v in view.items()))
+    output(as_json, view, "\n".join(f"{k}: {shown(v)}" for k, v in view.items()))
+
+
+def escaped(text: str) -> str:
+    """Control characters as escapes: names from tokens reach a terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shown(value: Any) -> str:
+    """A policy value as a person reads it: lists joined, nothing as '-', objects as JSON."""
+    if value is None or value == [] or value == ():
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(shown(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return escaped(str(value))
 
 
 def _set_enabled(client_id: str, enabled: bool) -> None:

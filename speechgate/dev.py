@@ -3,10 +3,18 @@ development client, so the whole path runs on a laptop with one command."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import shutil
+import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import redis
 
 from relay import offline_synthesis
 from token_service.clients import (
@@ -83,9 +91,20 @@ async def bootstrap(store: SecretStore, store_dir: Path, environ: dict[str, str]
     return DevClient(client_id, secret)
 
 
-def banner(client: DevClient, token_url: str, relay_url: str, settings: Settings) -> str:
-    limits = (
-        f"Redis at {settings.redis_url}" if settings.redis_url else "in-memory (set REDIS_URL to share them)"
+def banner(
+    client: DevClient, token_url: str, relay_url: str, settings: Settings, private: bool = False
+) -> str:
+    if private:
+        limits = f"Redis of its own at {settings.redis_url} (data in {settings.store_dir}/redis)"
+    elif settings.redis_url:
+        limits = f"Redis at {settings.redis_url}"
+    else:
+        limits = f"in-memory; revocation and quotas commands need Redis: {REDIS_HINT}"
+    defaults = Settings()
+    urls = (
+        ""
+        if (token_url, relay_url) == (defaults.issuer, defaults.relay_url)
+        else (f" --token-url {token_url} --relay-url {relay_url}")
     )
     if settings.speech_endpoint or settings.speech_region:
         upstream = settings.speech_endpoint or f"Azure Speech in {settings.speech_region}"
@@ -114,6 +133,97 @@ Try it:
   1. get a token:
      curl -s -u '{credentials}' -d grant_type=client_credentials {token_url}/v1/token
   2. transcribe a WAV file (16 kHz mono is best; others are converted):
-     uv run speechgate stream some.wav
+     uv run speechgate stream some.wav{urls}
   3. talk to it: open {demo} in a browser
 """
+
+
+# --- the running dev instance, as other commands find it -------------------------------------
+
+
+@dataclass(frozen=True)
+class DevState:
+    """What a running `speechgate dev` serves, in `<store>/dev.json` while it runs: the URLs it
+    bound and its private Redis, so that `stream`, `tokens`, `keys` and `quotas` find them."""
+
+    token_url: str
+    relay_url: str
+    redis_url: str | None
+    pid: int
+
+
+def _state_path(store_dir: Path) -> Path:
+    return store_dir / "dev.json"
+
+
+def save_state(store_dir: Path, state: DevState) -> None:
+    _state_path(store_dir).write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
+
+
+def clear_state(store_dir: Path) -> None:
+    _state_path(store_dir).unlink(missing_ok=True)
+
+
+def running_state(store_dir: Path) -> DevState | None:
+    """The state of the `speechgate dev` running on this store, if one is (its process alive)."""
+    try:
+        state = DevState(**json.loads(_state_path(store_dir).read_text(encoding="utf-8")))
+        os.kill(state.pid, 0)
+    except (OSError, ValueError, TypeError):
+        return None
+    return state
+
+
+# --- a private Redis for dev -------------------------------------------------------------------
+
+REDIS_HINT = "install redis-server (apt-get install redis-server, brew install redis) for shared limits"
+
+
+class PrivateRedis:
+    """A redis-server of dev's own: loopback, a free port, its data in `<store>/redis`, stopped
+    with dev. The security and SRE commands (revocation, quotas) need Redis; this gives them one."""
+
+    def __init__(self, store_dir: Path) -> None:
+        self.directory = (store_dir / "redis").absolute()  # redis-server changes into it first
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> str | None:
+        """The Redis URL, or None when redis-server is not installed or does not start."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(self.directory)]
+        args += ["--save", "60 1", "--appendonly", "no", "--logfile", str(self.directory / "redis.log")]
+        self.process = subprocess.Popen(  # noqa: S603 - redis-server from PATH, our own arguments
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url, socket_timeout=0.5)
+        try:
+            for _ in range(100):
+                with contextlib.suppress(redis.RedisError):
+                    if client.ping():
+                        self.url = url
+                        return url
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)  # redis-server is starting: poll its port
+        finally:
+            client.close()
+        self.stop()
+        return None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
+        self.process = None

@@ -21,10 +21,21 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from speechgate.admin import Failed, announce, audit, confirm, json_option, names, output, run, yes_option
+from speechgate.admin import (
+    Failed,
+    announce,
+    audit,
+    confirm,
+    escaped,
+    json_option,
+    names,
+    output,
+    run,
+    yes_option,
+)
 from token_service import clients as clientdb
 from token_service import usage
-from token_service.clients import ClientPolicy
+from token_service.clients import ClientPolicy, PolicyError
 from token_service.keyspace import Keyspace
 from token_service.redisconn import Redis
 from token_service.settings import Settings
@@ -53,11 +64,6 @@ def quotas() -> None:
 
 
 # --- top -------------------------------------------------------------------------------------
-
-
-def escaped(text: str) -> str:
-    """Control characters as escapes: names from tokens reach a terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def shown(text: str) -> Text:
@@ -221,10 +227,14 @@ def set_limits(client_id: str, as_json: bool, **options: Any) -> None:
 
     async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> dict[str, Any]:
         policy = await clientdb.load_client(store, client_id)
-        updated = dataclasses.replace(
-            policy, **changes, rate_limits=dataclasses.replace(policy.rate_limits, **rates)
-        )
-        await clientdb.save_client(store, updated)  # validates first: a bad limit changes nothing
+        try:  # a limit given wrong is bad usage (2), as in `clients add`, and changes nothing
+            updated = dataclasses.replace(
+                policy, **changes, rate_limits=dataclasses.replace(policy.rate_limits, **rates)
+            )
+            updated.validate()
+        except PolicyError as exc:
+            raise click.UsageError(str(exc)) from None
+        await clientdb.save_client(store, updated)
         announced = await announce(redis, settings, "client")
         return {"client_id": client_id, "limits": _limits(updated), "announced": announced}
 

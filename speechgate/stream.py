@@ -104,14 +104,19 @@ def _pace(fast: bool) -> Callable[[int], float]:
     return lambda position: max(0.0, (position / BYTES_PER_S - FAST_BURST_S) / FAST_SPEEDUP)
 
 
-def _refusal(exc: InvalidStatus) -> StreamError:
+def _refusal(exc: InvalidStatus, relay_url: str) -> StreamError:
     status = exc.response.status_code
     try:
         body = json.loads(exc.response.body or b"{}")
-        detail = f"{body.get('error')}: {body.get('message')}"
     except ValueError:
-        detail = "no details"
-    return StreamError(f"the relay refused the stream ({status} {detail})")
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str) and "message" in body:
+        return StreamError(f"the relay refused the stream ({status} {body['error']}: {body['message']})")
+    # Not the relay's answer (its refusals are JSON with error and message): another server.
+    return StreamError(
+        f"{relay_url} answered {status} without the relay's JSON: is it the relay? (the relay URL is "
+        "the one `speechgate dev` prints as `relay`; set it with --relay-url)"
+    )
 
 
 async def stream_plain(
@@ -146,7 +151,7 @@ async def stream_plain(
                     f"the relay closed the stream: {ws.close_code} {ws.close_reason or ''}".strip()
                 )
     except InvalidStatus as exc:
-        raise _refusal(exc) from None
+        raise _refusal(exc, relay_url) from None
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd else "no close frame"
         reason = exc.rcvd.reason if exc.rcvd else ""

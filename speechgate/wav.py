@@ -7,8 +7,8 @@ then resampled by linear interpolation, which is plenty for speech recognition.
 from __future__ import annotations
 
 import array
+import struct
 import sys
-import wave
 from pathlib import Path
 
 RATE = 16_000
@@ -62,24 +62,54 @@ def resample(samples: array.array[int], rate: int, to: int = RATE) -> array.arra
     return out
 
 
+CONVERT = "convert it, e.g. with `ffmpeg -i IN -ar 16000 -ac 1 -c:a pcm_s16le OUT.wav`"
+_FORMATS = {3: "floating-point", 6: "A-law", 7: "mu-law", 0x55: "MP3"}
+
+
 def read_pcm16k(path: Path) -> bytes:
     """The file's audio as 16 kHz 16-bit mono little-endian PCM."""
     try:
-        with wave.open(str(path), "rb") as wav:
-            width, channels, rate = wav.getsampwidth(), wav.getnchannels(), wav.getframerate()
-            frames = wav.readframes(wav.getnframes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise WavError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise WavError(f"{path}: is a directory, not a WAV file") from None
-    except (wave.Error, EOFError) as exc:
-        raise WavError(
-            f"{path}: not a PCM WAV file ({exc}); convert it, e.g. with "
-            "`ffmpeg -i IN -ar 16000 -ac 1 -c:a pcm_s16le OUT.wav`"
-        ) from None
+    width, channels, rate, frames = parse_wav(data, str(path))
     if not frames:
         raise WavError(f"{path}: the file holds no audio")
     return _to_bytes(resample(_mono(_to_int16(frames, width), channels), rate))
+
+
+def parse_wav(data: bytes, name: str) -> tuple[int, int, int, bytes]:
+    """Sample width (bytes), channels, rate and sample bytes of a PCM WAV, plain or
+    WAVE_FORMAT_EXTENSIBLE (what sox and most recorders write beyond 16 bits or 2 channels)."""
+    if not data:
+        raise WavError(f"{name}: the file is empty, not a WAV file")
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise WavError(f"{name}: not a WAV file (no RIFF/WAVE header); {CONVERT}")
+    fmt: bytes | None = None
+    frames: bytes | None = None
+    at = 12
+    while at + 8 <= len(data) and (fmt is None or frames is None):
+        chunk, size = data[at : at + 4], int.from_bytes(data[at + 4 : at + 8], "little")
+        body = data[at + 8 : at + 8 + size]  # a size past the end (a WAV written to a pipe): the rest
+        if chunk == b"fmt ":
+            fmt = body
+        elif chunk == b"data":
+            frames = body
+        at += 8 + size + (size & 1)
+    if fmt is None or len(fmt) < 16:
+        raise WavError(f"{name}: the WAV file has no format chunk; {CONVERT}")
+    tag, channels, rate = struct.unpack_from("<HHI", fmt)
+    bits = struct.unpack_from("<H", fmt, 14)[0]
+    if tag == 0xFFFE and len(fmt) >= 26:  # extensible: the sub-format GUID starts with the format tag
+        tag = struct.unpack_from("<H", fmt, 24)[0]
+    if tag != 1:
+        kind = _FORMATS.get(tag, f"format {tag}")
+        raise WavError(f"{name}: {kind} audio, not PCM; {CONVERT}")
+    if not channels or not rate or bits not in (8, 16, 24, 32):
+        raise WavError(f"{name}: {bits}-bit, {channels}-channel, {rate} Hz is not PCM this reads; {CONVERT}")
+    return bits // 8, channels, rate, frames or b""
 
 
 def resample_pcm16(pcm: bytes, rate: int, to: int) -> bytes:

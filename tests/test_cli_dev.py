@@ -8,24 +8,31 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import jwt
+import pytest
+import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
 from tests.processes import Process, free_port
+from tests.relays import make_wav
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
 
 
-def dev(cwd: Path, **env: str) -> Process:
+def dev(cwd: Path, *args: str, **env: str) -> Process:
+    """`speechgate dev` on free ports; with no Redis configured it starts its own (`--no-redis`:
+    none)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHGATE_") and k != "REDIS_URL"}
     return Process(
-        [SPEECHGATE, "dev", "--port", str(free_port())],
+        [SPEECHGATE, "dev", "--port", str(free_port()), *args],
         "Uvicorn running on",
         env={"SPEECHGATE_RELAY_PORT": str(free_port()), **clean, **env},
         cwd=cwd,
@@ -48,13 +55,13 @@ def credentials(output: str) -> tuple[str, str]:
 
 
 def test_dev_prints_a_curl_line_that_gets_a_token(tmp_path: Path) -> None:
-    with dev(tmp_path) as first:
+    with dev(tmp_path, "--no-redis") as first:
         output = "".join(first.output)
         body = run_curl_line(output)
     assert body["token_type"] == "Bearer"
     assert "in-memory" in output
     assert (tmp_path / ".speechgate" / "secrets").is_dir()
-    with dev(tmp_path) as second:  # a restart keeps the same credentials
+    with dev(tmp_path, "--no-redis") as second:  # a restart keeps the same credentials
         assert credentials("".join(second.output)) == credentials(output)
         assert run_curl_line("".join(second.output))["token_type"] == "Bearer"
 
@@ -84,8 +91,8 @@ def test_bad_setting_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
         env={**os.environ, "SPEECHGATE_PORT": "eighty"},
         check=False,
     )
-    assert result.returncode == 2
-    assert "SPEECHGATE_PORT='eighty' is not a valid int" in result.stderr
+    assert result.returncode == 5  # cannot start
+    assert "SPEECHGATE_PORT='eighty' is not a whole number (e.g. SPEECHGATE_PORT=8000)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -99,7 +106,7 @@ def test_token_service_without_signing_key_says_how_to_fix_it(tmp_path: Path) ->
         env={**os.environ, "SPEECHGATE_STORE_DIR": str(tmp_path / "empty")},
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 5  # cannot start
     assert "no enabled signing key" in result.stderr
     assert "speechgate keys rotate-signing" in result.stderr
     assert "Traceback" not in result.stderr
@@ -153,6 +160,7 @@ def test_dev_without_redis_closes_a_revoked_stream_and_refuses_its_token(tmp_pat
         FakeSpeechServer(FakeSpeech()) as speech,
         dev(
             tmp_path,
+            "--no-redis",
             SPEECHGATE_RELAY_PORT=str(relay_port),
             SPEECHGATE_SPEECH_ENDPOINT=speech.url,
             SPEECH_KEY=KEY,
@@ -188,3 +196,101 @@ def test_dev_without_redis_closes_a_revoked_stream_and_refuses_its_token(tmp_pat
                 return closed, exc.response.status_code
 
         assert asyncio.run(scenario()) == (1008, 401)
+
+
+def test_dev_on_other_ports_advertises_the_urls_it_bound(tmp_path: Path) -> None:
+    """Tokens, metadata, OpenAPI and the banner name the ports dev listens on, and the banner's
+    second-terminal command works as printed."""
+    port, relay_port = free_port(), free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHGATE_") and k != "REDIS_URL"}
+    args = [SPEECHGATE, "dev", "--no-redis", "--port", str(port), "--relay-port", str(relay_port)]
+    with Process(args, "Uvicorn running on", env=clean, cwd=tmp_path) as proc:
+        output = "".join(proc.output)
+        issuer, relay = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{relay_port}"
+        assert re.search(rf"token service\s+{issuer}\n", output)
+        assert re.search(rf"relay\s+{relay}\n", output)
+        body = run_curl_line(output)
+        assert body["relay_url"] == relay
+        assert jwt.decode(str(body["access_token"]), options={"verify_signature": False})["iss"] == issuer
+        metadata = httpx.get(f"{issuer}/.well-known/oauth-authorization-server").json()
+        assert metadata["issuer"] == issuer
+        assert metadata["token_endpoint"] == f"{issuer}/v1/token"
+        assert httpx.get(f"{issuer}/openapi.json").json()["servers"] == [{"url": issuer}]
+        (command,) = [x.strip() for x in output.splitlines() if "speechgate stream" in x]
+        assert f"--token-url {issuer} --relay-url {relay}" in command
+        wav = make_wav(tmp_path / "speech.wav", 1.0)
+        line = command.replace("uv run speechgate", SPEECHGATE).replace("some.wav", str(wav)) + " --fast"
+        streamed = subprocess.run(
+            ["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, env=clean, timeout=60
+        )
+        assert streamed.returncode == 0, streamed.stderr
+        assert "1.0 s of audio" in streamed.stderr
+
+
+@pytest.mark.parametrize("busy", ["--port", "--relay-port"])
+def test_a_busy_port_is_one_line_and_exit_5_before_anything_is_printed(tmp_path: Path, busy: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        ports = {"--port": str(free_port()), "--relay-port": str(free_port()), busy: str(port)}
+        result = subprocess.run(
+            [SPEECHGATE, "dev", "--no-redis", *[x for kv in ports.items() for x in kv]],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 5
+    assert result.stdout == ""  # no banner
+    (line,) = result.stderr.strip().splitlines()
+    option = "--port or SPEECHGATE_PORT" if busy == "--port" else "--relay-port or SPEECHGATE_RELAY_PORT"
+    expected = f"Error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+    assert line == expected + f"choose another port with {option}"
+
+
+def test_an_invalid_dev_client_id_is_one_line_and_exit_5(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [SPEECHGATE, "dev", "--no-redis", "--port", str(free_port()), "--relay-port", str(free_port())],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SPEECHGATE_DEV_CLIENT_ID": "c"},
+    )
+    assert result.returncode == 5
+    assert "Traceback" not in result.stderr
+    assert "SPEECHGATE_DEV_CLIENT_ID" in result.stderr
+    assert "e.g. SPEECHGATE_DEV_CLIENT_ID=my-app" in result.stderr
+
+
+def test_dev_runs_a_private_redis_that_the_security_and_sre_commands_find(tmp_path: Path) -> None:
+    """Without REDIS_URL and with redis-server installed, dev starts a Redis of its own in its
+    state directory; `tokens revoke`, `keys revoke-signing` and `quotas top` work against it,
+    run from the same directory; it stops with dev."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHGATE_") and k != "REDIS_URL"}
+    with dev(tmp_path) as proc:
+        output = "".join(proc.output)
+        found = re.search(r"Redis of its own at (redis://127\.0\.0\.1:(\d+)/0)", output)
+        assert found is not None, output
+        client_id, _ = credentials(output)
+        token = str(run_curl_line(output)["access_token"])
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [SPEECHGATE, *args], capture_output=True, text=True, cwd=tmp_path, env=clean, timeout=60
+            )
+
+        revoked = cli("tokens", "revoke", "--client", client_id, "--yes")
+        assert revoked.returncode == 0, revoked.stderr
+        top = cli("quotas", "top", "--json")
+        assert top.returncode == 0, top.stderr
+        assert [row["client_id"] for row in json.loads(top.stdout)] == [client_id]
+        kid = jwt.get_unverified_header(token)["kid"]
+        leaked = cli("keys", "revoke-signing", "--kid", kid, "--yes")
+        assert leaked.returncode == 0, leaked.stderr
+        assert redis.Redis.from_url(found.group(1)).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(found.group(1), socket_connect_timeout=1).ping()
+    assert (tmp_path / ".speechgate" / "redis").is_dir()
+    assert not (tmp_path / ".speechgate" / "dev.json").exists()  # no stale state for other commands

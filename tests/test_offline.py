@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import struct
 import subprocess
 import wave
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from relay import offline_synthesis as synthesis
 from relay import usp
 from relay.offline import DecoderPool, Event, OfflineTurn
-from speechgate.wav import read_pcm16k
+from speechgate.wav import WavError, read_pcm16k
 from tests.js_sdk import run_js
 from tests.processes import Process, free_port
 from tests.test_cli_dev import SPEECHGATE, credentials
@@ -137,7 +138,8 @@ class Dev:
 def offline_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
     cwd = tmp_path_factory.mktemp("dev")
     env = {"SPEECHGATE_PORT": str(free_port()), "SPEECHGATE_RELAY_PORT": str(free_port())}
-    clean = {k: v for k, v in os.environ.items() if k not in ("SPEECH_KEY", "SPEECH_REGION")}
+    # No REDIS_URL: dev runs a Redis of its own in its state directory, and leaves nothing elsewhere.
+    clean = {k: v for k, v in os.environ.items() if k not in ("SPEECH_KEY", "SPEECH_REGION", "REDIS_URL")}
     with Process([SPEECHGATE, "dev"], "Uvicorn running on", env={**clean, **env}, cwd=cwd) as proc:
         yield Dev(cwd, env, f"ws://127.0.0.1:{env['SPEECHGATE_RELAY_PORT']}", "".join(proc.output))
 
@@ -292,6 +294,7 @@ def test_what_offline_synthesis_cannot_do_is_cancelled_at_once_with_the_reason(
     details = result.cancellation_details
     assert details.error_code == speechsdk.CancellationErrorCode.BadRequest, details.error_details
     assert reason in details.error_details
+    assert "Azure" not in details.error_details  # the refusal is the offline stand-in's, and says so
 
 
 def test_without_espeak_ng_dev_says_so_and_synthesis_is_cancelled_with_how_to_get_it(
@@ -358,14 +361,21 @@ def test_stream_errors_say_what_to_fix(offline_dev: Dev, tmp_path: Path) -> None
     not_wav.write_text("not audio")
     bad = offline_dev.stream(str(not_wav))
     assert bad.returncode == 2
-    assert "notes.wav: not a PCM WAV file" in bad.stderr
+    assert "notes.wav: not a WAV file (no RIFF/WAVE header)" in bad.stderr
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    assert "empty.wav: the file is empty, not a WAV file" in offline_dev.stream(str(empty)).stderr
+    token_service = offline_dev.env["SPEECHGATE_PORT"]
+    wrong = offline_dev.stream(str(SPEECH_WAV), "--relay-url", f"ws://127.0.0.1:{token_service}")
+    assert wrong.returncode == 1
+    assert "without the relay's JSON: is it the relay?" in wrong.stderr
     refused = offline_dev.stream(str(SPEECH_WAV), "--client-id", "dev-client", "--client-secret", "wrong")
     assert refused.returncode == 1
     assert "the token service refused the client (401)" in refused.stderr
     nowhere = offline_dev.stream(str(SPEECH_WAV), "--relay-url", f"ws://127.0.0.1:{free_port()}")
     assert nowhere.returncode == 1
     assert "cannot reach the relay at ws://127.0.0.1:" in nowhere.stderr
-    for result in (missing, bad, refused, nowhere):
+    for result in (missing, bad, refused, nowhere, wrong):
         assert "Traceback" not in result.stderr
 
 
@@ -387,6 +397,50 @@ def test_stream_converts_other_wavs(offline_dev: Dev, tmp_path: Path) -> None:
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["audio_s"] == 4.83
     assert [e for e in events if e["type"] == "final"]
+
+
+def extensible_wav(pcm16: bytes, bits: int, channels: int, tag: int = 1) -> bytes:
+    """A WAVE_FORMAT_EXTENSIBLE file (as sox writes 24-bit audio) of the same samples."""
+    width = bits // 8
+    frames = b"".join((b"\0" * (width - 2) + pcm16[i : i + 2]) * channels for i in range(0, len(pcm16), 2))
+    guid = struct.pack("<H", tag) + bytes.fromhex("000000001000800000aa00389b71")
+    fmt = (
+        struct.pack(
+            "<HHIIHHHHI",
+            0xFFFE,
+            channels,
+            16000,
+            16000 * width * channels,
+            width * channels,
+            bits,
+            22,
+            bits,
+            0,
+        )
+        + guid
+    )
+    body = (
+        b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(frames))
+        + frames
+    )
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_extensible_wavs_are_read_as_the_pcm_they_hold(tmp_path: Path) -> None:
+    pcm = read_pcm16k(SPEECH_WAV)[:32000]
+    for bits, channels in ((24, 1), (32, 2), (16, 2)):
+        path = tmp_path / f"x{bits}.wav"
+        path.write_bytes(extensible_wav(pcm, bits, channels))
+        assert read_pcm16k(path) == pcm
+    floats = tmp_path / "float.wav"
+    floats.write_bytes(extensible_wav(pcm, 32, 1, tag=3))
+    with pytest.raises(WavError, match="floating-point audio, not PCM; convert it"):
+        read_pcm16k(floats)
 
 
 @pytest.mark.parametrize("cut_s", [0.8, 1.0, 1.2, 3.6])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,10 @@ def test_speechgate_redis_url_wins_over_redis_url() -> None:
 @pytest.mark.parametrize(
     ("env", "words"),
     [
-        ({"SPEECHGATE_PORT": "eighty"}, "SPEECHGATE_PORT='eighty' is not a valid int"),
+        (
+            {"SPEECHGATE_PORT": "eighty"},
+            re.escape("SPEECHGATE_PORT='eighty' is not a whole number (e.g. SPEECHGATE_PORT=8000)"),
+        ),
         ({"SPEECHGATE_PORT": "70000"}, "SPEECHGATE_PORT must be a port number"),
         ({"SPEECHGATE_KEY_VAULT_URL": "http://vault"}, "must be an https:// URL"),
         ({"SPEECHGATE_ISSUER": "tokens.example"}, "SPEECHGATE_ISSUER must be"),

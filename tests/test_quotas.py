@@ -146,7 +146,7 @@ def test_set_changes_limits_on_a_running_token_service_within_a_second(
         assert line["changes"] == {"max_streams_per_client": 7, "rate_client": "5/minute"}
         assert wait_until(lambda: token() == 200, timeout=1.0)
     assert cli.json("clients", "show", "kiosk")["max_streams_per_client"] == 7
-    bad = cli("quotas", "set", "kiosk", "--rate-subject", "lots", code=1)
+    bad = cli("quotas", "set", "kiosk", "--rate-subject", "lots", code=2)  # bad usage, as in `clients add`
     assert "lots" in bad.output
     cli("quotas", "set", "kiosk", code=2)  # nothing to change
 

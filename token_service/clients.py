@@ -278,7 +278,10 @@ async def load_client(store: SecretStore, client_id: str) -> ClientPolicy:
     """A client's policy straight from the store (the CLI's view); SecretNotFound if none."""
     if not CLIENT_ID.match(client_id):
         raise SecretNotFound(f"no client {client_id!r}: ids are 3-64 lowercase letters, digits or '-'")
-    secret = await store.get(secret_name(client_id))
+    try:
+        secret = await store.get(secret_name(client_id))
+    except SecretNotFound:
+        raise SecretNotFound(f"no client {client_id!r} (`speechgate clients list` shows them)") from None
     assert secret.value is not None
     try:
         return ClientPolicy.from_json(secret.value)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 
 class SettingsError(ValueError):
@@ -158,5 +159,41 @@ def _convert(name: str, raw: str, default: object) -> object:
         if isinstance(default, Path):
             return Path(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
+        kind = {"int": "a whole number", "float": "a number"}.get(
+            type(default).__name__, type(default).__name__
+        )
+        raise SettingsError(f"{name}={raw[:40]!r} is not {kind} (e.g. {name}={default})") from None
     return raw
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def url_host(host: str) -> str:
+    """A listen address as it goes into a URL (IPv6 in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def with_addresses(
+    settings: Settings,
+    environ: Mapping[str, str],
+    token: tuple[str, int] | None = None,
+    relay: tuple[str, int] | None = None,
+) -> Settings:
+    """The issuer (with the metadata and JWKS URLs that follow from it) and the relay URL from the
+    addresses actually bound, where SPEECHGATE_ISSUER / SPEECHGATE_RELAY_URL do not set them:
+    a token must never advertise a port nobody of ours listens on. Only a loopback address can
+    be derived; a service listening on any other needs the URL apps reach it at (a proxy's)."""
+    changes: dict[str, Any] = {}
+    for name, address, scheme in (("issuer", token, "http"), ("relay_url", relay, "ws")):
+        if address is None or environ.get(ENV_NAMES[name]):
+            continue
+        host, port = address
+        if host not in LOOPBACK_HOSTS:
+            example = "https://speech-auth.example.com" if name == "issuer" else "wss://speech.example.com"
+            raise SettingsError(
+                f"{ENV_NAMES[name]} is not set and cannot be derived from {host}: set it to the URL "
+                f"apps reach this service at (e.g. {example})"
+            )
+        changes[name] = f"{scheme}://{url_host(host)}:{port}"
+    return replace(settings, **changes) if changes else settings
