@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -179,6 +180,15 @@ def running_state(store_dir: Path) -> DevState | None:
 REDIS_HINT = "install redis-server (apt-get install redis-server, brew install redis) for shared limits"
 
 
+def _die_with_parent() -> None:
+    """In the child, before redis-server starts: on Linux, end it when dev's process ends, however
+    dev ends (a SIGKILL included); elsewhere dev's own cleanup stops it."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class PrivateRedis:
     """A redis-server of dev's own: loopback, a free port, its data in `<store>/redis`, stopped
     with dev. The security and SRE commands (revocation, quotas) need Redis; this gives them one."""
@@ -201,6 +211,7 @@ class PrivateRedis:
         args += ["--save", "60 1", "--appendonly", "no", "--logfile", str(self.directory / "redis.log")]
         self.process = subprocess.Popen(  # noqa: S603 - redis-server from PATH, our own arguments
             args,
+            preexec_fn=_die_with_parent,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -25,8 +25,45 @@ from token_service.settings import Settings
 from token_service.store import MemoryStore, SecretStore
 
 
+@pytest.fixture(scope="session", autouse=True)
+def production_prefix_untouched(redis_url: str) -> Iterator[None]:
+    """No test leaves keys under the production prefix `sg:` of the shared Redis: each uses its
+    own prefix or its own Redis server."""
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.scan_iter(match="sg:*", count=1000))
+    yield
+    left = set(client.scan_iter(match="sg:*", count=1000)) - before
+    client.close()
+    assert not left, f"the suite left keys under sg: {sorted(left)[:5]}"
+
+
 def pytest_report_header() -> str:
     return sdk_versions()
+
+
+# Modules that run whole processes, browsers, the Speech SDKs or several Redis servers: marked
+# `e2e`, so that `script/test -m "not e2e"` is the fast run (CONTRIBUTING.md).
+E2E_MODULES = frozenset(
+    {
+        "test_cli_dev",
+        "test_demo_browser",
+        "test_deploy",
+        "test_limits_hold",
+        "test_offline",
+        "test_redis_topologies",
+        "test_relay_js",
+        "test_relay_processes",
+        "test_relay_sdk",
+        "test_scale_out",
+        "test_sdk_compat",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
 
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
-from tests.processes import Process, free_port
+from tests.processes import Process, free_port, wait_until
 from tests.relays import make_wav
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
@@ -294,3 +294,21 @@ def test_dev_runs_a_private_redis_that_the_security_and_sre_commands_find(tmp_pa
         redis.Redis.from_url(found.group(1), socket_connect_timeout=1).ping()
     assert (tmp_path / ".speechgate" / "redis").is_dir()
     assert not (tmp_path / ".speechgate" / "dev.json").exists()  # no stale state for other commands
+
+
+def test_dev_killed_outright_takes_its_private_redis_with_it(tmp_path: Path) -> None:
+    proc = dev(tmp_path).start()
+    found = re.search(r"Redis of its own at (redis://\S+)", "".join(proc.output))
+    assert found is not None
+    assert proc.proc is not None
+    proc.proc.kill()  # SIGKILL: no cleanup of dev's own runs
+    proc.proc.wait(10)
+
+    def gone() -> bool:
+        try:
+            redis.Redis.from_url(found.group(1), socket_connect_timeout=1).ping()
+        except redis.ConnectionError:
+            return True
+        return False
+
+    assert wait_until(gone, timeout=10)

@@ -301,8 +301,8 @@ def test_without_espeak_ng_dev_says_so_and_synthesis_is_cancelled_with_how_to_ge
     tmp_path: Path,
 ) -> None:
     env = {"SPEECHGATE_PORT": str(free_port()), "SPEECHGATE_RELAY_PORT": str(free_port())}
-    clean = {k: v for k, v in os.environ.items() if k not in ("SPEECH_KEY", "SPEECH_REGION")}
-    clean["PATH"] = str(Path(SPEECHGATE).parent)  # the virtual environment only: no espeak-ng
+    clean = {k: v for k, v in os.environ.items() if k not in ("SPEECH_KEY", "SPEECH_REGION", "REDIS_URL")}
+    clean["PATH"] = str(Path(SPEECHGATE).parent)  # the virtual environment only: no espeak-ng (nor Redis)
     with Process([SPEECHGATE, "dev"], "Uvicorn running on", env={**clean, **env}, cwd=tmp_path) as proc:
         dev = Dev(tmp_path, env, f"ws://127.0.0.1:{env['SPEECHGATE_RELAY_PORT']}", "".join(proc.output))
         assert "synthesis: none: install espeak-ng for it" in dev.output

@@ -1,0 +1,79 @@
+"""The documents that are generated from nothing but must not drift from the code: the
+configuration table against the variables the code reads, the Redis layout against Keyspace, and
+the README's size and links."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from token_service.keyspace import Keyspace
+from token_service.settings import ENV_NAMES
+
+ROOT = Path(__file__).parent.parent
+VARIABLE = re.compile(r"\b((?:SPEECHGATE|SPEECH)_[A-Z0-9_]+|REDIS_URL)\b")
+
+
+def table_rows(doc: str) -> list[str]:
+    """The first cell of each row of the document's tables."""
+    return [line.split("|")[1] for line in doc.splitlines() if line.startswith("| `")]
+
+
+def test_the_configuration_table_lists_exactly_what_the_code_reads() -> None:
+    source = "\n".join(
+        path.read_text()
+        for package in ("token_service", "relay", "speechgate")
+        for path in (ROOT / package).glob("*.py")
+    )
+    read = set(re.findall(r'"' + VARIABLE.pattern + r'"', source)) | set(ENV_NAMES.values())
+    documented = {
+        name
+        for cell in table_rows((ROOT / "docs" / "configuration.md").read_text())
+        for name in VARIABLE.findall(cell)
+    }
+    assert documented - read == set(), "documented but never read"
+    assert read - documented == set(), "read but not documented"
+
+
+SAMPLES = {  # a value for each parameter, and how the document writes it
+    "client_id": ("CLIENTX", "<client>"),
+    "subject": ("SUBJECTX", "<subject>"),
+    "jti": ("JTIX", "<jti>"),
+    "day": ("20991231", "<YYYYMMDD>"),
+    "minute": (987654321, "<epoch minute>"),
+    "policy": ("KINDX", "<kind>"),
+    "ident": ("WHOX", "<who>"),
+    "amount": (111111, "<amount>"),
+    "window_s": (222222, "<window>"),
+}
+
+
+def test_the_redis_layout_lists_exactly_the_keys_keyspace_builds() -> None:
+    keyspace = Keyspace("sg:")
+    built = set()
+    for name, member in inspect.getmembers(Keyspace):
+        if name.startswith("_") or not (isinstance(member, property) or inspect.isfunction(member)):
+            continue
+        if isinstance(member, property):
+            key = getattr(keyspace, name)
+        else:
+            method = getattr(keyspace, name)
+            key = method(**{p: SAMPLES[p][0] for p in inspect.signature(method).parameters})
+        for value, written in SAMPLES.values():
+            key = key.replace(str(value), written)
+        built.add(key)
+    doc = (ROOT / "docs" / "redis-layout.md").read_text()
+    documented = {re.sub(r"`|\(channel\)", "", cell).strip() for cell in table_rows(doc)}
+    assert documented == built
+
+
+def test_the_readme_is_a_front_page_whose_links_resolve() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 8 * 1024
+    for target in re.findall(r"\]\(([^)#]+)\)", readme):
+        assert (ROOT / target).exists(), target
+    for doc in (ROOT / "docs").glob("*.md"):
+        for target in re.findall(r"\]\(([^)#:]+\.md)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name} links {target}"
+        assert "DESIGN.md" not in doc.read_text()
