@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
 import time
 from typing import Any
 
@@ -129,16 +130,29 @@ def top(by: str, watch: bool, interval: float, limit: int, as_json: bool) -> Non
             else:
                 console.print(_table(rows, by))
             return
+        # Ctrl-C (or SIGTERM) ends --watch between two refreshes: the loop stops on an event
+        # rather than through the cancellation of whatever Redis call it is in.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+
+        async def pause() -> bool:
+            """Wait one interval; False once told to stop."""
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            return not stop.is_set()
+
         if as_json:  # one JSON line per refresh, for scripts
-            while True:
+            while not stop.is_set():
                 click.echo(json.dumps([row.as_dict() for row in await frame()]))
-                await asyncio.sleep(interval)
+                await pause()
+            return
         with Live(_table(await frame(), by), console=console, auto_refresh=False) as display:
-            while True:
-                await asyncio.sleep(interval)
+            while await pause():
                 display.update(_table(await frame(), by), refresh=True)
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --watch
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the loop runs
         run(op, changes=False)
 
 

@@ -647,3 +647,16 @@ def test_clients_show_prints_values_as_a_person_reads_them(cli: Cli) -> None:
     assert "enabled: yes\n" in text
     assert "('" not in text
     assert "None" not in text
+
+
+def test_help_lists_the_exit_codes_with_one_meaning_each() -> None:
+    text = CliRunner().invoke(main, ["--help"]).output
+    for code, meaning in [
+        (0, "done"),
+        (1, "failed"),
+        (2, "bad usage"),
+        (3, "not found"),
+        (4, "not confirmed"),
+        (5, "cannot start"),
+    ]:
+        assert f"{code} {meaning}" in " ".join(text.split())
