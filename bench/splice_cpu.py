@@ -32,8 +32,8 @@ from websockets.uri import parse_uri
 from bench.echo_upstream import ANSWER
 from bench.load import masked_frame
 from relay import usp
+from relay.live import Live
 from relay.metrics import RelayMetrics
-from relay.server import Live
 from relay.sessions import Stream
 from relay.splice import Splice
 from token_service.claims import AccessClaims

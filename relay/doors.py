@@ -22,34 +22,20 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from relay import frames, usp
+from relay import usp
 from relay.auth import Refusal
 from relay.endpoints import upstream_path
+from relay.live import Context, Live, Pending
 from relay.splice import PATH_WINDOW, RESULTS, SAMPLE_MASK, Splice, azure_closed, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
 from token_service.jose import loads_strict
-
-if TYPE_CHECKING:
-    from relay.server import Live, Pending, Relay
-
-
-async def close_both(live: Live, code: int, reason: str) -> None:
-    reason = frames.fit_reason(reason)  # a longer one would fail the close and leave the 1000
-    if live.splice is not None:
-        await live.splice.close(code, reason)
-        return
-    with contextlib.suppress(ConnectionClosed):
-        await live.connection.close(code, reason)
-    if live.upstream is not None:
-        with contextlib.suppress(ConnectionClosed):
-            await live.upstream.close(1000, "client gone")
 
 
 def resume(connection: ServerConnection) -> None:
@@ -59,7 +45,7 @@ def resume(connection: ServerConnection) -> None:
 
 
 async def _connect(
-    relay: Relay, service: str, path: str, query: str, extra: dict[str, str]
+    relay: Context, service: str, path: str, query: str, extra: dict[str, str]
 ) -> ClientConnection:
     started = time.perf_counter()
     try:
@@ -90,7 +76,7 @@ async def _stop(live: Live, tasks: Sequence[asyncio.Future[None]], upstream: Cli
     live.ended.set()
 
 
-async def _timed(relay: Relay, direction: str, send: Awaitable[None]) -> None:
+async def _timed(relay: Context, direction: str, send: Awaitable[None]) -> None:
     started = time.perf_counter()
     await send
     relay.metrics.forward.labels(direction).observe(time.perf_counter() - started)
@@ -103,7 +89,7 @@ def _path(message: str) -> bytes | bytearray:
 # --- Azure-compatible: frames verbatim ----------------------------------------------------------
 
 
-async def azure(relay: Relay, live: Live, pending: Pending) -> None:
+async def azure(relay: Context, live: Live, pending: Pending) -> None:
     request = live.connection.request
     assert request is not None
     extra = {k: v for k, v in request.headers.raw_items() if k.lower() in ("x-connectionid", "user-agent")}
@@ -169,7 +155,7 @@ async def azure(relay: Relay, live: Live, pending: Pending) -> None:
     await _pump(relay, live, app_to_azure(), azure_to_app(), upstream)
 
 
-async def _pump(relay: Relay, live: Live, outgoing: Any, incoming: Any, upstream: ClientConnection) -> None:
+async def _pump(relay: Context, live: Live, outgoing: Any, incoming: Any, upstream: ClientConnection) -> None:
     tasks = [asyncio.ensure_future(outgoing), asyncio.ensure_future(incoming)]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -239,7 +225,7 @@ class _PlainUpstream:
     BACKOFF_S = 0.25  # before the n-th fruitless retry: this, doubled n - 1 times
     MAX_RECONNECTS, RECONNECT_WINDOW_S = 10, 600.0  # Azure itself ends one about every 10 minutes
 
-    def __init__(self, relay: Relay, live: Live, language: str, sample_rate: int) -> None:
+    def __init__(self, relay: Context, live: Live, language: str, sample_rate: int) -> None:
         self.relay, self.live, self.language = relay, live, language
         self.sample_rate = sample_rate
         self.bytes_per_s = 2 * sample_rate
@@ -349,7 +335,7 @@ class _PlainUpstream:
             self.buffered -= len(self.chunks.popleft()[1])
 
 
-async def _deliver(relay: Relay, live: Live, event: str) -> bool:
+async def _deliver(relay: Context, live: Live, event: str) -> bool:
     """Send a result to the app; an app that has read nothing for a keepalive period while its
     socket is full is closed (1008), rather than the relay holding its audio and results."""
     try:
@@ -360,7 +346,7 @@ async def _deliver(relay: Relay, live: Live, event: str) -> bool:
     return True
 
 
-async def plain(relay: Relay, live: Live, pending: Pending) -> None:
+async def plain(relay: Context, live: Live, pending: Pending) -> None:
     params = dict((k.lower(), v) for k, v in pending.params)
     sample_rate = plain_sample_rate(pending.params)  # checked at the handshake
     live.stream.byte_rate = 2 * sample_rate

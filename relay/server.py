@@ -15,7 +15,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -26,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from relay import doors, frames, languages, usp
+from relay import doors
 from relay.auth import (
     Authenticator,
     Refusal,
@@ -35,10 +34,10 @@ from relay.auth import (
     plain_path,
     split_target,
 )
-from relay.endpoints import Endpoint, endpoint_for, message_rules, upstream_query
+from relay.endpoints import endpoint_for, message_rules, upstream_query
+from relay.live import Live, Pending
 from relay.metrics import RelayMetrics
-from relay.sessions import Admission, MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
-from relay.splice import TURN_STARTS
+from relay.sessions import MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
 from relay.upstream import (
     Credentials,
     EntraCredentials,
@@ -51,7 +50,7 @@ from token_service.claims import AccessClaims
 from token_service.clients import ClientPolicy, ClientRegistry
 from token_service.events import EventListener
 from token_service.idp import JwksCache
-from token_service.keyspace import Keyspace
+from token_service.keyspace import Keyspace, seconds_to_midnight
 from token_service.redisconn import REDIS_ERRORS, Redis, RedisHealth
 from token_service.revocation import SIGNING_KEY_REVOKED, Revocations, revocations_for
 from token_service.settings import Settings
@@ -67,113 +66,9 @@ HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
 KNOWN_CLOSE_CODES = frozenset(
     {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4000, 4429}
 )
-TELEMETRY_GRACE_S = 1.0  # a drained stream's wait for the app's telemetry after its last turn
 MAX_UNSETTLED = 100_000  # ended streams kept for Redis during an outage (a few hundred bytes each)
 # Plain HTTP pages served beside the WebSocket endpoints (the dev demo).
 Route = Callable[[ServerConnection, Request], Awaitable[Response]]
-
-
-@dataclass
-class Live:
-    """A stream in progress: its connection, its session state, and how to end it."""
-
-    connection: ServerConnection
-    stream: Stream
-    door: str  # "azure" or "plain"
-    kid: str  # of the key that signed its token
-    in_turn: bool = False
-    drain_after_turn: bool = False
-    upstream: Any = None
-    turn_audio_at: float | None = None  # when the current turn's first audio came, until a result
-    code: int | None = None  # the close code the relay chose, when it chose one
-    splice: Any = None  # relay.splice.Splice once the Azure door's data phase runs on it
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    closer: asyncio.Task[None] | None = None
-    drain_timer: asyncio.TimerHandle | None = None
-    rules: languages.Rules | None = None  # what the app's messages may ask for, when they need reading
-
-    def turn_ended(self) -> None:
-        """Azure ended the turn. A draining relay closes the stream once the app has said its last
-        word on it (the SDKs send `telemetry` after each turn; a close before it fails that send,
-        and the JavaScript SDK then reports an error instead of its result), or after a moment."""
-        self.in_turn = False
-        if self.drain_after_turn and self.drain_timer is None:
-            self.drain_timer = asyncio.get_running_loop().call_later(TELEMETRY_GRACE_S, self.drained)
-
-    def wav_header(self, header: bytes | bytearray) -> bool:
-        """The WAV header a turn's audio starts with: meter by its format, or end the stream
-        (1007, saying what to send) when the relay cannot. Both data paths of the Azure door."""
-        try:
-            self.stream.byte_rate = usp.wav_byte_rate(header)
-        except usp.ProtocolError as exc:
-            self.end(1007, 1007, str(exc))
-            return False
-        self.turn_audio_at = time.perf_counter()
-        return True
-
-    def app_text(self, path: bytes | bytearray, whole: Callable[[], bytes | bytearray | None]) -> bool:
-        """A text message from the app on the Azure door, by its Path and its whole payload
-        (None for a message in fragments), read only when needed: turns and continuations, and
-        the token's languages. False when the stream ends because of it."""
-        stream = self.stream
-        if path in TURN_STARTS:
-            self.in_turn = True
-            if path == b"speech.context":  # once a turn: read it whole for its continuation
-                payload = whole()
-                text = bytes(payload).decode("utf-8", "replace") if payload is not None else ""
-                stream.context(usp.continuation_s(text))
-        if self.rules is None:
-            return True
-        payload = whole()  # the message may ask for what the token does not allow: read it
-        reason = (
-            languages.message_refusal(self.rules, payload)
-            if payload is not None
-            else "a text message in fragments; what it asks for cannot be checked"
-        )
-        if reason is not None:
-            self.end(4000, 1008, reason)
-            return False
-        return True
-
-    def drained(self) -> None:
-        if self.drain_timer is not None:
-            self.drain_timer.cancel()
-        self.end(1001, 1001, "relay draining; reconnect")
-
-    def end(self, azure_code: int, plain_code: int, reason: str) -> None:
-        """Close both legs with the code this door's clients react to correctly."""
-        if self.stream.closing_reason is not None:
-            return
-        self.stream.closing_reason = reason
-        code = self.code = azure_code if self.door == "azure" else plain_code
-        if self.splice is not None:  # at once: not one more of the app's frames goes on to Azure
-            self.splice.close(code, frames.fit_reason(reason))
-        self.closer = asyncio.ensure_future(doors.close_both(self, code, reason))
-
-
-@dataclass(frozen=True)
-class Pending:
-    claims: AccessClaims
-    kid: str
-    stream_id: str
-    endpoint: Endpoint
-    path: str
-    params: list[tuple[str, str]]
-    query: str  # what the Azure door passes on (relay.endpoints.upstream_query)
-    sessions: Sessions
-    admission: Admission
-    rules: languages.Rules
-
-    def stream(self) -> Stream:
-        """The stream this admission opens, on the session's time line where its last one ended."""
-        return Stream(
-            self.claims,
-            self.stream_id,
-            self.admission.started_ms,
-            backend=self.sessions,
-            start_mark_s=self.admission.resume_mark_s,
-            replay_budget_s=self.admission.replay_budget_s,
-        )
 
 
 def respond(connection: ServerConnection, status: int, text: str, content_type: str) -> Response:
@@ -403,7 +298,7 @@ class Relay:
             admission = await self.local_sessions.admit(claims, policy, stream_id, may_start)
         if not admission.admitted:
             status, error, message = REFUSALS[admission.reason]
-            retry = admission.retry_after_s or (_seconds_to_midnight() if status == 429 else None)
+            retry = admission.retry_after_s or (seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
         rules = message_rules(endpoint, params, claims, policy)
         return Pending(claims, kid, stream_id, endpoint, path, params, query, sessions, admission, rules)
@@ -500,6 +395,7 @@ class Relay:
     async def _release(self, stream: Stream) -> None:
         """Free the stream's slots and count its last audio; what Redis could not take now (or
         what the per-process rules counted during an outage) is written by a later heartbeat."""
+        assert stream.backend is not None  # every stream comes from Pending.stream()
         try:
             await stream.backend.release(stream)
         except REDIS_ERRORS as exc:
@@ -666,8 +562,3 @@ def _covers(event: dict[str, Any], live: Live) -> bool:
     if "sub" in event and event["sub"] != claims.sub:
         return False
     return claims.iat <= int(event.get("at", 0))
-
-
-def _seconds_to_midnight() -> int:
-    now = time.time()
-    return int(86400 - now % 86400) + 1

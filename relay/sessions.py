@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from token_service.claims import AccessClaims
 from token_service.clients import ClientPolicy
@@ -42,7 +42,7 @@ class Stream:
     in_metrics_s: float = 0.0  # how much of total_audio_s the Prometheus counter has
     byte_rate: int = 32000
     closing_reason: str | None = field(default=None)
-    backend: Any = None  # the Sessions that admitted it, and so release it
+    backend: Sessions | None = None  # the Sessions that admitted it, and so release it
     released: bool = False  # ended: its leases go, whatever a heartbeat under way says
     # Redis counts a stream's audio by its running total per day (idempotent: a write that timed
     # out but ran, and its retry, count once); the day and the total when that day began for it.

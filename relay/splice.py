@@ -18,19 +18,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from relay import frames, usp
 from relay.frames import CLOSE, CONTINUATION, PING, TEXT, FrameError, Header
-
-if TYPE_CHECKING:
-    from relay.server import Live, Relay
+from relay.live import Context, Live
 
 log = logging.getLogger("speechgate.relay.splice")
 WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024
 CLOSE_TIMEOUT_S = 5.0
 PATH_WINDOW = 512  # the `Path:` header of a text message is within its first bytes
-TURN_STARTS = (b"speech.context", b"synthesis.context")
 RESULTS = (b"speech.hypothesis", b"speech.phrase")
 _EMPTY = b""
 SAMPLE_MASK = 15  # the forward-time histogram observes 1 chunk in 16: timing each costs more than it tells
@@ -179,7 +176,7 @@ class _Leg(asyncio.Protocol):
 class Splice:
     """An admitted Azure-door stream after the handshakes; `done` resolves when both legs closed."""
 
-    def __init__(self, relay: Relay, live: Live, app: Any, azure: Any) -> None:
+    def __init__(self, relay: Context, live: Live, app: Any, azure: Any) -> None:
         self.relay, self.live = relay, live
         self.max_size = relay.settings.max_frame_bytes
         self.app = _Leg(self, app, from_app=True)

@@ -187,8 +187,8 @@ def _dev_serve(
     relay_sock: socket.socket,
     offline: bool,
 ) -> None:
-    from relay.offline import OfflineSpeech
     from speechgate.demo import demo_routes
+    from speechgate.offline import OfflineSpeech
 
     token_url = settings.issuer
     redis = open_redis(settings)

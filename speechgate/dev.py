@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from relay import offline_synthesis
+from speechgate import offline_synthesis
 from token_service.clients import (
     ClientPolicy,
     check_secret,

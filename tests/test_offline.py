@@ -23,9 +23,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay import offline_synthesis as synthesis
 from relay import usp
-from relay.offline import DecoderPool, Event, OfflineTurn
+from speechgate import offline_synthesis as synthesis
+from speechgate.offline import DecoderPool, Event, OfflineTurn
 from speechgate.wav import WavError, read_pcm16k
 from tests.js_sdk import run_js
 from tests.processes import Process, free_port

@@ -24,7 +24,7 @@ from tests.test_cli_admin import Cli, audit_lines
 from tests.test_cli_dev import SPEECHGATE
 from token_service.clients import save_client
 from token_service.filestore import FileStore
-from token_service.keyspace import Keyspace, day
+from token_service.keyspace import Keyspace, day, seconds_to_midnight
 from token_service.settings import Settings
 
 LISTEN = "/v1/listen?language=en-US"
@@ -185,3 +185,11 @@ def test_top_prints_subjects_escaped(live: Any, sync_redis: redis.Redis) -> None
     table = cli("quotas", "top", "--by", "subject").stdout
     assert "\x1b" not in table
     assert "eve\\x1b[2J" in table  # the cell is cut to fit; what shows is the escape
+
+
+@pytest.mark.parametrize(
+    ("now", "left"),
+    [(86400 * 5, 86400), (86400 * 5 + 86399.5, 1), (86400 * 5 + 86399, 1), (86400 * 5 + 0.2, 86400)],
+)
+def test_seconds_to_midnight_never_says_the_day_is_over_before_it_is(now: float, left: int) -> None:
+    assert seconds_to_midnight(now) == left

@@ -6,6 +6,7 @@ Redis holds only short-lived state. Keys that one operation touches together sha
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
@@ -14,6 +15,13 @@ from urllib.parse import quote, unquote
 def day(now: float | None = None) -> str:
     """The UTC day daily quotas count in, as the audio keys name it: YYYYMMDD."""
     return time.strftime("%Y%m%d", time.gmtime(now))
+
+
+def seconds_to_midnight(now: float | None = None) -> int:
+    """Whole seconds until the next UTC day begins (when daily quotas start again): at least 1,
+    and never short of it (a Retry-After at 0 would send the client back while still refused)."""
+    now = time.time() if now is None else now
+    return math.ceil(86400 - now % 86400)
 
 
 def part(value: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from token_service.clients import ClientPolicy
-from token_service.keyspace import Keyspace, day, unpart
+from token_service.keyspace import Keyspace, day, seconds_to_midnight, unpart
 from token_service.ratelimit import checks_for
 from token_service.redisconn import Redis
 
@@ -75,10 +75,6 @@ def _minute_weights(now: float) -> tuple[int, int, float]:
     """The stats buckets of the last 60 s: this minute in full, the one before by what is left of it."""
     minute = int(now // 60)
     return minute, minute - 1, 1 - (now % 60) / 60
-
-
-def seconds_to_midnight(now: float) -> int:
-    return int(86400 - now % 86400)
 
 
 def _queue_stats(pipe: Any, keys: Keyspace, client_id: str, now: float) -> None:

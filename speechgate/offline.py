@@ -8,7 +8,7 @@ for judging recognition.
 `OfflineTurn` is the protocol logic without I/O: audio in, the USP messages Azure would send out
 (turn.start, speech.startDetected, speech.hypothesis, speech.phrase, speech.endDetected, turn.end).
 `OfflineSpeech` is the WebSocket edge; decoding runs in a worker thread, one turn at a time. It
-also answers synthesis, through espeak-ng when the machine has it (relay/offline_synthesis.py).
+also answers synthesis, through espeak-ng when the machine has it (speechgate/offline_synthesis.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from relay import offline_synthesis as synthesis
 from relay import usp
+from speechgate import offline_synthesis as synthesis
 
 SYNTHESIS_PATHS = ("/cognitiveservices/websocket/v1", "/tts/cognitiveservices/websocket/v1")
 TICKS_PER_S = 10_000_000
