@@ -290,6 +290,10 @@ def token_service_command(tmp_path_factory: pytest.TempPathFactory, redis_url: s
     subprocess.run([SPEECHGATE, "keys", "init"], env=env, check=True, capture_output=True, timeout=60)
     with Process([SPEECHGATE, "token-service", "--port", str(port)], "Uvicorn running on", env=env):
         yield port
+    client = redis.Redis.from_url(redis_url)  # leave nothing behind
+    for key in client.scan_iter(match=f"test:{port}:*", count=1000):
+        client.delete(key)
+    client.close()
 
 
 def _exchange(port: int, data: bytes, then_read: bool = True) -> tuple[bytes, float]:
