@@ -46,6 +46,7 @@ SAMPLES = {  # a value for each parameter, and how the document writes it
     "ident": ("WHOX", "<who>"),
     "amount": (111111, "<amount>"),
     "window_s": (222222, "<window>"),
+    "rate": ("sg:rl:{CLIENTX}:KINDX:111111/222222:WHOX", "<rate>"),
 }
 
 
@@ -60,6 +61,8 @@ def test_the_redis_layout_lists_exactly_the_keys_keyspace_builds() -> None:
         else:
             method = getattr(keyspace, name)
             key = method(**{p: SAMPLES[p][0] for p in inspect.signature(method).parameters})
+        if "*" in key:  # a SCAN pattern over keys listed already
+            continue
         for value, written in SAMPLES.values():
             key = key.replace(str(value), written)
         built.add(key)

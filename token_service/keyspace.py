@@ -24,6 +24,11 @@ def seconds_to_midnight(now: float | None = None) -> int:
     return math.ceil(86400 - now % 86400)
 
 
+def glob_literal(text: str) -> str:
+    """`text` as a literal in a SCAN MATCH pattern (`{` and `}` are literal there already)."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
 def part(value: str) -> str:
     """A value from a request or a token (a subject, an address, a jti) as a key part: encoded
     so that no two values share a key, whatever they hold: no `/` (the previous window's
@@ -40,8 +45,17 @@ class Keyspace:
     prefix: str = "sg:"
 
     def rate(self, client_id: str, policy: str, ident: str, amount: int, window_s: int) -> str:
-        """The current-window counter of one rate limit; the previous window is this + '/-1'."""
+        """The current-window counter of one rate limit (its previous window: `previous_window`)."""
         return f"{self.prefix}rl:{{{client_id}}}:{policy}:{amount}/{window_s}:{part(ident)}"
+
+    @staticmethod
+    def previous_window(rate: str) -> str:
+        """The previous window's counter of the rate limit whose current one is `rate`."""
+        return rate + "/-1"
+
+    def rates_pattern(self, client_id: str) -> str:
+        """A SCAN MATCH pattern for every rate-limit counter of a client."""
+        return glob_literal(f"{self.prefix}rl:{{{client_id}}}:") + "*"
 
     def revoked_jti(self, jti: str) -> str:
         """Present while the token with this `jti` is revoked (TTL: until it can no longer be used)."""

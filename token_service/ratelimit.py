@@ -149,7 +149,7 @@ class RedisLimiter:
         args: list[int | str] = []
         for check in checks:
             current = self.keyspace.rate(client_id, check.policy, check.ident, check.amount, check.window_s)
-            keys += (current + "/-1", current)
+            keys += (self.keyspace.previous_window(current), current)
             args += (check.amount, check.window_s)
         keys.append(self.keyspace.stats(client_id, int(time.time() // 60)))
         args.append(subject)

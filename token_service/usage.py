@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from token_service.clients import ClientPolicy
-from token_service.keyspace import Keyspace, day, seconds_to_midnight, unpart
+from token_service.keyspace import Keyspace, day, glob_literal, seconds_to_midnight, unpart
 from token_service.ratelimit import checks_for
 from token_service.redisconn import Redis
 
@@ -132,9 +132,9 @@ async def subject_usage(
         audio_prefix = keys.audio_subject(c, today, "")
         lease_prefix = keys.lease_subject(c, "")
         subjects: set[str] = set()
-        async for key in redis.scan_iter(match=_glob(audio_prefix) + "*", count=1000):
+        async for key in redis.scan_iter(match=glob_literal(audio_prefix) + "*", count=1000):
             subjects.add(unpart(_text(key).removeprefix(audio_prefix)))
-        async for key in redis.scan_iter(match=_glob(lease_prefix) + "*", count=1000):
+        async for key in redis.scan_iter(match=glob_literal(lease_prefix) + "*", count=1000):
             subjects.add(unpart(_text(key).removeprefix(lease_prefix)))
         async with redis.pipeline(transaction=False) as pipe:
             _queue_stats(pipe, keys, c, now)
@@ -163,16 +163,11 @@ async def subject_usage(
     return found
 
 
-def _glob(text: str) -> str:
-    """A literal for SCAN MATCH: escape what glob patterns treat specially ({ } are literal there)."""
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
-
-
 async def _window(redis: Redis, key: str, limit: str, ident: str, amount: int, window_s: int) -> Window:
     """The same sliding-window count the limiter's script computes, read without counting."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.get(key + "/-1")
-        pipe.pttl(key + "/-1")
+        pipe.get(Keyspace.previous_window(key))
+        pipe.pttl(Keyspace.previous_window(key))
         pipe.get(key)
         pipe.pttl(key)
         prev, prev_ttl, cur, cur_ttl = await pipe.execute()
@@ -227,9 +222,9 @@ async def reset(redis: Redis, keys: Keyspace, policy: ClientPolicy, subject: str
     c, today = policy.client_id, day(now)
     if subject is None:
         patterns = [
-            _glob(keys.audio_client(c, today)),
-            _glob(keys.audio_subject(c, today, "")) + "*",
-            _glob(f"{keys.prefix}rl:{{{c}}}:") + "*",
+            glob_literal(keys.audio_client(c, today)),
+            glob_literal(keys.audio_subject(c, today, "")) + "*",
+            keys.rates_pattern(c),
         ]
         found: list[Any] = []
         for pattern in patterns:
@@ -239,7 +234,7 @@ async def reset(redis: Redis, keys: Keyspace, policy: ClientPolicy, subject: str
             keys.rate(c, check.policy, check.ident, check.amount, check.window_s)
             for check in checks_for(c, subject, "", "", policy.rate_limits.subject, "")
         ]
-        found = [keys.audio_subject(c, today, subject), *windows, *(w + "/-1" for w in windows)]
+        found = [keys.audio_subject(c, today, subject), *windows, *map(Keyspace.previous_window, windows)]
     deleted = 0
     for key in found:  # one by one: on Redis Cluster a multi-key DEL must stay in one slot
         deleted += int(await redis.delete(key))
