@@ -186,7 +186,8 @@ def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        # SIGKILL: a SIGTERM makes redis-server save first, and refuse to exit when it cannot.
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class PrivateRedis:
@@ -233,8 +234,12 @@ class PrivateRedis:
         return None
 
     def stop(self) -> None:
+        """Stop it, saving its data; if it cannot save (and so will not exit), stop it anyway."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(10)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.process = None

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -312,3 +313,18 @@ def test_dev_killed_outright_takes_its_private_redis_with_it(tmp_path: Path) -> 
         return False
 
     assert wait_until(gone, timeout=10)
+
+
+def test_dev_stops_its_private_redis_even_when_it_cannot_save(tmp_path: Path) -> None:
+    """redis-server answers SIGTERM by saving, and will not exit when it cannot (its directory
+    gone): dev stops it anyway."""
+    with dev(tmp_path) as proc:
+        found = re.search(r"Redis of its own at (redis://\S+)", "".join(proc.output))
+        assert found is not None
+        redis.Redis.from_url(found.group(1)).set("k", "v")  # something to save
+        shutil.rmtree(tmp_path / ".speechgate" / "redis")
+        assert proc.proc is not None
+        proc.proc.terminate()
+        assert proc.proc.wait(15) == 0  # dev itself ended cleanly, its cleanup included
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(found.group(1), socket_connect_timeout=1).ping()
