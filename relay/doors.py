@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from relay import usp
 from relay.auth import Refusal
-from relay.endpoints import upstream_path
+from relay.endpoints import CONVERSATION_PATH, upstream_path
 from relay.live import Context, Live, Pending
 from relay.splice import PATH_WINDOW, RESULTS, SAMPLE_MASK, Splice, azure_closed, can_take_over
 from relay.upstream import UpstreamError, open_upstream, upstream_url
@@ -250,7 +250,7 @@ class _PlainUpstream:
         upstream = await _connect(
             self.relay,
             "stt",
-            "/speech/recognition/conversation/cognitiveservices/v1",
+            CONVERSATION_PATH,
             query,
             {"X-ConnectionId": usp.new_request_id()},
         )

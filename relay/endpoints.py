@@ -29,6 +29,8 @@ from token_service.claims import AccessClaims
 from token_service.clients import ClientPolicy
 
 PLAIN_PATH = "/v1/listen"
+# What the relay's own clients open: the plain door's upstream, the stream command's --sdk, dev's banner.
+CONVERSATION_PATH = "/speech/recognition/conversation/cognitiveservices/v1"
 
 RECOGNITION_PARAMS = (
     "language",
@@ -104,6 +106,7 @@ _EXACT = {
     "/tts/cognitiveservices/websocket/v1": SYNTHESIS,
     PLAIN_PATH: PLAIN,
 }
+SYNTHESIS_PATHS = frozenset(path for path, endpoint in _EXACT.items() if endpoint is SYNTHESIS)
 UNSUPPORTED = {
     "/speech/recognition/multiaudio": "meeting transcription",
     "/api/v3": "Direct Line Speech",

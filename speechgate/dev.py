@@ -17,6 +17,7 @@ from pathlib import Path
 
 import redis
 
+from relay.endpoints import CONVERSATION_PATH
 from speechgate import offline_synthesis
 from token_service.clients import (
     ClientPolicy,
@@ -32,7 +33,6 @@ from token_service.settings import Settings
 from token_service.store import SecretNotFound, SecretStore
 
 DEV_CLIENT_ID = "dev-client"
-SDK_PATH = "/speech/recognition/conversation/cognitiveservices/v1"
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def banner(
 speechgate dev — development mode, not for production
   token service   {token_url}
   relay           {relay_url}
-                  Speech SDK endpoint: {relay_url}{SDK_PATH}
+                  Speech SDK endpoint: {relay_url}{CONVERSATION_PATH}
   upstream        {upstream}
   rate limits     {limits}
   dev client      client_id={client.client_id}

@@ -29,9 +29,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from relay import usp
+from relay.auth import Refusal
+from relay.endpoints import endpoint_for
 from speechgate import offline_synthesis as synthesis
 
-SYNTHESIS_PATHS = ("/cognitiveservices/websocket/v1", "/tts/cognitiveservices/websocket/v1")
 TICKS_PER_S = 10_000_000
 HYPOTHESIS_EVERY_S = 0.3  # a partial result for about every this much speech
 INITIAL_SILENCE_S = 5.0  # interactive mode gives up on a turn without speech, as Azure does
@@ -244,6 +245,14 @@ def _continuation_s(context: dict[str, Any]) -> float:
         return 0.0
 
 
+def _kind(path: str) -> str:
+    """The kind of endpoint a path is, as the relay routes it ("" when none)."""
+    try:
+        return endpoint_for(path).kind
+    except Refusal:
+        return ""
+
+
 class OfflineSpeech:
     """The USP service: what the relay connects to in place of Azure Speech recognition."""
 
@@ -253,15 +262,16 @@ class OfflineSpeech:
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         """Refuse, before the upgrade, what this recognizer cannot do, saying so."""
         url = urlsplit(request.path)
-        if url.path in SYNTHESIS_PATHS:
+        kind = _kind(url.path)
+        if kind == "synthesis":
             if synthesis.ESPEAK is None:
                 return connection.respond(
                     HTTPStatus.NOT_IMPLEMENTED,
                     "apt install espeak-ng for offline synthesis",  # short: the app sees it in a close reason
                 )
             return None
-        if not url.path.startswith("/speech/recognition/"):
-            return connection.respond(HTTPStatus.NOT_FOUND, "offline service: no such path")
+        if kind not in ("recognition", "universal"):
+            return connection.respond(HTTPStatus.NOT_FOUND, f"offline service: no {kind or 'such path'} here")
         language = dict(parse_qsl(url.query)).get("language", "en-US")
         if not language.lower().startswith("en"):
             return connection.respond(HTTPStatus.BAD_REQUEST, "offline recognizer: English (en-US) only")
@@ -270,10 +280,13 @@ class OfflineSpeech:
     async def handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         url = urlsplit(ws.request.path)
-        if url.path in SYNTHESIS_PATHS:
+        if _kind(url.path) == "synthesis":
             await self._synthesize(ws)
             return
-        mode = url.path.removeprefix("/speech/recognition/").split("/", 1)[0]
+        # v1 names its mode in the path; universal v2 (no mode in it) recognizes as conversation does
+        mode = url.path.removeprefix("/stt").removeprefix("/speech/recognition/").split("/", 1)[0]
+        if _kind(url.path) == "universal":
+            mode = "conversation"
         detailed = dict(parse_qsl(url.query)).get("format", "simple").lower() == "detailed"
         turn: OfflineTurn | None = None
         request_id = ""

@@ -22,11 +22,12 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from relay.endpoints import CONVERSATION_PATH
+
 CHUNK_BYTES = 3200  # 100 ms of 16 kHz 16-bit mono
 BYTES_PER_S = 32000
 FAST_BURST_S = 5.0  # --fast: this much at once, then 3x real time, inside the relay's flood limit
 FAST_SPEEDUP = 3.0
-SDK_PATH = "/speech/recognition/conversation/cognitiveservices/v1"
 
 
 class StreamError(Exception):
@@ -174,7 +175,9 @@ def stream_sdk(
         raise StreamError(
             "--sdk needs the Speech SDK: `uv pip install azure-cognitiveservices-speech`"
         ) from None
-    config = speechsdk.SpeechConfig(endpoint=f"{relay_url.rstrip('/')}{SDK_PATH}?language={quote(language)}")
+    config = speechsdk.SpeechConfig(
+        endpoint=f"{relay_url.rstrip('/')}{CONVERSATION_PATH}?language={quote(language)}"
+    )
     config.authorization_token = token
     audio_format = speechsdk.audio.AudioStreamFormat(samples_per_second=16000, bits_per_sample=16, channels=1)
     push = speechsdk.audio.PushAudioInputStream(stream_format=audio_format)

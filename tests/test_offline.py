@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import subprocess
+import threading
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -454,3 +455,39 @@ def test_audio_that_ends_mid_utterance_on_a_frame_boundary_still_ends_the_turn(
     paths = [path for path, _ in events]
     assert paths[-2:] == ["speech.endDetected", "turn.end"]
     assert "speech.phrase" in paths
+
+
+def test_offline_recognition_answers_universal_v2_as_the_sdks_open_it(offline_dev: Dev) -> None:
+    """ConversationTranscriber with a host and an explicit `/speech/universal/v2` (what the native
+    SDKs 1.5x open) are recognized offline like v1's conversation mode; translation, which the
+    offline stand-in cannot do, is refused saying so."""
+    config = speechsdk.SpeechConfig(host=offline_dev.relay_url)
+    config.authorization_token = token(offline_dev)
+    config.speech_recognition_language = "en-US"
+    audio = speechsdk.audio.AudioConfig(filename=str(SPEECH_WAV))
+    transcriber = speechsdk.transcription.ConversationTranscriber(speech_config=config, audio_config=audio)
+    texts: list[str] = []
+    stopped = threading.Event()
+    transcriber.transcribed.connect(lambda e: texts.append(e.result.text))
+    transcriber.session_stopped.connect(lambda e: stopped.set())
+    transcriber.canceled.connect(lambda e: stopped.set())
+    transcriber.start_transcribing_async().get()
+    assert stopped.wait(60)
+    transcriber.stop_transcribing_async().get()
+    assert [t for t in texts if t]  # words, whatever PocketSphinx makes of them
+    once = speechsdk.SpeechRecognizer(
+        speech_config=sdk_config(offline_dev, "/speech/universal/v2"),
+        audio_config=speechsdk.audio.AudioConfig(filename=str(SPEECH_WAV)),
+    ).recognize_once()
+    assert once.reason == speechsdk.ResultReason.RecognizedSpeech, once.cancellation_details
+    translation = speechsdk.translation.SpeechTranslationConfig(
+        endpoint=f"{offline_dev.relay_url}/speech/translation/cognitiveservices/v1"
+    )
+    translation.authorization_token = token(offline_dev)
+    translation.speech_recognition_language = "en-US"
+    translation.add_target_language("de")
+    refused = speechsdk.translation.TranslationRecognizer(
+        translation_config=translation, audio_config=speechsdk.audio.AudioConfig(filename=str(SPEECH_WAV))
+    ).recognize_once()
+    assert refused.reason == speechsdk.ResultReason.Canceled
+    assert "no translation here" in refused.cancellation_details.error_details, refused.cancellation_details
