@@ -11,7 +11,6 @@ import json
 import os
 import struct
 import subprocess
-import threading
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from speechgate.offline import DecoderPool, Event, OfflineTurn
 from speechgate.wav import WavError, read_pcm16k
 from tests.js_sdk import run_js
 from tests.processes import Process, free_port
+from tests.python_sdk import continuous
 from tests.test_cli_dev import SPEECHGATE, credentials
 
 SPEECH_WAV = Path(__file__).parent / "data" / "speech.wav"  # espeak-ng: two sentences, 1 s apart
@@ -466,14 +466,7 @@ def test_offline_recognition_answers_universal_v2_as_the_sdks_open_it(offline_de
     config.speech_recognition_language = "en-US"
     audio = speechsdk.audio.AudioConfig(filename=str(SPEECH_WAV))
     transcriber = speechsdk.transcription.ConversationTranscriber(speech_config=config, audio_config=audio)
-    texts: list[str] = []
-    stopped = threading.Event()
-    transcriber.transcribed.connect(lambda e: texts.append(e.result.text))
-    transcriber.session_stopped.connect(lambda e: stopped.set())
-    transcriber.canceled.connect(lambda e: stopped.set())
-    transcriber.start_transcribing_async().get()
-    assert stopped.wait(60)
-    transcriber.stop_transcribing_async().get()
+    texts = [r.text for r in continuous(transcriber, "start_transcribing_async", "stop_transcribing_async")]
     assert [t for t in texts if t]  # words, whatever PocketSphinx makes of them
     once = speechsdk.SpeechRecognizer(
         speech_config=sdk_config(offline_dev, "/speech/universal/v2"),

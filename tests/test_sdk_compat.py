@@ -5,7 +5,6 @@ path the SDK opened as the fake recorded it."""
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 
 from relay.voices import VoiceList
 from tests.js_sdk import run_js
+from tests.python_sdk import continuous
 from tests.relays import Stack
 from tests.tls_front import TlsFront
 
@@ -53,29 +53,6 @@ def test_python_translation_recognizer_with_a_host(stack: Stack) -> None:
     assert result.translations["de"] == f"[de] {TEXT}"
     assert stack.fake.handshakes[0]["path"] == "/stt/speech/universal/v2"
     assert stack.fake.contexts[0]["translation"]["targetLanguages"] == ["de"]
-
-
-def continuous(recognizer: Any, start: str, stop: str) -> list[Any]:
-    """Runs a recognizer or transcriber to the end of its audio; its final results. The end of
-    the file cancels with EndOfStream; any other cancellation fails the test with its details."""
-    results: list[Any] = []
-    errors: list[str] = []
-    stopped = threading.Event()
-    final = getattr(recognizer, "transcribed", None) or recognizer.recognized
-    final.connect(lambda e: results.append(e.result))
-    recognizer.session_stopped.connect(lambda e: stopped.set())
-
-    def canceled(e: Any) -> None:
-        if e.cancellation_details.reason != speechsdk.CancellationReason.EndOfStream:
-            errors.append(e.cancellation_details.error_details)
-        stopped.set()
-
-    recognizer.canceled.connect(canceled)
-    getattr(recognizer, start)().get()
-    assert stopped.wait(30)
-    getattr(recognizer, stop)().get()
-    assert not errors
-    return results
 
 
 def test_python_continuous_language_id_on_universal_v2(stack: Stack) -> None:
