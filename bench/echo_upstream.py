@@ -14,7 +14,7 @@ import sys
 
 from websockets.utils import accept_key
 
-from relay import frames
+from speechgate.relay import frames
 
 ANSWER = frames.encode(
     frames.TEXT,

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from urllib.parse import urlsplit
 
-from relay import usp
+from speechgate.relay import usp
 
 INTERVAL_S = 0.1
 MASK = b"\x37\xfa\x21\x3d"

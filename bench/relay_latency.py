@@ -35,9 +35,9 @@ from pathlib import Path
 import httpx
 
 from bench.token_throughput import server
+from speechgate.core.filestore import FileStore
 from tests.conftest import add_client, prepared_store
 from tests.processes import Process, RedisServer, free_port
-from token_service.filestore import FileStore
 
 PATH = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -188,7 +188,9 @@ def main() -> None:
         with (
             redis_server,
             echo,
-            server("token_service.app:app_from_env", token_port, env, str(LOAD_CORE), True, "bounded"),
+            server(
+                "speechgate.token_service.app:app_from_env", token_port, env, str(LOAD_CORE), True, "bounded"
+            ),
             relay,
             forwarder,
             messages,

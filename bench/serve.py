@@ -1,5 +1,5 @@
 """uvicorn as the benchmarks run it: one worker, uvloop, no access log, with the token service's
-bounded HTTP protocol (token_service/http.py, what production runs) or uvicorn's plain httptools.
+bounded HTTP protocol (speechgate/token_service/http.py, what production runs) or uvicorn's plain httptools.
 
     python -m bench.serve TARGET PORT [--factory] [--http bounded|httptools]
 """
@@ -10,7 +10,7 @@ import argparse
 
 import uvicorn
 
-from token_service.http import BoundedHttpToolsProtocol
+from speechgate.token_service.http import BoundedHttpToolsProtocol
 
 
 def main() -> None:

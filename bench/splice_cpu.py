@@ -2,7 +2,7 @@
 
 One audio frame up (3,200 bytes of PCM in a USP binary message, masked as an app sends it) and
 one hypothesis down, as in bench/relay_latency.py, fed straight into the splice's two legs
-(relay/splice.py) with transports that only count what is written. The baseline, in the same
+(speechgate/relay/splice.py) with transports that only count what is written. The baseline, in the same
 run: the same two frames through `websockets`' sans-I/O protocols as the relay's message path
 frames them (parsed and unmasked on one side, re-framed and masked on the other).
 
@@ -31,13 +31,13 @@ from websockets.uri import parse_uri
 
 from bench.echo_upstream import ANSWER
 from bench.load import masked_frame
-from relay import usp
-from relay.live import Live
-from relay.metrics import RelayMetrics
-from relay.sessions import Stream
-from relay.splice import Splice
-from token_service.claims import AccessClaims
-from token_service.settings import Settings
+from speechgate.core.claims import AccessClaims
+from speechgate.core.settings import Settings
+from speechgate.relay import usp
+from speechgate.relay.live import Live
+from speechgate.relay.metrics import RelayMetrics
+from speechgate.relay.sessions import Stream
+from speechgate.relay.splice import Splice
 
 AUDIO = usp.encode_binary("audio", "bench", b"\x01\x00" * 1600, extra={"X-StreamId": "1"})
 
@@ -130,7 +130,7 @@ def main() -> None:
         theirs.append(websockets_pairs(args.pairs))
     a, b = statistics.median(ours) * 1e6, statistics.median(theirs) * 1e6
     print(f"CPU per frame pair (median of {args.runs} runs of {args.pairs:,} pairs):")
-    print(f"  splice (relay/splice.py)          {a:6.2f} µs")
+    print(f"  splice (speechgate/relay/splice.py)          {a:6.2f} µs")
     print(f"  websockets sans-I/O (the baseline) {b:6.2f} µs")
     print(f"  ratio splice / websockets          {a / b:6.3f}")
 

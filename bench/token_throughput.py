@@ -2,7 +2,7 @@
 
 All servers run under the same uvicorn settings (one worker, uvloop, no access log) pinned to one
 core; wrk loads them from the other core. The token endpoint runs twice: on the bounded HTTP
-protocol production uses (token_service/http.py) and on uvicorn's plain httptools ("plain"), so
+protocol production uses (speechgate/token_service/http.py) and on uvicorn's plain httptools ("plain"), so
 the bounds' cost is measured in the same run; the trivial endpoint runs on plain httptools. The
 token endpoint does the full work: form parsing, client authentication (HMAC), three rate limits
 in Redis, an ES256 signature.
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import httpx
 
+from speechgate.core.filestore import FileStore
 from tests.conftest import add_client, prepared_store
 from tests.processes import Process, RedisServer, free_port
-from token_service.filestore import FileStore
 
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -113,8 +113,8 @@ def main() -> None:
         trivial_url = f"http://127.0.0.1:{trivial_port}/"
         with (
             redis_server,
-            server("token_service.app:app_from_env", token_port, env, "0", True, "bounded"),
-            server("token_service.app:app_from_env", plain_port, env, "0", True, "httptools"),
+            server("speechgate.token_service.app:app_from_env", token_port, env, "0", True, "bounded"),
+            server("speechgate.token_service.app:app_from_env", plain_port, env, "0", True, "httptools"),
             server("bench.trivial_app:app", trivial_port, env, "0", False, "httptools"),
         ):
             check = httpx.post(

@@ -13,16 +13,16 @@ import httpx
 import pytest
 import redis
 
+from speechgate.core.clients import ClientPolicy, ensure_hash_key, hash_secret, new_client_secret, save_client
+from speechgate.core.keys import ensure_signing_key
+from speechgate.core.redisconn import connect
+from speechgate.core.settings import Settings
+from speechgate.core.store import MemoryStore, SecretStore
+from speechgate.token_service.app import create_app, server_options
 from tests.js_sdk import node, sdk_versions  # noqa: F401 - fixtures for every test module
 from tests.relays import stack, stack_factory  # noqa: F401
 from tests.servers import ServerThread
 from tests.vault import vault  # noqa: F401
-from token_service.app import create_app, server_options
-from token_service.clients import ClientPolicy, ensure_hash_key, hash_secret, new_client_secret, save_client
-from token_service.keys import ensure_signing_key
-from token_service.redisconn import connect
-from token_service.settings import Settings
-from token_service.store import MemoryStore, SecretStore
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -27,7 +27,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from relay import usp
+from speechgate.relay import usp
 
 KEY = "0123456789abcdef0123456789abcdef"
 # The fields of Azure's voices list that the SDKs read (`VoiceInfo`), for three voices.

@@ -144,7 +144,7 @@ def token_service_process(port: int, env: dict[str, str]) -> Process:
         "-m",
         "uvicorn",
         "--factory",
-        "token_service.app:app_from_env",
+        "speechgate.token_service.app:app_from_env",
         "--host",
         "127.0.0.1",
         "--port",

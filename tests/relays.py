@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import azure.cognitiveservices.speech as speechsdk
 import pytest
 
-from relay.server import Relay
+from speechgate.core.claims import AccessClaims, new_jti, sign
+from speechgate.core.keys import load_keyring
+from speechgate.core.redisconn import connect
+from speechgate.relay.server import Relay
 from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
-from token_service.claims import AccessClaims, new_jti, sign
-from token_service.keys import load_keyring
-from token_service.redisconn import connect
 
 if TYPE_CHECKING:
     from tests.conftest import TokenService

@@ -10,9 +10,8 @@ from dataclasses import replace
 import jwt
 import pytest
 
-from tests.idp import b64, unsigned_token
-from token_service.claims import AccessClaims, InvalidToken, sign, verify
-from token_service.keys import (
+from speechgate.core.claims import AccessClaims, InvalidToken, sign, verify
+from speechgate.core.keys import (
     SIGNING_KEY_SECRET,
     KeyRing,
     Rotation,
@@ -21,7 +20,8 @@ from token_service.keys import (
     load_keyring,
     rotate_signing_key,
 )
-from token_service.store import MemoryStore, SecretVersion
+from speechgate.core.store import MemoryStore, SecretVersion
+from tests.idp import b64, unsigned_token
 
 ISSUER, AUDIENCE = "https://tokens.example", "speechgate-relay"
 

@@ -23,16 +23,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from speechgate.admin import Deps
 from speechgate.cli import main
+from speechgate.cli.common import Deps
+from speechgate.core.filestore import FileStore
+from speechgate.core.keyspace import Keyspace
+from speechgate.core.settings import Settings
+from speechgate.core.store import StoreError
 from tests.conftest import TokenService
 from tests.processes import RedisServer, wait_until
 from tests.servers import ServerThread
 from tests.vault import Vault
-from token_service.filestore import FileStore
-from token_service.keyspace import Keyspace
-from token_service.settings import Settings
-from token_service.store import StoreError
 
 SPEECH_KEY_1 = "a" * 32
 SPEECH_KEY_2 = "b" * 32
@@ -146,7 +146,7 @@ def test_an_interrupted_signing_rotation_is_finished_not_repeated(cli: Cli) -> N
     cli("keys", "rotate-signing")
 
     async def half_rotation() -> None:  # step 1 done, step 2 (retagging) never ran
-        from token_service.keys import add_signing_key
+        from speechgate.core.keys import add_signing_key
 
         store = cli.deps.open_store(cli.settings)
         await add_signing_key(store)
@@ -279,7 +279,7 @@ def test_an_interrupted_speech_rotation_is_announced_not_regenerated(
     cli("keys", "rotate-speech", "--from-stdin", "--yes", input=SPEECH_KEY_1 + "\n")
 
     async def stored_but_not_announced() -> None:
-        from token_service.speechkeys import SPEECH_KEY_SECRET
+        from speechgate.core.speechkeys import SPEECH_KEY_SECRET
 
         store = cli.deps.open_store(cli.settings)
         await store.set(SPEECH_KEY_SECRET, SPEECH_KEY_2, tags={"slot": "key2", "announced": "false"})
@@ -460,7 +460,7 @@ def test_a_damaged_signing_key_is_named_and_a_rotation_replaces_it(cli: Cli) -> 
     cli("keys", "rotate-signing")
 
     async def damage() -> None:
-        from token_service.keys import SIGNING_KEY_SECRET
+        from speechgate.core.keys import SIGNING_KEY_SECRET
 
         store = cli.deps.open_store(cli.settings)
         await store.set(SIGNING_KEY_SECRET, "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
@@ -469,7 +469,7 @@ def test_a_damaged_signing_key_is_named_and_a_rotation_replaces_it(cli: Cli) -> 
     asyncio.run(damage())
 
     async def keyring() -> str:
-        from token_service.keys import load_keyring
+        from speechgate.core.keys import load_keyring
 
         store = cli.deps.open_store(cli.settings)
         try:

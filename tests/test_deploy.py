@@ -16,8 +16,8 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
+from speechgate.core.settings import ENV_NAMES
 from tests.relays import Stack
-from token_service.settings import ENV_NAMES
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 K8S = DEPLOY / "k8s"

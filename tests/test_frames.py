@@ -1,4 +1,4 @@
-"""relay/frames.py: frame boundaries, peeking through masks, the frames the relay writes itself."""
+"""speechgate/relay/frames.py: frame boundaries, peeking through masks, the frames the relay writes itself."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from relay import frames
+from speechgate.relay import frames
 
 
 def websockets_frame(opcode: Opcode, data: bytes, mask: bool, fin: bool = True) -> bytes:

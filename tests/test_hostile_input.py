@@ -23,14 +23,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from relay import usp
-from relay.server import Relay
-from speechgate.demo import demo_routes
-from speechgate.dev import DevClient
+from speechgate.core.keyspace import Keyspace
+from speechgate.devtools.demo import demo_routes
+from speechgate.devtools.dev import DevClient
+from speechgate.relay import usp
+from speechgate.relay.server import Relay
 from tests.conftest import TokenService
 from tests.processes import Process, free_port, wait_until
 from tests.relays import RelayThread, Stack
-from token_service.keyspace import Keyspace
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
 
@@ -272,7 +272,7 @@ def test_a_header_sent_twice_is_no_server_error(stack: Stack) -> None:
     assert response.status_code < 500
 
 
-# --- the token service's HTTP bounds (token_service/http.py), on the production command ---------
+# --- the token service's HTTP bounds (speechgate/token_service/http.py), on the production command ---------
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
+from speechgate.core.clients import save_client
+from speechgate.core.keyvault import KeyVaultStore
+from speechgate.core.store import SecretNotFound, StoreError, StoreUnavailable
 from tests.conftest import TokenService, new_client, prepare
 from tests.processes import wait_until
 from tests.vault import Vault
-from token_service.clients import save_client
-from token_service.keyvault import KeyVaultStore
-from token_service.store import SecretNotFound, StoreError, StoreUnavailable
 
 
 async def test_all_versions_are_listed_across_pages_with_the_newest_last(vault: Vault) -> None:

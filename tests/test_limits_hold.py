@@ -23,9 +23,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from speechgate.core.keyspace import Keyspace, day
 from tests.processes import RedisServer, wait_until
 from tests.relays import Stack
-from token_service.keyspace import Keyspace, day
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
 

@@ -23,10 +23,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay import usp
-from speechgate import offline_synthesis as synthesis
-from speechgate.offline import DecoderPool, Event, OfflineTurn
-from speechgate.wav import WavError, read_pcm16k
+from speechgate.devtools import offline_synthesis as synthesis
+from speechgate.devtools.offline import DecoderPool, Event, OfflineTurn
+from speechgate.devtools.wav import WavError, read_pcm16k
+from speechgate.relay import usp
 from tests.js_sdk import run_js
 from tests.processes import Process, free_port
 from tests.python_sdk import continuous

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from token_service.clients import ClientPolicy, PolicyError
-from token_service.settings import Settings, SettingsError
+from speechgate.core.clients import ClientPolicy, PolicyError
+from speechgate.core.settings import Settings, SettingsError
 
 GOOD: dict[str, Any] = {"client_id": "my-app", "secret_hash": "hmac-sha256:00"}
 

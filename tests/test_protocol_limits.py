@@ -15,10 +15,10 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from relay import languages, usp
+from speechgate.core.keyspace import Keyspace, day
+from speechgate.relay import languages, usp
 from tests.processes import wait_until
 from tests.relays import Stack
-from token_service.keyspace import Keyspace, day
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1"
 

@@ -16,16 +16,16 @@ import pytest
 import redis
 from websockets.sync.client import ClientConnection, connect
 
-from speechgate.admin import Deps
+from speechgate.cli.common import Deps
+from speechgate.core.clients import save_client
+from speechgate.core.filestore import FileStore
+from speechgate.core.keyspace import Keyspace, day, seconds_to_midnight
+from speechgate.core.settings import Settings
 from tests.conftest import new_client, prepared_store
 from tests.processes import free_port, token_service_process, wait_until
 from tests.relays import Stack
 from tests.test_cli_admin import Cli, audit_lines
 from tests.test_cli_dev import SPEECHGATE
-from token_service.clients import save_client
-from token_service.filestore import FileStore
-from token_service.keyspace import Keyspace, day, seconds_to_midnight
-from token_service.settings import Settings
 
 LISTEN = "/v1/listen?language=en-US"
 

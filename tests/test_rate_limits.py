@@ -12,12 +12,12 @@ import httpx
 import pytest
 import redis
 
+from speechgate.core.filestore import FileStore
+from speechgate.core.keyspace import Keyspace
+from speechgate.core.redisconn import connect
+from speechgate.token_service.ratelimit import Check, LocalLimiter, RedisLimiter, checks_for, parse
 from tests.conftest import TokenService, add_client, prepared_store
 from tests.processes import RedisServer, free_port, token_service_process, wait_until
-from token_service.filestore import FileStore
-from token_service.keyspace import Keyspace
-from token_service.ratelimit import Check, LocalLimiter, RedisLimiter, checks_for, parse
-from token_service.redisconn import connect
 
 
 def statuses(service: TokenService, client_id: str, secret: str, n: int, **params: str) -> list[int]:

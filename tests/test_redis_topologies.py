@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from speechgate.core.claims import AccessClaims
+from speechgate.core.keyspace import Keyspace
+from speechgate.core.redisconn import connect
+from speechgate.core.revocation import RedisRevocations
+from speechgate.token_service.ratelimit import RedisLimiter, checks_for
 from tests.processes import Process, RedisServer, free_port, wait_until
-from token_service.claims import AccessClaims
-from token_service.keyspace import Keyspace
-from token_service.ratelimit import RedisLimiter, checks_for
-from token_service.redisconn import connect
-from token_service.revocation import RedisRevocations
 
 
 def _bindable(port: int) -> bool:

@@ -12,11 +12,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from relay.auth import Refusal
-from relay.endpoints import endpoint_for, upstream_path
-from relay.upstream import upstream_url
+from speechgate.core.settings import Settings
+from speechgate.relay.auth import Refusal
+from speechgate.relay.endpoints import endpoint_for, upstream_path
+from speechgate.relay.upstream import upstream_url
 from tests.relays import Stack
-from token_service.settings import Settings
 
 
 @pytest.mark.parametrize(

@@ -16,14 +16,14 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from speechgate.admin import Deps
+from speechgate.cli.common import Deps
+from speechgate.core.keyspace import Keyspace
+from speechgate.core.logs import JsonFormatter
+from speechgate.core.settings import Settings
 from tests.fake_speech import KEY
 from tests.processes import wait_until
 from tests.relays import Stack
 from tests.test_cli_admin import Cli
-from token_service.keyspace import Keyspace
-from token_service.logs import JsonFormatter
-from token_service.settings import Settings
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
 
@@ -253,7 +253,7 @@ async def test_session_time_limit_closes_with_4000(stack: Stack) -> None:
 
 
 async def test_a_rotated_speech_key_is_picked_up_without_a_restart(stack: Stack) -> None:
-    from token_service.speechkeys import SPEECH_KEY_SECRET
+    from speechgate.core.speechkeys import SPEECH_KEY_SECRET
 
     token = await new_token(stack, await new_client(stack))
     async with connect(url(stack, token)) as ws:  # the relay now holds the first key
@@ -298,7 +298,7 @@ async def test_relay_metrics_show_streams_refusals_and_audio(stack: Stack) -> No
 
 
 async def test_drain_lets_the_turn_finish_then_closes_with_1001(stack: Stack) -> None:
-    from relay import usp
+    from speechgate.relay import usp
 
     token = await new_token(stack, await new_client(stack))
     azure_url = f"{stack.relay.url}/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
@@ -336,7 +336,7 @@ async def test_token_in_the_query_as_the_javascript_sdk_sends_it_is_read_and_nev
 ) -> None:
     from urllib.parse import quote
 
-    from relay import usp
+    from speechgate.relay import usp
 
     token = await new_token(stack, await new_client(stack))
     target = (

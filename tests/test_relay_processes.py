@@ -19,13 +19,13 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from speechgate.admin import Deps
+from speechgate.cli.common import Deps
+from speechgate.core.filestore import FileStore
+from speechgate.core.settings import Settings
 from tests.conftest import TokenService, prepared_store
 from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
 from tests.processes import Process, RedisServer, free_port
 from tests.test_cli_admin import Cli
-from token_service.filestore import FileStore
-from token_service.settings import Settings
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
 

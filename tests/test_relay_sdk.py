@@ -10,10 +10,10 @@ import azure.cognitiveservices.speech as speechsdk
 import pytest
 import redis
 
+from speechgate.core.keyspace import Keyspace, day
 from tests.fake_speech import KEY
 from tests.processes import wait_until
 from tests.relays import Stack
-from token_service.keyspace import Keyspace, day
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 INTERACTIVE = "/speech/recognition/interactive/cognitiveservices/v1?language=en-US"

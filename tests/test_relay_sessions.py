@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import redis
 
-from relay.sessions import REPLAY_BUDGET_S, RedisSessions, Stream
-from token_service.claims import AccessClaims
-from token_service.clients import ClientPolicy
-from token_service.keyspace import Keyspace
-from token_service.redisconn import connect
+from speechgate.core.claims import AccessClaims
+from speechgate.core.clients import ClientPolicy
+from speechgate.core.keyspace import Keyspace
+from speechgate.core.redisconn import connect
+from speechgate.relay.sessions import REPLAY_BUDGET_S, RedisSessions, Stream
 
 POLICY = ClientPolicy(client_id="app", secret_hash="x", max_streams_per_subject=1)
 

@@ -1,4 +1,4 @@
-"""The Azure door's splice (relay/splice.py, relay/frames.py): frames forwarded as bytes, metered
+"""The Azure door's splice (speechgate/relay/splice.py and frames.py): frames forwarded as bytes, metered
 by peeking, control frames and protocol errors handled on their own leg."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from relay import frames, usp
-from relay.splice import WRITE_HIGH, Splice, azure_closed
+from speechgate.relay import frames, usp
+from speechgate.relay.splice import WRITE_HIGH, Splice, azure_closed
 from tests.processes import wait_until
 from tests.relays import Stack
 

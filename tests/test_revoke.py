@@ -10,9 +10,9 @@ from typing import Any
 import jwt
 import redis
 
+from speechgate.core.keyspace import Keyspace
 from tests.conftest import TokenService
 from tests.processes import RedisServer
-from token_service.keyspace import Keyspace
 
 
 def test_revoked_jti_is_kept_until_exp_plus_session_and_announced(

@@ -18,14 +18,14 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from speechgate.core.clients import save_client
+from speechgate.core.filestore import FileStore
+from speechgate.core.keyspace import Keyspace, day
+from speechgate.core.store import SecretStore
 from tests.conftest import new_client, prepared_store
 from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
 from tests.processes import Process, free_port, token_service_process
 from tests.test_cli_dev import SPEECHGATE
-from token_service.clients import save_client
-from token_service.filestore import FileStore
-from token_service.keyspace import Keyspace, day
-from token_service.store import SecretStore
 
 
 @dataclass

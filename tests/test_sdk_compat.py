@@ -12,7 +12,7 @@ import azure.cognitiveservices.speech as speechsdk
 import httpx
 import pytest
 
-from relay.voices import VoiceList
+from speechgate.relay.voices import VoiceList
 from tests.js_sdk import run_js
 from tests.python_sdk import continuous
 from tests.relays import Stack

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from speechgate.core.filestore import FileStore
+from speechgate.core.store import MemoryStore, SecretDisabled, SecretNotFound, SecretStore, StoreError
 from tests.vault import Vault
-from token_service.filestore import FileStore
-from token_service.store import MemoryStore, SecretDisabled, SecretNotFound, SecretStore, StoreError
 
 T = TypeVar("T")
 
@@ -108,7 +108,7 @@ def test_file_store_damage_is_a_clear_error_that_names_the_file(tmp_path: Path) 
 
 WRITER = """
 import asyncio, sys
-from token_service.filestore import FileStore
+from speechgate.core.filestore import FileStore
 async def main():
     store = FileStore(sys.argv[1])
     for n in range(25):

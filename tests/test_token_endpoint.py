@@ -15,10 +15,10 @@ from typing import Any
 import jwt
 import pytest
 
+from speechgate.core.clients import secret_name
+from speechgate.core.logs import JsonFormatter
+from speechgate.token_service.oauth import OAuthError
 from tests.conftest import TokenService
-from token_service.clients import secret_name
-from token_service.logs import JsonFormatter
-from token_service.oauth import OAuthError
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 
@@ -476,6 +476,8 @@ def test_metadata_jwks_openapi_and_health(service: TokenService) -> None:
     assert meta["token_endpoint"].endswith("/v1/token")
     assert meta["revocation_endpoint"].endswith("/v1/revoke")
     assert TE in meta["grant_types_supported"]
+    # every scope a client may be given, translation too (the list was once written by hand)
+    assert meta["scopes_supported"] == ["speech:recognize", "speech:synthesize", "speech:translate"]
     keys = service.http.get("/.well-known/jwks.json").json()["keys"]
     assert [k["alg"] for k in keys] == ["ES256"]
     assert all("d" not in k for k in keys)  # never the private part

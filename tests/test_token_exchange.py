@@ -14,10 +14,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from speechgate.core.clients import ClientPolicy, PolicyError
 from tests.conftest import TokenService
 from tests.idp import AUDIENCE, ISSUER, FakeIdp, b64, unsigned_token
 from tests.servers import ServerThread
-from token_service.clients import ClientPolicy, PolicyError
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import usp
+from speechgate.relay import usp
 
 # The lines of shared/reference/azure-speech-sdk-wire-transcript.log these tests read, kept with them.
 TRANSCRIPT = Path(__file__).parent / "data" / "usp_capture.txt"

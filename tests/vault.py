@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import trustme
 
+from speechgate.core.keyvault import KeyVaultStore
 from tests.fake_keyvault import FakeKeyVault
 from tests.servers import ServerThread
-from token_service.keyvault import KeyVaultStore
 
 # Variables that would make another credential in DefaultAzureCredential's chain win.
 _OTHER_CREDENTIALS = (

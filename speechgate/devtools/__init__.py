@@ -1,0 +1,1 @@
+"""Running speechgate locally: `speechgate dev`, its offline stand-ins for Azure, the demo page."""

@@ -1,0 +1,160 @@
+"""A stream in progress (`Live`), the admission that opens one (`Pending`), and what the doors
+and the splice need of the relay (`Context`): the types the server, the doors and the splice all
+use, in a module of their own, so that none of those imports another for its types (no cycle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from speechgate.core.claims import AccessClaims
+from speechgate.core.settings import Settings
+from speechgate.relay import frames, languages, usp
+from speechgate.relay.endpoints import Endpoint
+from speechgate.relay.metrics import RelayMetrics
+from speechgate.relay.sessions import Admission, Sessions, Stream
+from speechgate.relay.upstream import Credentials
+
+TELEMETRY_GRACE_S = 1.0  # a drained stream's wait for the app's telemetry after its last turn
+TURN_STARTS = (b"speech.context", b"synthesis.context")
+
+
+class Context(Protocol):
+    """What the doors and the splice use of the relay: no more than this."""
+
+    settings: Settings
+    metrics: RelayMetrics
+    credentials: Credentials
+    upstream_name: str  # what the apps are told closed or failed: "Azure Speech"
+
+
+class SpliceHandle(Protocol):
+    """A stream's splice (speechgate/relay/splice.py), as the stream itself ends it."""
+
+    done: asyncio.Future[None]
+
+    def close(self, code: int, reason: str) -> asyncio.Future[None]: ...
+
+
+@dataclass
+class Live:
+    """A stream in progress: its connection, its session state, and how to end it."""
+
+    connection: ServerConnection
+    stream: Stream
+    door: str  # "azure" or "plain"
+    kid: str  # of the key that signed its token
+    in_turn: bool = False
+    drain_after_turn: bool = False
+    upstream: ClientConnection | None = None
+    turn_audio_at: float | None = None  # when the current turn's first audio came, until a result
+    code: int | None = None  # the close code the relay chose, when it chose one
+    splice: SpliceHandle | None = None  # once the Azure door's data phase runs on a splice
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    closer: asyncio.Task[None] | None = None
+    drain_timer: asyncio.TimerHandle | None = None
+    rules: languages.Rules | None = None  # what the app's messages may ask for, when they need reading
+
+    def turn_ended(self) -> None:
+        """Azure ended the turn. A draining relay closes the stream once the app has said its last
+        word on it (the SDKs send `telemetry` after each turn; a close before it fails that send,
+        and the JavaScript SDK then reports an error instead of its result), or after a moment."""
+        self.in_turn = False
+        if self.drain_after_turn and self.drain_timer is None:
+            self.drain_timer = asyncio.get_running_loop().call_later(TELEMETRY_GRACE_S, self.drained)
+
+    def wav_header(self, header: bytes | bytearray) -> bool:
+        """The WAV header a turn's audio starts with: meter by its format, or end the stream
+        (1007, saying what to send) when the relay cannot. Both data paths of the Azure door."""
+        try:
+            self.stream.byte_rate = usp.wav_byte_rate(header)
+        except usp.ProtocolError as exc:
+            self.end(1007, 1007, str(exc))
+            return False
+        self.turn_audio_at = time.perf_counter()
+        return True
+
+    def app_text(self, path: bytes | bytearray, whole: Callable[[], bytes | bytearray | None]) -> bool:
+        """A text message from the app on the Azure door, by its Path and its whole payload
+        (None for a message in fragments), read only when needed: turns and continuations, and
+        the token's languages. False when the stream ends because of it."""
+        stream = self.stream
+        if path in TURN_STARTS:
+            self.in_turn = True
+            if path == b"speech.context":  # once a turn: read it whole for its continuation
+                payload = whole()
+                text = bytes(payload).decode("utf-8", "replace") if payload is not None else ""
+                stream.context(usp.continuation_s(text))
+        if self.rules is None:
+            return True
+        payload = whole()  # the message may ask for what the token does not allow: read it
+        reason = (
+            languages.message_refusal(self.rules, payload)
+            if payload is not None
+            else "a text message in fragments; what it asks for cannot be checked"
+        )
+        if reason is not None:
+            self.end(4000, 1008, reason)
+            return False
+        return True
+
+    def drained(self) -> None:
+        if self.drain_timer is not None:
+            self.drain_timer.cancel()
+        self.end(1001, 1001, "relay draining; reconnect")
+
+    def end(self, azure_code: int, plain_code: int, reason: str) -> None:
+        """Close both legs with the code this door's clients react to correctly."""
+        if self.stream.closing_reason is not None:
+            return
+        self.stream.closing_reason = reason
+        code = self.code = azure_code if self.door == "azure" else plain_code
+        if self.splice is not None:  # at once: not one more of the app's frames goes on to Azure
+            self.splice.close(code, frames.fit_reason(reason))
+        self.closer = asyncio.ensure_future(close_both(self, code, reason))
+
+
+@dataclass(frozen=True)
+class Pending:
+    claims: AccessClaims
+    kid: str
+    stream_id: str
+    endpoint: Endpoint
+    path: str
+    params: list[tuple[str, str]]
+    query: str  # what the Azure door passes on (speechgate.relay.endpoints.upstream_query)
+    sessions: Sessions
+    admission: Admission
+    rules: languages.Rules
+
+    def stream(self) -> Stream:
+        """The stream this admission opens, on the session's time line where its last one ended."""
+        return Stream(
+            self.claims,
+            self.stream_id,
+            self.admission.started_ms,
+            backend=self.sessions,
+            start_mark_s=self.admission.resume_mark_s,
+            replay_budget_s=self.admission.replay_budget_s,
+        )
+
+
+async def close_both(live: Live, code: int, reason: str) -> None:
+    reason = frames.fit_reason(reason)  # a longer one would fail the close and leave the 1000
+    if live.splice is not None:
+        await live.splice.close(code, reason)
+        return
+    with contextlib.suppress(ConnectionClosed):
+        await live.connection.close(code, reason)
+    if live.upstream is not None:
+        with contextlib.suppress(ConnectionClosed):
+            await live.upstream.close(1000, "client gone")

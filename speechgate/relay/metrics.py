@@ -1,0 +1,58 @@
+"""Prometheus metrics of the relay, on a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from speechgate.core.redisconn import redis_up_gauge
+
+
+class RelayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.active = Gauge("speechgate_relay_active_streams", "Live streams", ["door"], registry=registry)
+        self.audio = Counter(
+            "speechgate_relay_audio_seconds",
+            "Audio seconds forwarded to Azure",
+            ["client"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "speechgate_relay_refusals", "Handshakes refused, by reason", ["reason"], registry=registry
+        )
+        self.closed = Counter(
+            "speechgate_relay_closes",
+            "Streams ended, by door and close code",
+            ["door", "code"],
+            registry=registry,
+        )
+        self.upstream_connect = Histogram(
+            "speechgate_relay_upstream_connect_seconds",
+            "Time to open the Azure connection",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.upstream_failures = Counter(
+            "speechgate_relay_upstream_failures", "Azure connections that failed", registry=registry
+        )
+        self.first_result = Histogram(
+            "speechgate_relay_first_result_seconds",
+            "From a turn's first audio to Azure's first result (partial or final)",
+            ["door"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+            registry=registry,
+        )
+        self.forward = Histogram(
+            "speechgate_relay_frame_forward_seconds",
+            "Time to hand a frame to the other leg, waits for a slow peer included (1 frame in 16)",
+            ["direction"],
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+            registry=registry,
+        )
+        self.redis_up = redis_up_gauge(registry)
+        self.quota_use = Gauge(
+            "speechgate_quota_use_ratio",
+            "Share of a client's daily audio quota used today (1 = used up)",
+            ["client", "quota"],
+            registry=registry,
+        )
