@@ -104,6 +104,47 @@ def test_sliding_window_lets_the_previous_window_decay(
     assert after == [True] * 5 + [False]
 
 
+def test_peek_reads_the_count_hit_compares_and_counts_nothing(
+    redis_url: str, prefix: str, sync_redis: redis.Redis
+) -> None:
+    """`quotas show` reads windows with rate_read.lua; `hit` counts with rate_hit.lua. After any
+    hits, and after a window has ended (the previous one decaying), the two agree: the next hit's
+    `remaining` is the limit less the peeked count less itself; and peeking leaves Redis as it was."""
+    keyspace = Keyspace(prefix)
+    check = Check("client", "c1", parse("10/minute")[0])
+    current = keyspace.rate("c1", "client", "c1", 10, 60)
+
+    async def run() -> list[tuple[int, int]]:
+        client = connect(redis_url)
+        limiter = RedisLimiter(client, keyspace)
+        pairs = []
+        try:
+            for hits, ttl_ms in ((0, None), (4, None), (3, 30_500), (2, None), (0, 9_000)):
+                for _ in range(hits):
+                    await limiter.hit("c1", "someone", [check])
+                if ttl_ms is not None:  # the window ended (120 s TTL) - ttl_ms ago, as time would
+                    sync_redis.pexpire(current, ttl_ms)
+                windows = sorted(sync_redis.scan_iter(f"{prefix}rl:*"))
+                before = [(k, sync_redis.get(k)) for k in windows]
+                used, _ = await limiter.peek("c1", check)
+                assert [
+                    (k, sync_redis.get(k)) for k in sorted(sync_redis.scan_iter(f"{prefix}rl:*"))
+                ] == before
+                decision = await limiter.hit("c1", "someone", [check])
+                pairs.append((used, decision.remaining[0]))
+        finally:
+            await limiter.aclose()
+            await client.aclose()
+        return pairs
+
+    pairs = asyncio.run(run())
+    assert [remaining for used, remaining in pairs] == [max(10 - used - 1, 0) for used, _ in pairs]
+    assert pairs[0] == (0, 9)
+    assert pairs[1] == (5, 4)  # 1 + 4 hits
+    # 30.5 s of 60 left on the ended window: its 9 hits weigh 4, and the new one is empty
+    assert pairs[2][0] == 4
+
+
 def test_local_limiter_counts_exactly_too() -> None:
     async def run() -> list[bool]:
         limiter = LocalLimiter()

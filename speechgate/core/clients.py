@@ -152,15 +152,8 @@ class ClientPolicy:
                 raise PolicyError(f"{name} must be a non-negative integer")
         if not 10 <= self.token_ttl_s <= 3600:
             raise PolicyError("token_ttl_s must be between 10 and 3600 seconds")
-        for kind in ("client", "subject", "ip"):
-            text = getattr(self.rate_limits, kind)
-            try:
-                if text:
-                    limits.parse_many(text)
-            except ValueError:
-                raise PolicyError(
-                    f"rate limit {kind}={text!r} is not like '20/minute;300/hour' (empty: no limit)"
-                ) from None
+        for kind, text in asdict(self.rate_limits).items():
+            _check_rate_limit(kind, text)
         for origin in self.origins:
             parts = urlsplit(origin)
             if (
@@ -190,14 +183,21 @@ def _rate_limits(value: Any) -> RateLimits:
     except TypeError:
         raise PolicyError("rate_limits may only have client, subject and ip") from None
     for kind, text in asdict(limits_).items():
-        if not isinstance(text, str):
-            raise PolicyError(f"rate_limits.{kind} must be a string such as '20/minute'")
-        if text:
-            try:
-                limits.parse_many(text)
-            except ValueError:
-                raise PolicyError(f"rate_limits.{kind} {text!r} is not like '20/minute;300/hour'") from None
+        _check_rate_limit(kind, text)
     return limits_
+
+
+def _check_rate_limit(kind: str, text: Any) -> None:
+    """One of a policy's rate limits, in `limits` notation; empty means none of that kind."""
+    if not isinstance(text, str):
+        raise PolicyError(f"rate_limits.{kind} must be a string such as '20/minute'")
+    try:
+        if text:
+            limits.parse_many(text)
+    except ValueError:
+        raise PolicyError(
+            f"rate_limits.{kind} {text!r} is not like '20/minute;300/hour' (empty: no limit)"
+        ) from None
 
 
 def _https_or_loopback(url: str) -> bool:

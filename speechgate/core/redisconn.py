@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -130,6 +131,12 @@ class RedisHealth:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+
+
+def lua(package: str, name: str) -> str:
+    """A Lua script kept as a resource of `package` (its folder lua/), as `limits` keeps its own:
+    an editor highlights it, and its comments are Lua's."""
+    return resources.files(package).joinpath("lua", name).read_text(encoding="utf-8")
 
 
 class ScriptRunner:

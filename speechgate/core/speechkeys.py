@@ -101,7 +101,7 @@ async def rotate_speech_key(
 
 async def verify_with_sts(key: str, sts_base: str, http: httpx.AsyncClient) -> None:
     """Ask the region's token service for a token with `key`: Azure's own check that it works."""
-    url = sts_base.rstrip("/") + "/sts/v1.0/issueToken"
+    url = sts_token_url(sts_base)
     try:
         response = await http.post(url, headers={"Ocp-Apim-Subscription-Key": key}, timeout=10.0)
     except httpx.HTTPError as exc:
@@ -110,6 +110,11 @@ async def verify_with_sts(key: str, sts_base: str, http: httpx.AsyncClient) -> N
         raise SpeechKeyError(
             f"Azure refused the new key ({response.status_code} from {url}); nothing was stored"
         )
+
+
+def sts_token_url(sts_base: str) -> str:
+    """Where a region's (or a custom domain's) token service exchanges a key for a token."""
+    return sts_base.rstrip("/") + "/sts/v1.0/issueToken"
 
 
 def sts_base_for(region: str | None, override: str | None) -> str:

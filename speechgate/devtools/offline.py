@@ -124,7 +124,7 @@ class OfflineTurn:
                 self._end_utterance(self._heard_s)
             if self._phrases == 0:  # the SDKs wait for a phrase in every turn
                 status = "NoMatch" if self._speech_started else "InitialSilenceTimeout"
-                self._emit("speech.phrase", self._no_match(status))
+                self._emit(usp.PHRASE, self._no_match(status))
             self._end_turn()
         return self._take()
 
@@ -139,7 +139,7 @@ class OfflineTurn:
     def _start(self) -> None:
         if not self._started:
             self._started = True
-            self._emit("turn.start", {"context": {"serviceTag": usp.new_request_id()}})
+            self._emit(usp.TURN_START, {"context": {"serviceTag": usp.new_request_id()}})
 
     def _frame(self, frame: bytes) -> None:
         ep = self._endpointer
@@ -148,7 +148,7 @@ class OfflineTurn:
         speech = ep.process(frame)
         if speech is None:
             if self.mode == "interactive" and not self._speech_started and self._heard_s >= INITIAL_SILENCE_S:
-                self._emit("speech.phrase", self._no_match("InitialSilenceTimeout"))
+                self._emit(usp.PHRASE, self._no_match("InitialSilenceTimeout"))
                 self._end_turn()
             return
         if not was_in_speech:
@@ -159,7 +159,7 @@ class OfflineTurn:
             self.decoder.start_utt()
             if not self._speech_started:
                 self._speech_started = True
-                self._emit("speech.startDetected", {"Offset": _ticks(self.base_s + ep.speech_start)})
+                self._emit(usp.START_DETECTED, {"Offset": _ticks(self.base_s + ep.speech_start)})
         self.decoder.process_raw(speech, False, False)
         if not ep.in_speech:
             self._end_utterance(ep.speech_end)
@@ -173,7 +173,7 @@ class OfflineTurn:
                 self._last_hypothesis = text
                 start = self.base_s + self._utterance_start_s
                 self._emit(
-                    "speech.hypothesis",
+                    usp.HYPOTHESIS,
                     {
                         "Text": text,
                         "Offset": _ticks(start),
@@ -212,7 +212,7 @@ class OfflineTurn:
             ]
         else:
             body["DisplayText"] = display
-        self._emit("speech.phrase", body)
+        self._emit(usp.PHRASE, body)
         if self.mode == "interactive":
             self._end_turn()
 
@@ -221,8 +221,8 @@ class OfflineTurn:
 
     def _end_turn(self) -> None:
         self.close()
-        self._emit("speech.endDetected", {"Offset": _ticks(self.base_s + self._heard_s)})
-        self._emit("turn.end", {})
+        self._emit(usp.END_DETECTED, {"Offset": _ticks(self.base_s + self._heard_s)})
+        self._emit(usp.TURN_END, {})
         self.done = True
 
     def _emit(self, path: str, body: dict[str, Any]) -> None:
@@ -294,7 +294,7 @@ class OfflineSpeech:
             async for message in ws:
                 if isinstance(message, str):
                     msg = usp.parse_text(message)
-                    if msg.path == "speech.context":
+                    if msg.path == usp.SPEECH_CONTEXT:
                         if turn is not None:
                             await asyncio.to_thread(turn.close)
                             self.pool.give_back(turn.decoder)
@@ -328,9 +328,9 @@ class OfflineSpeech:
                 if not isinstance(message, str):
                     continue
                 msg = usp.parse_text(message)
-                if msg.path == "synthesis.context":
+                if msg.path == usp.SYNTHESIS_CONTEXT:
                     output = msg.json().get("synthesis", {}).get("audio", {}).get("outputFormat", output)
-                elif msg.path == "ssml":
+                elif msg.path == usp.SSML:
                     try:
                         riff, rate = synthesis.pcm_format(output)
                         text, language = synthesis.ssml_text(msg.body.decode("utf-8", "replace"))

@@ -65,15 +65,15 @@ def synthesis_messages(request_id: str, pcm: bytes, riff: bool, rate: int) -> li
     audio = (usp.riff_header(rate) if riff else b"") + pcm
     chunk = rate * 2 // 10
     return [
-        usp.encode_text("turn.start", request_id, {"context": {"serviceTag": usp.new_request_id()}}, JSON),
-        usp.encode_text("response", request_id, {"audio": {"streamId": stream_id}}, JSON),
+        usp.encode_text(usp.TURN_START, request_id, {"context": {"serviceTag": usp.new_request_id()}}, JSON),
+        usp.encode_text(usp.RESPONSE, request_id, {"audio": {"streamId": stream_id}}, JSON),
         *(
             usp.encode_binary(
-                "audio", request_id, audio[i : i + chunk], "audio/x-wav", extra={"X-StreamId": stream_id}
+                usp.AUDIO, request_id, audio[i : i + chunk], "audio/x-wav", extra={"X-StreamId": stream_id}
             )
             for i in range(0, len(audio), chunk)
         ),
-        usp.encode_text("turn.end", request_id, {}, JSON),
+        usp.encode_text(usp.TURN_END, request_id, {}, JSON),
     ]
 
 

@@ -34,7 +34,7 @@ from speechgate.relay import usp
 from speechgate.relay.auth import Refusal
 from speechgate.relay.endpoints import CONVERSATION_PATH, upstream_path
 from speechgate.relay.live import Context, Live, Pending
-from speechgate.relay.splice import PATH_WINDOW, RESULTS, SAMPLE_MASK, Splice, azure_closed, can_take_over
+from speechgate.relay.splice import PATH_WINDOW, SAMPLE_MASK, Splice, azure_closed, can_take_over
 from speechgate.relay.upstream import UpstreamError, open_upstream, upstream_url
 
 
@@ -144,12 +144,12 @@ async def azure(relay: Context, live: Live, pending: Pending) -> None:
             await client.send(message)
             if type(message) is str:
                 path = _path(message)
-                if live.turn_audio_at is not None and path in RESULTS:
+                if live.turn_audio_at is not None and path in usp.RESULTS:
                     relay.metrics.first_result.labels("azure").observe(
                         time.perf_counter() - live.turn_audio_at
                     )
                     live.turn_audio_at = None
-                if path == b"turn.end":
+                if path == usp.TURN_END_BYTES:
                     live.turn_ended()
 
     await _pump(relay, live, app_to_azure(), azure_to_app(), upstream)
@@ -256,10 +256,10 @@ class _PlainUpstream:
         )
         self.request_id = usp.new_request_id()
         self.base = self.chunks[0][0] if self.chunks else self.position
-        await upstream.send(usp.encode_text("speech.config", None, speech_config(self.sample_rate)))
+        await upstream.send(usp.encode_text(usp.SPEECH_CONFIG, None, speech_config(self.sample_rate)))
         await upstream.send(
             usp.encode_text(
-                "speech.context",
+                usp.SPEECH_CONTEXT,
                 self.request_id,
                 {"phraseDetection": {"language": self.language}, "audio": {"streams": {"1": None}}},
             )
@@ -295,7 +295,7 @@ class _PlainUpstream:
         return self.BACKOFF_S * 2 ** (self.fruitless - 1) if self.fruitless else 0.0
 
     def _frame(self, payload: bytes, content_type: str | None = None) -> bytes:
-        return usp.encode_binary("audio", self.request_id, payload, content_type, extra={"X-StreamId": "1"})
+        return usp.encode_binary(usp.AUDIO, self.request_id, payload, content_type, extra={"X-StreamId": "1"})
 
     async def send(self, chunk: bytes) -> None:
         self.chunks.append((self.position, chunk))
@@ -395,19 +395,19 @@ async def plain(relay: Context, live: Live, pending: Pending) -> None:
             if type(message) is not str:
                 continue
             msg = usp.parse_text(message)
-            if live.turn_audio_at is not None and msg.path in ("speech.hypothesis", "speech.phrase"):
+            if live.turn_audio_at is not None and msg.path in (usp.HYPOTHESIS, usp.PHRASE):
                 relay.metrics.first_result.labels("plain").observe(time.perf_counter() - live.turn_audio_at)
                 live.turn_audio_at = None
-            if msg.path == "speech.hypothesis":
+            if msg.path == usp.HYPOTHESIS:
                 if not await _deliver(relay, live, azure.event("partial", msg.json())):
                     return
-            elif msg.path == "speech.phrase":
+            elif msg.path == usp.PHRASE:
                 body = msg.json()
                 if body.get("RecognitionStatus") == "Success":
                     if not await _deliver(relay, live, azure.event("final", body)):
                         return
                     azure.confirmed(body)
-            elif msg.path == "turn.end":
+            elif msg.path == usp.TURN_END:
                 live.in_turn = False
                 live.code = 1000
                 finished.set()

@@ -31,7 +31,7 @@ from speechgate.relay import usp
 XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 _LONG_VOICE = re.compile(r"\(\s*([A-Za-z]{2,3}-[A-Za-z0-9]{2,8})\s*,")
 _SHORT_VOICE = re.compile(r"^([A-Za-z]{2,3}-[A-Za-z0-9]{2,8})-")
-CHECKED_PATHS = frozenset({"speech.context", "ssml"})
+CHECKED_PATHS = frozenset({usp.SPEECH_CONTEXT, usp.SSML})
 
 
 class Unreadable(ValueError):
@@ -145,7 +145,7 @@ def message_refusal(rules: Rules, payload: bytes | bytearray) -> str | None:
 def refusal(rules: Rules, path: str, body: bytes) -> str | None:
     """Why a message on `path` may not pass under `rules`, or None."""
     try:
-        if path == "ssml":
+        if path == usp.SSML:
             return _not_allowed(rules.lang, in_ssml(body))
         asked = in_context(body)
     except Unreadable as exc:

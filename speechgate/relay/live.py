@@ -25,7 +25,6 @@ from speechgate.relay.sessions import Admission, Sessions, Stream
 from speechgate.relay.upstream import Credentials
 
 TELEMETRY_GRACE_S = 1.0  # a drained stream's wait for the app's telemetry after its last turn
-TURN_STARTS = (b"speech.context", b"synthesis.context")
 
 
 class Context(Protocol):
@@ -88,9 +87,9 @@ class Live:
         (None for a message in fragments), read only when needed: turns and continuations, and
         the token's languages. False when the stream ends because of it."""
         stream = self.stream
-        if path in TURN_STARTS:
+        if path in usp.TURN_STARTS:
             self.in_turn = True
-            if path == b"speech.context":  # once a turn: read it whole for its continuation
+            if path == usp.SPEECH_CONTEXT_BYTES:  # once a turn: read it whole for its continuation
                 payload = whole()
                 text = bytes(payload).decode("utf-8", "replace") if payload is not None else ""
                 stream.context(usp.continuation_s(text))

@@ -25,13 +25,13 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from speechgate.core import foundation
 from speechgate.core.claims import AccessClaims
-from speechgate.core.clients import ClientPolicy, ClientRegistry
+from speechgate.core.clients import ClientPolicy
 from speechgate.core.events import EventListener
-from speechgate.core.idp import JwksCache
-from speechgate.core.keyspace import Keyspace, seconds_to_midnight
-from speechgate.core.redisconn import REDIS_ERRORS, Redis, RedisHealth
-from speechgate.core.revocation import SIGNING_KEY_REVOKED, Revocations, revocations_for
+from speechgate.core.keyspace import seconds_to_midnight
+from speechgate.core.redisconn import REDIS_ERRORS, Redis
+from speechgate.core.revocation import SIGNING_KEY_REVOKED, Revocations
 from speechgate.core.settings import Settings
 from speechgate.core.speechkeys import sts_base_for
 from speechgate.core.store import SecretStore, StoreError
@@ -144,21 +144,19 @@ class Relay:
         self.settings = settings
         self.upstream_name = upstream_name
         self.routes = dict(routes or {})
-        self.store = store
-        self.redis = redis
-        self.http = http or httpx.AsyncClient()
-        self.keyspace = Keyspace(settings.redis_prefix)
         self.metrics = RelayMetrics(registry or CollectorRegistry())
-        self.auth = Authenticator(
-            settings, JwksCache(self.http, settings.idp_jwks_min_refresh_s, settings.idp_jwks_max_age_s)
+        shared = foundation.build(
+            settings, store, redis, self.metrics.redis_up, http=http, revocations=revocations
         )
-        self.clients = ClientRegistry(store, ttl=settings.client_cache_s)
+        self.store, self.redis, self.http, self.keyspace = store, redis, shared.http, shared.keyspace
+        self.auth = Authenticator(settings, shared.jwks_cache)
+        self.clients = shared.clients
         # Shared rules in Redis; while Redis does not answer (or without it, in development) the
         # same rules hold in this process only, and a probe switches back when Redis returns.
-        self.health = RedisHealth(redis, on_change=lambda up: self.metrics.redis_up.set(1 if up else 0))
+        self.health = shared.health
         self.local_sessions = MemorySessions(settings.lease_s)
         self.redis_sessions = RedisSessions(redis, self.keyspace, settings.lease_s) if redis else None
-        self.revocations = revocations or revocations_for(redis, self.keyspace)
+        self.revocations = shared.revocations
         key = KeyCredentials(store, settings.speech_key)
         self.credentials: Credentials = key
         if settings.upstream_auth == "entra":

@@ -22,7 +22,7 @@ from typing import Protocol
 from speechgate.core.claims import AccessClaims
 from speechgate.core.clients import ClientPolicy
 from speechgate.core.keyspace import Keyspace, day
-from speechgate.core.redisconn import Redis, ScriptRunner
+from speechgate.core.redisconn import Redis, ScriptRunner, lua
 
 # Audio may arrive faster than real time for a while (the SDK sends ~5 s of a file at once, then
 # twice real time); beyond this, a client is flooding.
@@ -144,100 +144,6 @@ class Admission:
     replay_budget_s: float = REPLAY_BUDGET_S
 
 
-# KEYS: lease_sub, lease_client, session, used, audio_sub, audio_client, resume
-# ARGV: now_ms, lease_ms, max_sub, max_client, stream_id, single_use, session_s, audio_sub_limit,
-#       audio_client_limit, may_start, the token's stream id prefix (stream_prefix)
-_ADMIT = """
-local now = tonumber(ARGV[1])
-local started = redis.call('get', KEYS[3])
-if started and now >= tonumber(started) + tonumber(ARGV[7]) * 1000 then
-  if ARGV[10] ~= '1' then return {0, 'session_over', 0, 0} end
-  started = false  -- a token that may still open streams starts a new session
-end
-if not started and ARGV[10] ~= '1' then return {0, 'expired', 0, 0} end
-redis.call('zremrangebyscore', KEYS[1], '-inf', now)
-redis.call('zremrangebyscore', KEYS[2], '-inf', now)
-if ARGV[6] == '1' then  -- a single-use token holds one stream at a time
-  for _, member in ipairs(redis.call('zrange', KEYS[1], 0, -1)) do
-    if string.sub(member, 1, #ARGV[11]) == ARGV[11] then return {0, 'in_use', 0, 0} end
-  end
-end
-for i, limit in ipairs({ARGV[3], ARGV[4]}) do
-  if redis.call('zcard', KEYS[i]) >= tonumber(limit) then
-    local first = redis.call('zrange', KEYS[i], 0, 0, 'WITHSCORES')
-    local wait = first[2] and math.ceil((tonumber(first[2]) - now) / 1000) or 1
-    return {0, i == 1 and 'subject_streams' or 'client_streams', math.max(wait, 1), 0}
-  end
-end
-if (tonumber(redis.call('get', KEYS[5])) or 0) >= tonumber(ARGV[8]) then return {0, 'subject_audio', 0, 0} end
-if (tonumber(redis.call('get', KEYS[6])) or 0) >= tonumber(ARGV[9]) then return {0, 'client_audio', 0, 0} end
-if not started and ARGV[6] == '1' then
-  if not redis.call('set', KEYS[4], '1', 'NX', 'EX', ARGV[7]) then return {0, 'used', 0, 0} end
-end
-local until_ms = now + tonumber(ARGV[2])
-for i = 1, 2 do
-  redis.call('zadd', KEYS[i], until_ms, ARGV[5])
-  redis.call('pexpire', KEYS[i], tonumber(ARGV[2]) * 2)
-end
-local resume = {}
-if not started then
-  started = now
-  -- kept past the session's end, to tell a late reconnect why it is refused
-  redis.call('set', KEYS[3], started, 'EX', 2 * tonumber(ARGV[7]))
-else  -- a reconnect takes over what the session's last ended connection left (once)
-  resume = redis.call('hmget', KEYS[7], 'mark', 'budget')
-  redis.call('del', KEYS[7])
-end
-return {1, 'ok', 0, tonumber(started), resume[1] or false, resume[2] or false}
-"""
-
-
-# KEYS: audio_streams, audio_client, lease_client, then per subject: lease_subject, audio_subject,
-#       then per stream: its session's resume key
-# ARGV: lease_until_ms, lease_key_ttl_ms, audio_ttl_s, subject count, then per stream: stream_id,
-#       audio total today, subject index (1-based), live (1) or ended (0), mark, replay budget,
-#       seconds its session has left
-# Each stream's total is kept in a hash; only what it adds to the stored one is counted, so a
-# write that ran although its caller timed out, and the caller's retry, count once. An ended
-# stream leaves its mark for the connection that may continue its session.
-_BEAT = """
-local until_ms, lease_ttl, audio_ttl, nsub = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local added, client_added = {}, 0
-for j = 1, nsub do added[j] = 0 end
-local n = 0
-for i = 5, #ARGV, 7 do
-  n = n + 1
-  local id, total, j = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local seen = tonumber(redis.call('hget', KEYS[1], id)) or 0
-  if total > seen then
-    redis.call('hset', KEYS[1], id, ARGV[i + 1])
-    added[j] = added[j] + total - seen
-    client_added = client_added + total - seen
-  end
-  if ARGV[i + 3] == '1' then
-    redis.call('zadd', KEYS[3], until_ms, id)
-    redis.call('zadd', KEYS[2 + 2 * j], until_ms, id)
-  elseif redis.call('zrem', KEYS[3], id) == 1 then  -- the first write of its end, not a repeat
-    redis.call('zrem', KEYS[2 + 2 * j], id)
-    local left = tonumber(ARGV[i + 6])
-    if tonumber(ARGV[i + 4]) > 0 and left > 0 then
-      local resume = KEYS[3 + 2 * nsub + n]
-      redis.call('hset', resume, 'mark', ARGV[i + 4], 'budget', ARGV[i + 5])
-      redis.call('expire', resume, left)
-    end
-  end
-end
-redis.call('expire', KEYS[1], audio_ttl)
-local totals = {redis.call('incrbyfloat', KEYS[2], client_added)}
-redis.call('expire', KEYS[2], audio_ttl)
-redis.call('pexpire', KEYS[3], lease_ttl)
-for j = 1, nsub do
-  redis.call('pexpire', KEYS[2 + 2 * j], lease_ttl)
-  totals[j + 1] = redis.call('incrbyfloat', KEYS[3 + 2 * j], added[j])
-  redis.call('expire', KEYS[3 + 2 * j], audio_ttl)
-end
-return totals
-"""
 AUDIO_TTL_S = 2 * 86400
 
 
@@ -246,8 +152,8 @@ class RedisSessions:
         self.redis = redis
         self.keys = keyspace
         self.lease_ms = int(lease_s * 1000)
-        self._admit = ScriptRunner(redis, _ADMIT)
-        self._beat = ScriptRunner(redis, _BEAT)
+        self._admit = ScriptRunner(redis, lua(__package__, "admit.lua"))
+        self._beat = ScriptRunner(redis, lua(__package__, "beat.lua"))
 
     async def admit(
         self, claims: AccessClaims, policy: ClientPolicy, stream_id: str, may_start: bool

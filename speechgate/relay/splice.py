@@ -23,12 +23,12 @@ from typing import Any
 from speechgate.relay import frames, usp
 from speechgate.relay.frames import CLOSE, CONTINUATION, PING, TEXT, FrameError, Header
 from speechgate.relay.live import Context, Live
+from speechgate.relay.usp import RESULTS, TURN_END_BYTES
 
 log = logging.getLogger("speechgate.relay.splice")
 WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024
 CLOSE_TIMEOUT_S = 5.0
 PATH_WINDOW = 512  # the `Path:` header of a text message is within its first bytes
-RESULTS = (b"speech.hypothesis", b"speech.phrase")
 _EMPTY = b""
 SAMPLE_MASK = 15  # the forward-time histogram observes 1 chunk in 16: timing each costs more than it tells
 
@@ -263,13 +263,13 @@ class Splice:
     def from_azure_text(self, chunk: bytes | bytearray, header: Header) -> None:
         live = self.live
         window = chunk[header.start : min(header.end, header.start + PATH_WINDOW)]
-        if live.turn_audio_at is None and b"turn.end" not in window:
+        if live.turn_audio_at is None and TURN_END_BYTES not in window:
             return  # most of Azure's messages: results while no first-result timing is pending
         path = usp.peek_path(window)
         if live.turn_audio_at is not None and path in RESULTS:
             self.relay.metrics.first_result.labels("azure").observe(time.perf_counter() - live.turn_audio_at)
             live.turn_audio_at = None
-        if path == b"turn.end":
+        if path == TURN_END_BYTES:
             live.turn_ended()
 
     def drain_now(self) -> None:

@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from speechgate.core.settings import Settings
-from speechgate.core.speechkeys import SPEECH_KEY_SECRET
+from speechgate.core.speechkeys import SPEECH_KEY_SECRET, sts_token_url
 from speechgate.core.store import SecretNotFound, SecretStore, StoreError
 
 log = logging.getLogger("speechgate.relay.upstream")
@@ -98,7 +98,7 @@ class StsCredentials:
 
     def __init__(self, key: KeyCredentials, sts_base: str, http: httpx.AsyncClient) -> None:
         self.key_source = key
-        self.url = sts_base.rstrip("/") + "/sts/v1.0/issueToken"
+        self.url = sts_token_url(sts_base)
         self.http = http
         self._token: str | None = None
         self._renew_at = 0.0

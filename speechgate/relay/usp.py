@@ -22,6 +22,25 @@ CRLF = "\r\n"
 TICKS_PER_MS = 10_000  # offsets and durations are 100-ns ticks
 PCM16K_BYTES_PER_S = 32_000  # 16 kHz, 16-bit, mono
 
+# Message paths (the `Path:` header) the relay and its stand-ins read or write. The splice
+# compares the raw header bytes, hence the bytes forms.
+SPEECH_CONFIG = "speech.config"
+SPEECH_CONTEXT = "speech.context"
+SYNTHESIS_CONTEXT = "synthesis.context"
+SSML = "ssml"
+AUDIO = "audio"
+RESPONSE = "response"
+TURN_START = "turn.start"
+TURN_END = "turn.end"
+START_DETECTED = "speech.startDetected"
+END_DETECTED = "speech.endDetected"
+HYPOTHESIS = "speech.hypothesis"
+PHRASE = "speech.phrase"
+TURN_END_BYTES = TURN_END.encode()
+SPEECH_CONTEXT_BYTES = SPEECH_CONTEXT.encode()
+TURN_STARTS = (SPEECH_CONTEXT_BYTES, SYNTHESIS_CONTEXT.encode())  # what the client sends to begin a turn
+RESULTS = (HYPOTHESIS.encode(), PHRASE.encode())
+
 
 class ProtocolError(ValueError):
     """Not a USP message; the message says what is wrong."""

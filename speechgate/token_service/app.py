@@ -24,12 +24,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from speechgate.core.clients import ClientRegistry
-from speechgate.core.idp import JwksCache
-from speechgate.core.keyspace import Keyspace
+from speechgate.core import foundation
 from speechgate.core.logs import AccessLog
-from speechgate.core.redisconn import REDIS_ERRORS, Redis, RedisHealth
-from speechgate.core.revocation import Revocations, revocations_for
+from speechgate.core.redisconn import REDIS_ERRORS, Redis
+from speechgate.core.revocation import Revocations
 from speechgate.core.settings import Settings
 from speechgate.core.store import SecretStore
 from speechgate.token_service import grants, oauth
@@ -195,20 +193,21 @@ def create_app(
     """`revocations` defaults to Redis, or to this process alone without Redis; `speechgate dev`
     passes one it shares with the relay running beside it."""
     token_metrics = TokenMetrics(registry or CollectorRegistry(), {route.path for route in ROUTES})
-    health = RedisHealth(redis, on_change=lambda up: token_metrics.redis_up.set(1 if up else 0))
-    keyspace = Keyspace(settings.redis_prefix)
-    http_client = http or httpx.AsyncClient(follow_redirects=False)
+    shared = foundation.build(
+        settings, store, redis, token_metrics.redis_up, http=http, revocations=revocations
+    )
+    limiter = RedisLimiter(redis, shared.keyspace) if redis else None
     service = TokenService(
         settings=settings,
         store=store,
         redis=redis,
         metrics=token_metrics,
-        http=http_client,
-        clients=ClientRegistry(store, ttl=settings.client_cache_s),
-        limiter=FailoverLimiter(RedisLimiter(redis, keyspace) if redis else None, health, LocalLimiter()),
-        health=health,
-        revocations=revocations or revocations_for(redis, keyspace),
-        jwks_cache=JwksCache(http_client, settings.idp_jwks_min_refresh_s, settings.idp_jwks_max_age_s),
+        http=shared.http,
+        clients=shared.clients,
+        limiter=FailoverLimiter(limiter, shared.health, LocalLimiter()),
+        health=shared.health,
+        revocations=shared.revocations,
+        jwks_cache=shared.jwks_cache,
     )
 
     @contextlib.asynccontextmanager

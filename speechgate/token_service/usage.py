@@ -13,7 +13,7 @@ from typing import Any
 from speechgate.core.clients import ClientPolicy
 from speechgate.core.keyspace import Keyspace, day, glob_literal, seconds_to_midnight, unpart
 from speechgate.core.redisconn import Redis
-from speechgate.token_service.ratelimit import checks_for
+from speechgate.token_service.ratelimit import RedisLimiter, checks_for
 
 
 @dataclass(frozen=True)
@@ -163,24 +163,6 @@ async def subject_usage(
     return found
 
 
-async def _window(redis: Redis, key: str, limit: str, ident: str, amount: int, window_s: int) -> Window:
-    """The same sliding-window count the limiter's script computes, read without counting."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.get(Keyspace.previous_window(key))
-        pipe.pttl(Keyspace.previous_window(key))
-        pipe.get(key)
-        pipe.pttl(key)
-        prev, prev_ttl, cur, cur_ttl = await pipe.execute()
-    expiry = window_s * 1000
-    prev, cur = int(prev or 0), int(cur or 0)
-    prev_ttl, cur_ttl = max(int(prev_ttl), 0), int(cur_ttl)
-    if 0 < cur_ttl < expiry:  # the current window is over: it counts as the previous one
-        prev, prev_ttl, cur, cur_ttl = cur, cur_ttl, 0, cur_ttl + expiry
-    reset = cur_ttl - expiry if cur_ttl - expiry > 0 else expiry
-    used = math.floor(prev * prev_ttl / expiry) + cur
-    return Window(limit, ident, used, amount, math.ceil(reset / 1000))
-
-
 async def detail(
     redis: Redis, keys: Keyspace, policy: ClientPolicy, subject: str | None, now: float
 ) -> Detail:
@@ -194,17 +176,15 @@ async def detail(
         )
     limits = policy.rate_limits
     checks = checks_for(c, subject or "", "", limits.client, limits.subject if subject else "", "")
-    windows = [
-        await _window(
-            redis,
-            keys.rate(c, check.policy, check.ident, check.amount, check.window_s),
-            f"{check.policy} {check.item}",
-            check.ident,
-            check.amount,
-            check.window_s,
-        )
-        for check in checks
-    ]
+    limiter = RedisLimiter(redis, keys)
+    windows = []
+    try:
+        for check in checks:
+            used, reset_ms = await limiter.peek(c, check)
+            label = f"{check.policy} {check.item}"
+            windows.append(Window(label, check.ident, used, check.amount, math.ceil(reset_ms / 1000)))
+    finally:
+        await limiter.aclose()
     lease_key = keys.lease_client(c) if subject is None else keys.lease_subject(c, subject)
     live: list[Any] = await redis.zrangebyscore(lease_key, int(now * 1000), "+inf", withscores=True)
     leases = [
