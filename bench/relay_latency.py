@@ -36,8 +36,8 @@ import httpx
 
 from bench.token_throughput import server
 from speechgate.core.filestore import FileStore
-from tests.conftest import add_client, prepared_store
-from tests.processes import Process, RedisServer, free_port
+from tests.support.processes import Process, RedisServer, free_port
+from tests.support.services import add_client, prepared_store
 
 PATH = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -29,8 +29,8 @@ from pathlib import Path
 import httpx
 
 from speechgate.core.filestore import FileStore
-from tests.conftest import add_client, prepared_store
-from tests.processes import Process, RedisServer, free_port
+from tests.support.processes import Process, RedisServer, free_port
+from tests.support.services import add_client, prepared_store
 
 WRK_SCRIPT = """
 wrk.method = "POST"

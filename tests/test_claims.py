@@ -21,7 +21,7 @@ from speechgate.core.keys import (
     rotate_signing_key,
 )
 from speechgate.core.store import MemoryStore, SecretVersion
-from tests.idp import b64, unsigned_token
+from tests.fakes.idp import b64, unsigned_token
 
 ISSUER, AUDIENCE = "https://tokens.example", "speechgate-relay"
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import httpx
 import jwt
 import pytest
 import redis
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -29,27 +28,14 @@ from speechgate.core.filestore import FileStore
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.settings import Settings
 from speechgate.core.store import StoreError
-from tests.conftest import TokenService
-from tests.processes import RedisServer, wait_until
-from tests.servers import ServerThread
-from tests.vault import Vault
+from tests.support.cli import Cli, audit_lines
+from tests.support.processes import RedisServer, wait_until
+from tests.support.servers import ServerThread
+from tests.support.services import TokenService
+from tests.support.vault import Vault
 
 SPEECH_KEY_1 = "a" * 32
 SPEECH_KEY_2 = "b" * 32
-
-
-@dataclass
-class Cli:
-    deps: Deps
-    settings: Settings
-
-    def __call__(self, *args: str, input: str | None = None, code: int = 0) -> Result:
-        result = CliRunner().invoke(main, list(args), obj=self.deps, input=input)
-        assert result.exit_code == code, (result.output, result.stderr, result.exception)
-        return result
-
-    def json(self, *args: str, input: str | None = None) -> Any:
-        return json.loads(self(*args, "--json", input=input).stdout)
 
 
 @pytest.fixture(params=["file", "keyvault"])
@@ -59,11 +45,6 @@ def cli(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, prefix: 
         return Cli(Deps(settings=settings), settings)
     vault: Vault = request.getfixturevalue("vault")
     return Cli(Deps(settings=settings, open_store=lambda _: vault.store()), settings)
-
-
-def audit_lines(result: Result) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
-    return [line for line in lines if "audit" in line]
 
 
 def test_clients_add_list_show_disable_enable(cli: Cli) -> None:

@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -21,11 +20,10 @@ import redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
-from tests.processes import Process, free_port, wait_until
-from tests.relays import make_wav
-
-SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
+from tests.fakes.speech import KEY, FakeSpeech, FakeSpeechServer
+from tests.support.cli import SPEECHGATE, credentials
+from tests.support.processes import Process, free_port, wait_until
+from tests.support.relays import make_wav
 
 
 def dev(cwd: Path, *args: str, **env: str) -> Process:
@@ -45,14 +43,6 @@ def run_curl_line(output: str) -> dict[str, object]:
     result = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30, check=True)
     body: dict[str, object] = json.loads(result.stdout)
     return body
-
-
-def credentials(output: str) -> tuple[str, str]:
-    client_id = re.search(r"client_id=(\S+)", output)
-    secret = re.search(r"client_secret=(\S+)", output)
-    assert client_id is not None
-    assert secret is not None
-    return client_id.group(1), secret.group(1)
 
 
 def test_dev_prints_a_curl_line_that_gets_a_token(tmp_path: Path) -> None:

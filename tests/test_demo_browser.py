@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, sync_playwright
 
-from tests.processes import Process, free_port
-from tests.test_cli_dev import SPEECHGATE
+from tests.support.cli import SPEECHGATE
+from tests.support.processes import Process, free_port
 
 SPEECH_WAV = Path(__file__).parent / "data" / "speech.wav"
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"

@@ -17,7 +17,7 @@ import yaml
 from websockets.sync.client import connect
 
 from speechgate.core.settings import ENV_NAMES
-from tests.relays import Stack
+from tests.support.relays import Stack
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 K8S = DEPLOY / "k8s"

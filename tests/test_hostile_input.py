@@ -28,9 +28,9 @@ from speechgate.devtools.demo import demo_routes
 from speechgate.devtools.dev import DevClient
 from speechgate.relay import usp
 from speechgate.relay.server import Relay
-from tests.conftest import TokenService
-from tests.processes import Process, free_port, wait_until
-from tests.relays import RelayThread, Stack
+from tests.support.processes import Process, free_port, wait_until
+from tests.support.relays import RelayThread, Stack
+from tests.support.services import TokenService
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
 

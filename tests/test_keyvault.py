@@ -10,9 +10,9 @@ import pytest
 from speechgate.core.clients import save_client
 from speechgate.core.keyvault import KeyVaultStore
 from speechgate.core.store import SecretNotFound, StoreError, StoreUnavailable
-from tests.conftest import TokenService, new_client, prepare
-from tests.processes import wait_until
-from tests.vault import Vault
+from tests.support.processes import wait_until
+from tests.support.services import TokenService, new_client, prepare
+from tests.support.vault import Vault
 
 
 async def test_all_versions_are_listed_across_pages_with_the_newest_last(vault: Vault) -> None:

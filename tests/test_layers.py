@@ -126,3 +126,15 @@ def test_the_graph_sees_imports_inside_functions() -> None:
     assert "speechgate.devtools.dev" in module_graph()["speechgate.cli"] | module_graph().get(
         "speechgate.cli.serve", set()
     )
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/support and tests/fakes; a test module (or conftest, which
+    pytest loads on its own) imported from another would run its tests' imports there too."""
+    wrong = {
+        str(path.relative_to(ROOT)): sorted(
+            m for m in imports(path) if m.split(".")[:2][-1].startswith(("test_", "conftest"))
+        )
+        for path in (ROOT / "tests").rglob("*.py")
+    }
+    assert {name: found for name, found in wrong.items() if found} == {}

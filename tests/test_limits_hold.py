@@ -24,8 +24,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from speechgate.core.keyspace import Keyspace, day
-from tests.processes import RedisServer, wait_until
-from tests.relays import Stack
+from tests.support.processes import RedisServer, wait_until
+from tests.support.relays import Stack
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
 

@@ -27,10 +27,10 @@ from speechgate.devtools import offline_synthesis as synthesis
 from speechgate.devtools.offline import DecoderPool, Event, OfflineTurn
 from speechgate.devtools.wav import WavError, read_pcm16k
 from speechgate.relay import usp
-from tests.js_sdk import run_js
-from tests.processes import Process, free_port
-from tests.python_sdk import continuous
-from tests.test_cli_dev import SPEECHGATE, credentials
+from tests.support.cli import SPEECHGATE, credentials
+from tests.support.js_sdk import run_js
+from tests.support.processes import Process, free_port
+from tests.support.python_sdk import continuous
 
 SPEECH_WAV = Path(__file__).parent / "data" / "speech.wav"  # espeak-ng: two sentences, 1 s apart
 TICKS_PER_S = 10_000_000

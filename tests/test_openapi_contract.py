@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 from schemathesis.openapi import from_url
 
-from tests.conftest import TokenService
+from tests.support.services import TokenService
 
 EXAMPLES = 40  # per operation
 

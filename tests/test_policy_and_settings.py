@@ -21,6 +21,8 @@ BAD_POLICIES: dict[str, tuple[dict[str, Any], str]] = {
     "bad language": ({"languages": ["english"]}, "language 'english'"),
     "ttl too long": ({"token_ttl_s": 86400}, "token_ttl_s must be between"),
     "negative quota": ({"max_streams_per_subject": -1}, "max_streams_per_subject"),
+    # a session's window is kept in Redis with that expiry, and Redis refuses an expiry of 0
+    "session of no time": ({"max_session_s": 0}, "max_session_s must be at least 1 second"),
     "bad rate limit": ({"rate_limits": {"client": "lots"}}, "rate_limits.client 'lots'"),
     "unknown rate limit kind": ({"rate_limits": {"tenant": "1/minute"}}, "client, subject and ip"),
     "public without idp": ({"secret_hash": None}, "needs an identity provider"),

@@ -17,8 +17,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from speechgate.core.keyspace import Keyspace, day
 from speechgate.relay import languages, usp
-from tests.processes import wait_until
-from tests.relays import Stack
+from tests.support.processes import wait_until
+from tests.support.relays import Stack
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1"
 

@@ -21,11 +21,10 @@ from speechgate.core.clients import save_client
 from speechgate.core.filestore import FileStore
 from speechgate.core.keyspace import Keyspace, day, seconds_to_midnight
 from speechgate.core.settings import Settings
-from tests.conftest import new_client, prepared_store
-from tests.processes import free_port, token_service_process, wait_until
-from tests.relays import Stack
-from tests.test_cli_admin import Cli, audit_lines
-from tests.test_cli_dev import SPEECHGATE
+from tests.support.cli import SPEECHGATE, Cli, audit_lines
+from tests.support.processes import free_port, token_service_process, wait_until
+from tests.support.relays import Stack
+from tests.support.services import new_client, prepared_store
 
 LISTEN = "/v1/listen?language=en-US"
 

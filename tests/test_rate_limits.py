@@ -16,8 +16,8 @@ from speechgate.core.filestore import FileStore
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.redisconn import connect
 from speechgate.token_service.ratelimit import Check, LocalLimiter, RedisLimiter, checks_for, parse
-from tests.conftest import TokenService, add_client, prepared_store
-from tests.processes import RedisServer, free_port, token_service_process, wait_until
+from tests.support.processes import RedisServer, free_port, token_service_process, wait_until
+from tests.support.services import TokenService, add_client, prepared_store
 
 
 def statuses(service: TokenService, client_id: str, secret: str, n: int, **params: str) -> list[int]:

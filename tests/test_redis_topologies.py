@@ -20,7 +20,7 @@ from speechgate.core.keyspace import Keyspace
 from speechgate.core.redisconn import connect
 from speechgate.core.revocation import RedisRevocations
 from speechgate.token_service.ratelimit import RedisLimiter, checks_for
-from tests.processes import Process, RedisServer, free_port, wait_until
+from tests.support.processes import Process, RedisServer, free_port, wait_until
 
 
 def _bindable(port: int) -> bool:

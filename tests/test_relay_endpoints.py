@@ -16,7 +16,7 @@ from speechgate.core.settings import Settings
 from speechgate.relay.auth import Refusal
 from speechgate.relay.endpoints import endpoint_for, upstream_path
 from speechgate.relay.upstream import upstream_url
-from tests.relays import Stack
+from tests.support.relays import Stack
 
 
 @pytest.mark.parametrize(

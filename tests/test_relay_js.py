@@ -17,9 +17,9 @@ from typing import Any
 import azure.cognitiveservices.speech as speechsdk
 import pytest
 
-from tests.js_sdk import JS, run_js
-from tests.processes import wait_until
-from tests.relays import Stack
+from tests.support.js_sdk import JS, run_js
+from tests.support.processes import wait_until
+from tests.support.relays import Stack
 
 RECOGNITION = "/speech/recognition/interactive/cognitiveservices/v1?language=en-US"
 SYNTHESIS = "/cognitiveservices/websocket/v1"

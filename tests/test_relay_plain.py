@@ -20,10 +20,10 @@ from speechgate.cli.common import Deps
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.logs import JsonFormatter
 from speechgate.core.settings import Settings
-from tests.fake_speech import KEY
-from tests.processes import wait_until
-from tests.relays import Stack
-from tests.test_cli_admin import Cli
+from tests.fakes.speech import KEY
+from tests.support.cli import Cli
+from tests.support.processes import wait_until
+from tests.support.relays import Stack
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
 

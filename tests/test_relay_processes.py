@@ -22,10 +22,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from speechgate.cli.common import Deps
 from speechgate.core.filestore import FileStore
 from speechgate.core.settings import Settings
-from tests.conftest import TokenService, prepared_store
-from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
-from tests.processes import Process, RedisServer, free_port
-from tests.test_cli_admin import Cli
+from tests.fakes.speech import KEY, FakeSpeech, FakeSpeechServer
+from tests.support.cli import Cli
+from tests.support.processes import Process, RedisServer, free_port
+from tests.support.services import TokenService, prepared_store
 
 SPEECHGATE = str(Path(sys.executable).parent / "speechgate")
 

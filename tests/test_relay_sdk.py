@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from speechgate.core.keyspace import Keyspace, day
-from tests.fake_speech import KEY
-from tests.processes import wait_until
-from tests.relays import Stack
+from tests.fakes.speech import KEY
+from tests.support.processes import wait_until
+from tests.support.relays import Stack
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 INTERACTIVE = "/speech/recognition/interactive/cognitiveservices/v1?language=en-US"

@@ -18,8 +18,8 @@ from websockets.exceptions import ConnectionClosed
 
 from speechgate.relay import frames, usp
 from speechgate.relay.splice import WRITE_HIGH, Splice, azure_closed
-from tests.processes import wait_until
-from tests.relays import Stack
+from tests.support.processes import wait_until
+from tests.support.relays import Stack
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
 SYNTHESIS = "/cognitiveservices/websocket/v1"

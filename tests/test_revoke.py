@@ -11,8 +11,8 @@ import jwt
 import redis
 
 from speechgate.core.keyspace import Keyspace
-from tests.conftest import TokenService
-from tests.processes import RedisServer
+from tests.support.processes import RedisServer
+from tests.support.services import TokenService
 
 
 def test_revoked_jti_is_kept_until_exp_plus_session_and_announced(

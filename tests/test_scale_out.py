@@ -22,10 +22,10 @@ from speechgate.core.clients import save_client
 from speechgate.core.filestore import FileStore
 from speechgate.core.keyspace import Keyspace, day
 from speechgate.core.store import SecretStore
-from tests.conftest import new_client, prepared_store
-from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
-from tests.processes import Process, free_port, token_service_process
-from tests.test_cli_dev import SPEECHGATE
+from tests.fakes.speech import KEY, FakeSpeech, FakeSpeechServer
+from tests.support.cli import SPEECHGATE
+from tests.support.processes import Process, free_port, token_service_process
+from tests.support.services import new_client, prepared_store
 
 
 @dataclass

@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from speechgate.relay.voices import VoiceList
-from tests.js_sdk import run_js
-from tests.python_sdk import continuous
-from tests.relays import Stack
-from tests.tls_front import TlsFront
+from tests.fakes.tls_front import TlsFront
+from tests.support.js_sdk import run_js
+from tests.support.python_sdk import continuous
+from tests.support.relays import Stack
 
 TEXT = "Hello from the fake service."
 INTERACTIVE = "/speech/recognition/interactive/cognitiveservices/v1?"

@@ -15,7 +15,7 @@ import pytest
 
 from speechgate.core.filestore import FileStore
 from speechgate.core.store import MemoryStore, SecretDisabled, SecretNotFound, SecretStore, StoreError
-from tests.vault import Vault
+from tests.support.vault import Vault
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ import pytest
 from speechgate.core.clients import secret_name
 from speechgate.core.logs import JsonFormatter
 from speechgate.token_service.oauth import OAuthError
-from tests.conftest import TokenService
+from tests.support.services import TokenService
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 

@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from speechgate.core.clients import ClientPolicy, PolicyError
-from tests.conftest import TokenService
-from tests.idp import AUDIENCE, ISSUER, FakeIdp, b64, unsigned_token
-from tests.servers import ServerThread
+from tests.fakes.idp import AUDIENCE, ISSUER, FakeIdp, b64, unsigned_token
+from tests.support.servers import ServerThread
+from tests.support.services import TokenService
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"

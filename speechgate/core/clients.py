@@ -152,6 +152,8 @@ class ClientPolicy:
                 raise PolicyError(f"{name} must be a non-negative integer")
         if not 10 <= self.token_ttl_s <= 3600:
             raise PolicyError("token_ttl_s must be between 10 and 3600 seconds")
+        if self.max_session_s < 1:
+            raise PolicyError("max_session_s must be at least 1 second (how long one stream may last)")
         for kind, text in asdict(self.rate_limits).items():
             _check_rate_limit(kind, text)
         for origin in self.origins:

@@ -346,10 +346,15 @@ class MemorySessions:
             c = s.claims.client_id
             for key in (f"{c}:sub:{s.claims.sub}", f"{c}:all"):
                 self._live(key, now)[s.stream_id] = now + self.lease_s
-            subject_total = self._add(f"{c}:{today}:sub:{s.claims.sub}", s.audio_s)
-            client_total = self._add(f"{c}:{today}:all", s.audio_s)
+            self._add(f"{c}:{today}:sub:{s.claims.sub}", s.audio_s)
+            self._add(f"{c}:{today}:all", s.audio_s)
             s.audio_s = 0.0
-            beat.add(s, policies.get(c), subject_total, client_total)
+        # Each stream is judged on the totals after all of them, as in Redis (one script per
+        # client): a subject over its quota has every one of its streams ended, not the last.
+        for s in streams:
+            c = s.claims.client_id
+            subject_total = self._audio.get(f"{c}:{today}:sub:{s.claims.sub}", 0.0)
+            beat.add(s, policies.get(c), subject_total, self._audio.get(f"{c}:{today}:all", 0.0))
         return beat
 
     def _add(self, key: str, seconds: float) -> float:

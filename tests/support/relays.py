@@ -21,10 +21,10 @@ from speechgate.core.claims import AccessClaims, new_jti, sign
 from speechgate.core.keys import load_keyring
 from speechgate.core.redisconn import connect
 from speechgate.relay.server import Relay
-from tests.fake_speech import KEY, FakeSpeech, FakeSpeechServer
+from tests.fakes.speech import KEY, FakeSpeech, FakeSpeechServer
 
 if TYPE_CHECKING:
-    from tests.conftest import TokenService
+    from tests.support.services import TokenService
 
 
 class RelayThread:

@@ -12,8 +12,8 @@ import pytest
 import trustme
 
 from speechgate.core.keyvault import KeyVaultStore
-from tests.fake_keyvault import FakeKeyVault
-from tests.servers import ServerThread
+from tests.fakes.keyvault import FakeKeyVault
+from tests.support.servers import ServerThread
 
 # Variables that would make another credential in DefaultAzureCredential's chain win.
 _OTHER_CREDENTIALS = (

@@ -14,7 +14,7 @@ import pytest
 
 # SPEECHGATE_JS_SDK_DIR: a copy of tests/js with another SDK version installed (.ci/run's second
 # step runs the compatibility tests on the newest release that way).
-JS = Path(os.environ.get("SPEECHGATE_JS_SDK_DIR") or Path(__file__).parent / "js")
+JS = Path(os.environ.get("SPEECHGATE_JS_SDK_DIR") or Path(__file__).parent.parent / "js")
 
 
 @pytest.fixture(scope="session")
