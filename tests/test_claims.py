@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from dataclasses import replace
 
 import jwt
 import pytest
@@ -22,6 +21,7 @@ from speechgate.core.keys import (
 )
 from speechgate.core.store import MemoryStore, SecretVersion
 from tests.fakes.idp import b64, unsigned_token
+from tests.support.claims import access_claims
 
 ISSUER, AUDIENCE = "https://tokens.example", "speechgate-relay"
 
@@ -38,21 +38,8 @@ def ring() -> KeyRing:
 
 
 def claims(**changes: object) -> AccessClaims:
-    now = int(time.time())
-    base = AccessClaims(
-        iss=ISSUER,
-        aud=AUDIENCE,
-        sub="user-1",
-        client_id="app-1",
-        scope="speech:recognize",
-        iat=now,
-        nbf=now,
-        exp=now + 300,
-        jti="jti-1",
-        max_session_s=600,
-        lang=("en-US",),
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    defaults: dict[str, object] = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "client_id": "app-1"}
+    return access_claims(**{**defaults, "jti": "jti-1", "lang": ("en-US",), **changes})
 
 
 def check(token: str, ring: KeyRing, **options: object) -> AccessClaims:

@@ -10,11 +10,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
-from speechgate.core.claims import AccessClaims
 from speechgate.core.clients import ClientPolicy
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.redisconn import connect
@@ -28,26 +26,10 @@ from speechgate.relay.sessions import (
     new_stream_id,
 )
 from speechgate.token_service.ratelimit import Limiter, LocalLimiter, RedisLimiter, checks_for
+from tests.support.claims import access_claims
 
 POLICY = ClientPolicy(client_id="app", secret_hash="x", max_streams_per_subject=1)
 BACKENDS = ["memory", "redis"]
-
-
-def claims(**changes: Any) -> AccessClaims:
-    now = int(time.time())
-    base = AccessClaims(
-        iss="i",
-        aud="a",
-        sub="alice",
-        client_id="app",
-        scope="speech:recognize",
-        iat=now,
-        nbf=now,
-        exp=now + 300,
-        jti="j1",
-        max_session_s=600,
-    )
-    return replace(base, **changes)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -88,16 +70,16 @@ async def test_an_expired_token_reconnects_only_into_the_session_it_opened(
     make_sessions: Callable[[float], Sessions],
 ) -> None:
     sessions = make_sessions(15)
-    first = await sessions.admit(claims(), POLICY, "s1", may_start=True)
+    first = await sessions.admit(access_claims(), POLICY, "s1", may_start=True)
     assert first.admitted
     # The SDK reconnects later with the same token, now past its exp: same session, same start.
-    again = await sessions.admit(claims(), POLICY, "s2", may_start=False)
+    again = await sessions.admit(access_claims(), POLICY, "s2", may_start=False)
     assert (again.admitted, again.reason) == (False, "subject_streams")  # s1 still holds the slot
-    await sessions.release(Stream(claims(), "s1", 0))
-    again = await sessions.admit(claims(), POLICY, "s2", may_start=False)
+    await sessions.release(Stream(access_claims(), "s1", 0))
+    again = await sessions.admit(access_claims(), POLICY, "s2", may_start=False)
     assert again.admitted
     assert again.started_ms == first.started_ms
-    other = await sessions.admit(claims(jti="j2"), POLICY, "s3", may_start=False)
+    other = await sessions.admit(access_claims(jti="j2"), POLICY, "s3", may_start=False)
     assert (other.admitted, other.reason) == (False, "expired")
 
 
@@ -106,7 +88,7 @@ async def test_a_single_use_token_holds_one_stream_and_opens_one_session(
 ) -> None:
     sessions = make_sessions(15)
     policy = replace(POLICY, max_streams_per_subject=5)
-    token = claims(single_use=True, jti="once")
+    token = access_claims(single_use=True, jti="once")
     first, second, third = (new_stream_id(token) for _ in range(3))
     assert (await sessions.admit(token, policy, first, may_start=True)).admitted
     parallel = await sessions.admit(token, policy, second, may_start=True)
@@ -126,13 +108,13 @@ async def test_a_single_use_token_holds_one_stream_and_opens_one_session(
 
 async def test_a_lease_nobody_renews_frees_its_slot(make_sessions: Callable[[float], Sessions]) -> None:
     sessions = make_sessions(0.2)
-    assert (await sessions.admit(claims(), POLICY, "s1", may_start=True)).admitted
-    refused = await sessions.admit(claims(jti="j2"), POLICY, "s2", may_start=True)
+    assert (await sessions.admit(access_claims(), POLICY, "s1", may_start=True)).admitted
+    refused = await sessions.admit(access_claims(jti="j2"), POLICY, "s2", may_start=True)
     assert refused.reason == "subject_streams"
     assert 1 <= refused.retry_after_s <= 1  # the lease's end, rounded up to whole seconds
     # A relay that died renews nothing: 0.2 s later the slot is free (leases are end times).
     deadline = time.monotonic() + 5
-    while not (await sessions.admit(claims(jti="j3"), POLICY, "s3", may_start=True)).admitted:
+    while not (await sessions.admit(access_claims(jti="j3"), POLICY, "s3", may_start=True)).admitted:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
 
@@ -142,16 +124,16 @@ async def test_a_reconnect_takes_over_the_mark_its_ended_connection_left_once(
 ) -> None:
     sessions = make_sessions(15)
     policy = replace(POLICY, max_streams_per_subject=5)
-    first = await sessions.admit(claims(), policy, "s1", may_start=True)
+    first = await sessions.admit(access_claims(), policy, "s1", may_start=True)
     assert (first.resume_mark_s, first.replay_budget_s) == (0.0, REPLAY_BUDGET_S)
-    ended = Stream(claims(), "s1", first.started_ms, replay_budget_s=first.replay_budget_s)
+    ended = Stream(access_claims(), "s1", first.started_ms, replay_budget_s=first.replay_budget_s)
     ended.add_audio(3 * ended.byte_rate)
     await sessions.release(ended)
     await sessions.release(ended)  # a repeated write of the same end leaves nothing twice
-    again = await sessions.admit(claims(), policy, "s2", may_start=False)
+    again = await sessions.admit(access_claims(), policy, "s2", may_start=False)
     assert again.resume_mark_s == pytest.approx(3.0)
     assert again.replay_budget_s == REPLAY_BUDGET_S
-    parallel = await sessions.admit(claims(), policy, "s3", may_start=False)
+    parallel = await sessions.admit(access_claims(), policy, "s3", may_start=False)
     assert parallel.resume_mark_s == 0.0  # taken once: a parallel stream replays nothing free
 
 
@@ -160,7 +142,7 @@ async def test_daily_audio_counts_across_streams_and_refuses_the_next_when_used_
 ) -> None:
     sessions = make_sessions(15)
     policy = replace(POLICY, max_streams_per_subject=5, audio_s_per_day_subject=10)
-    token = claims(jti="audio")
+    token = access_claims(jti="audio")
     streams = []
     for n in range(2):
         admitted = await sessions.admit(token, policy, f"audio.{n}", may_start=True)
@@ -177,14 +159,14 @@ async def test_daily_audio_counts_across_streams_and_refuses_the_next_when_used_
         ("audio.0", "daily audio quota used up"),
         ("audio.1", "daily audio quota used up"),
     ]
-    refused = await sessions.admit(claims(jti="audio2"), policy, "audio2.0", may_start=True)
+    refused = await sessions.admit(access_claims(jti="audio2"), policy, "audio2.0", may_start=True)
     assert (refused.admitted, refused.reason) == (False, "subject_audio")
 
 
 def test_replayed_audio_is_counted_once_and_free_replay_is_bounded_per_session() -> None:
     """The SDKs replay unconfirmed audio from an offset they name; an app naming offset 0 on every
     turn gets no more than the session's replay budget uncounted."""
-    stream = Stream(claims(), "s1", 0, replay_budget_s=REPLAY_BUDGET_S)
+    stream = Stream(access_claims(), "s1", 0, replay_budget_s=REPLAY_BUDGET_S)
     ten_seconds = 10 * stream.byte_rate
     stream.context(None)
     stream.add_audio(ten_seconds)
@@ -240,13 +222,13 @@ async def test_limits_are_counted_per_client(limiter: Limiter) -> None:
 
 async def test_a_revoked_token_is_refused_and_no_other(revocations: Revocations) -> None:
     now = int(time.time())
-    assert await revocations.revoked(claims(jti="r1"), "kid") is None
+    assert await revocations.revoked(access_claims(jti="r1"), "kid") is None
     await revocations.revoke_jti("r1", now + 60)
-    assert await revocations.revoked(claims(jti="r1"), "kid") == "token revoked"
-    assert await revocations.revoked(claims(jti="r2"), "kid") is None
+    assert await revocations.revoked(access_claims(jti="r1"), "kid") == "token revoked"
+    assert await revocations.revoked(access_claims(jti="r2"), "kid") is None
 
 
 async def test_a_revocation_lasts_until_the_token_could_no_longer_be_used(revocations: Revocations) -> None:
     """Kept as long as the token is usable, not longer: once `until` has passed it holds nothing."""
     await revocations.revoke_jti("gone", int(time.time()) - 1)
-    assert await revocations.revoked(claims(jti="gone"), "kid") is None
+    assert await revocations.revoked(access_claims(jti="gone"), "kid") is None

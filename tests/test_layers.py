@@ -138,3 +138,18 @@ def test_no_test_module_imports_another() -> None:
         for path in (ROOT / "tests").rglob("*.py")
     }
     assert {name: found for name, found in wrong.items() if found} == {}
+
+
+LONGEST = 400  # lines; a module past it says why at its top, in a paragraph starting "Size:"
+
+
+def test_a_long_module_says_why_it_is_long() -> None:
+    """Test modules are lists of cases and are left out; everything else is code to be read."""
+    unexplained = {}
+    for folder in ("speechgate", "tests/support", "tests/fakes", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            lines = path.read_text().count("\n")
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            if lines > LONGEST and "\nSize: " not in f"\n{doc}":
+                unexplained[str(path.relative_to(ROOT))] = lines
+    assert unexplained == {}

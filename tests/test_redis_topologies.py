@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from speechgate.core.claims import AccessClaims
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.redisconn import connect
 from speechgate.core.revocation import RedisRevocations
 from speechgate.token_service.ratelimit import RedisLimiter, checks_for
+from tests.support.claims import access_claims
 from tests.support.processes import Process, RedisServer, free_port, wait_until
 
 
@@ -98,18 +98,7 @@ def limit_counts(uri: str, prefix: str) -> list[bool]:
         keyspace = Keyspace(prefix)
         revocations = RedisRevocations(client, keyspace)
         now = int(time.time())
-        token = AccessClaims(
-            iss="i",
-            aud="a",
-            sub="alice",
-            client_id="tenant",
-            scope="s",
-            iat=now - 5,
-            nbf=now - 5,
-            exp=now + 60,
-            jti="j1",
-            max_session_s=60,
-        )
+        token = access_claims(client_id="tenant", iat=now - 5, nbf=now - 5, exp=now + 60, max_session_s=60)
         await revocations.revoke_jti("j1", now + 60)
         results.append(await revocations.revoked(token, "k1") == "token revoked")
         await revocations.revoke_subject("tenant", "alice", 60)

@@ -17,7 +17,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from speechgate.devtools.dev import DevClient
-from speechgate.relay.server import Route, header, json_response, respond
+from speechgate.relay.http import Route, header, json_response, respond
 
 PAGE_PATH = "/demo"
 MINT_PATH = "/demo/token"

@@ -1,8 +1,13 @@
 """The relay: `Relay(settings, store, redis)`, a WebSocket server with two front doors.
 
-Everything a stream must satisfy is checked at the handshake, before the upgrade, so that the
-Speech SDKs surface a clean 401/403/429. After the upgrade, the relay forwards frames and only
-peeks at what it must: audio payload sizes (metering) and turn boundaries (close codes, drain).
+Everything a stream must satisfy is checked at the handshake, before the upgrade (admission.py),
+so that the Speech SDKs surface a clean 401/403/429. After the upgrade, the doors (doors/) forward
+frames and only peek at what they must: audio payload sizes (metering) and turn boundaries (close
+codes, drain).
+
+Size: this is the one owner of the relay's state over a stream's life (admitted, live, ended,
+settled in Redis), its heartbeat and its drain; the parts that need no state of their own are
+apart (admission, doors, splice, sessions), and what is left shares that state too much to split.
 """
 
 from __future__ import annotations
@@ -14,8 +19,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from http import HTTPStatus
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -26,36 +30,33 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from speechgate.core import foundation
-from speechgate.core.claims import AccessClaims
 from speechgate.core.clients import ClientPolicy
 from speechgate.core.events import EventListener
-from speechgate.core.keyspace import seconds_to_midnight
 from speechgate.core.redisconn import REDIS_ERRORS, Redis
 from speechgate.core.revocation import SIGNING_KEY_REVOKED, Revocations
 from speechgate.core.settings import Settings
 from speechgate.core.speechkeys import sts_base_for
 from speechgate.core.store import SecretStore, StoreError
 from speechgate.relay import doors
+from speechgate.relay.admission import Gatekeeper
 from speechgate.relay.auth import (
     Authenticator,
     Refusal,
-    authorize,
-    find_token,
     plain_path,
     split_target,
 )
-from speechgate.relay.endpoints import endpoint_for, message_rules, upstream_query
+from speechgate.relay.doors import azure, plain
+from speechgate.relay.http import Route, asks_for_upgrade, json_response, respond
 from speechgate.relay.live import Live, Pending
 from speechgate.relay.metrics import RelayMetrics
-from speechgate.relay.sessions import MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
+from speechgate.relay.sessions import MemorySessions, RedisSessions, Stream
 from speechgate.relay.upstream import (
     Credentials,
     EntraCredentials,
     KeyCredentials,
     StsCredentials,
-    UpstreamError,
 )
-from speechgate.relay.voices import VOICES_PATHS, VoiceList, for_token
+from speechgate.relay.voices import VOICES_PATHS, VoiceList
 
 log = logging.getLogger("speechgate.relay")
 # websockets logs request lines (with their query, where tokens may be) at DEBUG: never below INFO.
@@ -67,65 +68,6 @@ KNOWN_CLOSE_CODES = frozenset(
     {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4000, 4429}
 )
 MAX_UNSETTLED = 100_000  # ended streams kept for Redis during an outage (a few hundred bytes each)
-# Plain HTTP pages served beside the WebSocket endpoints (the dev demo).
-Route = Callable[[ServerConnection, Request], Awaitable[Response]]
-
-
-def respond(connection: ServerConnection, status: int, text: str, content_type: str) -> Response:
-    """A plain HTTP answer. websockets' `respond` sets a text/plain Content-Type, and its headers
-    keep every value assigned: replace it, so that the answer has exactly one."""
-    response = connection.respond(HTTPStatus(status), text)
-    del response.headers["Content-Type"]
-    response.headers["Content-Type"] = content_type
-    return response
-
-
-def json_response(
-    connection: ServerConnection, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> Response:
-    """A plain HTTP answer with a JSON body (refusals, health, the dev demo's token)."""
-    response = respond(connection, status, json.dumps(body) + "\n", "application/json")
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
-    return response
-
-
-def _asks_for_upgrade(request: Request) -> bool:
-    """Whether a request asks to become a WebSocket: nothing is admitted for one that does not
-    (websockets checks the rest of the handshake; `Relay.after_handshake` undoes an admission
-    when it fails)."""
-    connection = header(request, "Connection").lower()
-    return "upgrade" in connection and header(request, "Upgrade").lower() == "websocket"
-
-
-def header(request: Request, name: str) -> str:
-    """A request header's values, joined: a header sent twice is no error (websockets' `get`
-    raises on it, which would become a 500)."""
-    return ", ".join(request.headers.get_all(name))
-
-
-REFUSALS = {
-    "expired": (
-        401,
-        "token_expired",
-        "the token has expired and opened no session that may reconnect; get a new one",
-    ),
-    "used": (401, "token_used", "this single-use token has opened its session already; get a new one"),
-    "session_over": (
-        401,
-        "session_over",
-        "this token's session has reached its time limit (max_session_s); get a new token",
-    ),
-    "in_use": (
-        409,
-        "token_in_use",
-        "this single-use token holds a live stream already; it opens one stream at a time",
-    ),
-    "subject_streams": (429, "too_many_streams", "this user has as many live streams as allowed"),
-    "client_streams": (429, "too_many_streams", "this app has as many live streams as allowed"),
-    "subject_audio": (429, "audio_quota", "this user's daily audio quota is used up"),
-    "client_audio": (429, "audio_quota", "this app's daily audio quota is used up"),
-}
 
 
 class Relay:
@@ -165,6 +107,16 @@ class Relay:
         if settings.upstream_auth == "sts":
             self.credentials = StsCredentials(key, sts_base_for(settings.speech_region, None), self.http)
         self.voices = VoiceList(settings, self.credentials, self.http)
+        self.gate = Gatekeeper(
+            self.auth,
+            self.clients,
+            self.revocations,
+            self.health,
+            self.local_sessions,
+            self.redis_sessions,
+            self.voices,
+            has_redis=redis is not None,
+        )
         self.live: dict[str, Live] = {}
         self.unsettled: list[Stream] = []  # ended streams whose last state Redis has yet to get
         self.draining = False
@@ -203,14 +155,17 @@ class Relay:
         route = self.routes.get(path)
         if route is not None:
             return await route(connection, request)
-        if any(k.lower() == "generateredirectresponse" for k, _ in params) and not _asks_for_upgrade(request):
+        if any(k.lower() == "generateredirectresponse" for k, _ in params) and not asks_for_upgrade(request):
             # The JavaScript SDK asks where a bare-host endpoint redirects to, and connects to
             # the URL it was given on any answer but 200: there is nowhere else to go.
             return respond(connection, 204, "", "text/plain")
         try:
             if path in VOICES_PATHS:
-                return await self._voices(connection, request, params)
-            pending = await self._admit(request, path, params)
+                voices = await self.gate.voices(request, params)
+                response = respond(connection, 200, json.dumps(voices), "application/json")
+                response.headers["Cache-Control"] = "private, max-age=600"
+                return response
+            pending = await self.gate.admit(request, path, params, self.draining)
         except Refusal as refusal:
             self.metrics.refused.labels(refusal.error).inc()
             log.info(  # the path only: the query may hold a token
@@ -257,83 +212,6 @@ class Relay:
                 task.add_done_callback(self._releasing.discard)
         return response
 
-    async def _admit(self, request: Request, path: str, params: list[tuple[str, str]]) -> Pending:
-        endpoint = endpoint_for(path)
-        if not _asks_for_upgrade(request):
-            raise Refusal(426, "upgrade_required", "this endpoint takes a WebSocket connection")
-        door = endpoint.door
-        if door == "plain":
-            doors.plain_sample_rate(params)
-        if self.draining:
-            raise Refusal(503, "draining", "this relay is shutting down; connect again", 1)
-        claims, kid = await self.auth.verify(find_token(request.headers, params, door == "plain"))
-        languages = [v for k, v in params if k.lower() == "language"]
-        # Universal v2 may name its language in speech.context only (checked there: Rules).
-        required = endpoint.kind not in ("synthesis", "universal") and not any(
-            k.lower() == "from" for k, _ in params
-        )
-        authorize(claims, endpoint.scopes(params), languages, required)
-        policy = await self.clients.get(claims.client_id)
-        if not isinstance(policy, ClientPolicy) or not policy.enabled:  # unknown or disabled
-            raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
-        origin = header(request, "Origin") or None
-        if origin is not None and policy.origins and origin not in policy.origins:
-            raise Refusal(403, "origin_not_allowed", f"pages of {origin[:60]} may not use this app's tokens")
-        query = upstream_query(endpoint, params, policy, claims) if door == "azure" else ""
-        stream_id = new_stream_id(claims)
-        may_start = time.time() < claims.exp
-        sessions: Sessions = self.local_sessions
-        if self.redis_sessions is not None and self.health.up:
-            try:
-                await self._refuse_if_revoked(claims, kid)
-                admission = await self.redis_sessions.admit(claims, policy, stream_id, may_start)
-                sessions = self.redis_sessions
-            except REDIS_ERRORS as exc:
-                self.health.mark_down(exc)  # revocations cannot be read until Redis is back
-        if sessions is self.local_sessions:
-            if self.redis is None:  # development: revocations live in this process
-                await self._refuse_if_revoked(claims, kid)
-            admission = await self.local_sessions.admit(claims, policy, stream_id, may_start)
-        if not admission.admitted:
-            status, error, message = REFUSALS[admission.reason]
-            retry = admission.retry_after_s or (seconds_to_midnight() if status == 429 else None)
-            raise Refusal(status, error, message, retry)
-        rules = message_rules(endpoint, params, claims, policy)
-        return Pending(claims, kid, stream_id, endpoint, path, params, query, sessions, admission, rules)
-
-    async def _voices(
-        self, connection: ServerConnection, request: Request, params: list[tuple[str, str]]
-    ) -> Response:
-        """`GET /cognitiveservices/voices/list` with a token that may synthesize: Azure's list
-        (cached; relay.voices), only the token's languages' voices when it restricts them."""
-        claims, kid = await self.auth.verify(find_token(request.headers, params, False))
-        if time.time() >= claims.exp:
-            raise Refusal(401, "token_expired", "the token has expired; get a new one")
-        authorize(claims, ("speech:synthesize",), [], False)
-        policy = await self.clients.get(claims.client_id)
-        if not isinstance(policy, ClientPolicy) or not policy.enabled:
-            raise Refusal(403, "client_disabled", "the app this token was issued to is disabled")
-        if self.redis is None or self.health.up:
-            try:
-                await self._refuse_if_revoked(claims, kid)
-            except REDIS_ERRORS as exc:
-                self.health.mark_down(exc)
-        try:
-            voices = await self.voices.get()
-        except UpstreamError as exc:
-            log.warning("voices list unavailable: %s", exc)
-            raise Refusal(
-                503, "upstream_unavailable", "Azure's voices list cannot be fetched; retry", 30
-            ) from None
-        response = respond(connection, 200, json.dumps(for_token(voices, claims.lang)), "application/json")
-        response.headers["Cache-Control"] = "private, max-age=600"
-        return response
-
-    async def _refuse_if_revoked(self, claims: AccessClaims, kid: str) -> None:
-        reason = await self.revocations.revoked(claims, kid)
-        if reason is not None:
-            raise Refusal(401, "token_revoked", reason)
-
     # --- streams ----------------------------------------------------------------------------
 
     async def handler(self, connection: ServerConnection) -> None:
@@ -355,9 +233,9 @@ class Relay:
             )
             try:
                 if live.door == "azure":
-                    await doors.azure(self, live, pending)
+                    await azure.serve(self, live, pending)
                 else:
-                    await doors.plain(self, live, pending)
+                    await plain.serve(self, live, pending)
             finally:
                 deadline.cancel()
         finally:

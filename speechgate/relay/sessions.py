@@ -137,7 +137,7 @@ REPLAY_BUDGET_S = 60.0  # audio a session's reconnects may replay uncounted, in 
 @dataclass(frozen=True)
 class Admission:
     admitted: bool
-    reason: str  # "ok" or a key of relay.server.REFUSALS
+    reason: str  # "ok" or a key of relay.admission.REFUSALS
     retry_after_s: int = 0
     started_ms: int = 0
     resume_mark_s: float = 0.0  # what the session's last ended connection left (Stream.context)

@@ -1,18 +1,5 @@
-"""The two front doors: what flows between an app and Azure once a stream is admitted.
-
-Close codes are chosen for how the clients react (shared/reference/azure-speech-websocket.md):
-- Azure-compatible door: a turn that cannot finish ends with 4000 and a reason (both SDKs cancel
-  at once and show it); never 1000 in the middle of a turn (the SDKs hang); 1001 when draining;
-  an upstream that closes mid-turn becomes 1011, which the SDK answers by reconnecting and
-  replaying the turn's audio, except Azure's own 1007 (it refused the request), passed on with
-  its reason (splice.azure_closed).
-- Plain door: 1000 done, 1001 draining, 1003/1007 a message it cannot use, 1008 revoked or too
-  fast, 1009 frame too large, 1011 upstream failure (with Azure's reason when it refused),
-  1013 upstream unavailable, 4000 session time limit, 4429 quota used up.
-
-The Azure door's data phase normally runs on a splice of the two sockets (speechgate/relay/splice.py, the
-same rules); the message-level pump here is its fallback and `SPEECHGATE_SPLICE=0`.
-"""
+"""The plain door (`/v1/listen`): raw PCM in, JSON events out; the relay speaks USP to Azure
+for the app."""
 
 from __future__ import annotations
 
@@ -21,164 +8,21 @@ import collections
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from speechgate.core.jose import loads_strict
 from speechgate.relay import usp
 from speechgate.relay.auth import Refusal
-from speechgate.relay.endpoints import CONVERSATION_PATH, upstream_path
+from speechgate.relay.doors import connect, stop
+from speechgate.relay.endpoints import CONVERSATION_PATH
 from speechgate.relay.live import Context, Live, Pending
-from speechgate.relay.splice import PATH_WINDOW, SAMPLE_MASK, Splice, azure_closed, can_take_over
-from speechgate.relay.upstream import UpstreamError, open_upstream, upstream_url
-
-
-def resume(connection: ServerConnection) -> None:
-    """Reading was paused at the handshake, for the splice; this stream goes another way."""
-    if connection.transport is not None:
-        connection.transport.resume_reading()
-
-
-async def _connect(
-    relay: Context, service: str, path: str, query: str, extra: dict[str, str]
-) -> ClientConnection:
-    started = time.perf_counter()
-    try:
-        return await open_upstream(
-            upstream_url(relay.settings, service, path, query),
-            relay.credentials,
-            extra,
-            relay.settings.upstream_connect_attempts,
-            max_size=2**20,
-        )
-    except UpstreamError:
-        relay.metrics.upstream_failures.inc()
-        raise
-    finally:
-        relay.metrics.upstream_connect.observe(time.perf_counter() - started)
-
-
-async def _stop(live: Live, tasks: Sequence[asyncio.Future[None]], upstream: ClientConnection | None) -> None:
-    """End both directions of a stream and its Azure connection; the stream is over."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-            await task
-    if upstream is not None:
-        with contextlib.suppress(ConnectionClosed):
-            await upstream.close()
-    live.ended.set()
-
-
-async def _timed(relay: Context, direction: str, send: Awaitable[None]) -> None:
-    started = time.perf_counter()
-    await send
-    relay.metrics.forward.labels(direction).observe(time.perf_counter() - started)
-
-
-def _path(message: str) -> bytes | bytearray:
-    return usp.peek_path(message[:PATH_WINDOW].encode())
-
-
-# --- Azure-compatible: frames verbatim ----------------------------------------------------------
-
-
-async def azure(relay: Context, live: Live, pending: Pending) -> None:
-    request = live.connection.request
-    assert request is not None
-    extra = {k: v for k, v in request.headers.raw_items() if k.lower() in ("x-connectionid", "user-agent")}
-    try:
-        path = upstream_path(pending.endpoint, pending.path, bool(relay.settings.speech_endpoint))
-        upstream = await _connect(relay, pending.endpoint.service, path, pending.query, extra)
-    except UpstreamError as exc:
-        resume(live.connection)
-        live.end(4000, 1013, f"{relay.upstream_name} unavailable: {exc}")
-        return
-    live.upstream = upstream
-    stream, client = live.stream, live.connection
-    if relay.settings.splice and can_take_over(client) and can_take_over(upstream):
-        # No await from the check to the takeover: no data can slip in between.
-        live.splice = Splice(relay, live, client, upstream)
-        live.splice.start()
-        try:
-            await live.splice.done
-        finally:
-            live.ended.set()
-        return
-    resume(client)
-    opened = time.monotonic()
-
-    async def app_to_azure() -> None:
-        count = 0
-        async for message in client:
-            if type(message) is bytes:
-                size = usp.audio_payload_size(message)
-                if size:
-                    start = len(message) - size
-                    if message[start : start + 4] == b"RIFF":  # the first frame of a turn: a WAV header
-                        if not live.wav_header(message[start:]):
-                            return
-                        size = max(0, size - 44)
-                    stream.add_audio(size)
-                    if stream.flooding(opened):
-                        live.end(4000, 1008, "audio sent much faster than real time")
-                        return
-            elif isinstance(message, str) and not live.app_text(_path(message), message.encode):
-                return
-            count += 1
-            if count & SAMPLE_MASK:
-                await upstream.send(message)
-            else:
-                await _timed(relay, "up", upstream.send(message))
-            if live.drain_timer is not None and isinstance(message, str) and _path(message) == b"telemetry":
-                live.drained()  # the app's last word on its turn has gone to Azure
-
-    async def azure_to_app() -> None:
-        async for message in upstream:
-            await client.send(message)
-            if type(message) is str:
-                path = _path(message)
-                if live.turn_audio_at is not None and path in usp.RESULTS:
-                    relay.metrics.first_result.labels("azure").observe(
-                        time.perf_counter() - live.turn_audio_at
-                    )
-                    live.turn_audio_at = None
-                if path == usp.TURN_END_BYTES:
-                    live.turn_ended()
-
-    await _pump(relay, live, app_to_azure(), azure_to_app(), upstream)
-
-
-async def _pump(relay: Context, live: Live, outgoing: Any, incoming: Any, upstream: ClientConnection) -> None:
-    tasks = [asyncio.ensure_future(outgoing), asyncio.ensure_future(incoming)]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if live.stream.closing_reason is None:
-            if tasks[1] in done and live.connection.close_code is None:
-                code, reason = azure_closed(
-                    upstream.close_code or 1006,
-                    upstream.close_reason or "",
-                    live.in_turn,
-                    relay.upstream_name,
-                )
-                live.code = code
-                with contextlib.suppress(ConnectionClosed):
-                    await live.connection.close(code, reason)
-            else:
-                with contextlib.suppress(ConnectionClosed):
-                    await upstream.close(1000, "client done")
-    finally:
-        await _stop(live, tasks, upstream)
-
-
-# --- plain: raw PCM in, JSON events out -----------------------------------------------------------
-
+from speechgate.relay.splice import azure_closed
+from speechgate.relay.upstream import UpstreamError
 
 PLAIN_FORMATS = ("pcm", "pcm16k")
 
@@ -247,7 +91,7 @@ class _PlainUpstream:
         self.connection = None
         self.opened, self.finals_before = time.monotonic(), self.finals
         query = urlencode({"language": self.language, "format": "simple"})
-        upstream = await _connect(
+        upstream = await connect(
             self.relay,
             "stt",
             CONVERSATION_PATH,
@@ -346,7 +190,7 @@ async def _deliver(relay: Context, live: Live, event: str) -> bool:
     return True
 
 
-async def plain(relay: Context, live: Live, pending: Pending) -> None:
+async def serve(relay: Context, live: Live, pending: Pending) -> None:
     params = dict((k.lower(), v) for k, v in pending.params)
     sample_rate = plain_sample_rate(pending.params)  # checked at the handshake
     live.stream.byte_rate = 2 * sample_rate
@@ -437,4 +281,4 @@ async def plain(relay: Context, live: Live, pending: Pending) -> None:
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await _stop(live, tasks, azure.connection)
+        await stop(live, tasks, azure.connection)

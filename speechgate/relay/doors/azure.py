@@ -1,0 +1,107 @@
+"""The Azure-compatible door: the official SDKs' frames, verbatim, to Azure and back (the splice,
+or this message pump when the splice is off)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from speechgate.relay import usp
+from speechgate.relay.doors import connect, path_of, resume, stop, timed
+from speechgate.relay.endpoints import upstream_path
+from speechgate.relay.live import Context, Live, Pending
+from speechgate.relay.splice import SAMPLE_MASK, Splice, azure_closed, can_take_over
+from speechgate.relay.upstream import UpstreamError
+
+
+async def serve(relay: Context, live: Live, pending: Pending) -> None:
+    request = live.connection.request
+    assert request is not None
+    extra = {k: v for k, v in request.headers.raw_items() if k.lower() in ("x-connectionid", "user-agent")}
+    try:
+        path = upstream_path(pending.endpoint, pending.path, bool(relay.settings.speech_endpoint))
+        upstream = await connect(relay, pending.endpoint.service, path, pending.query, extra)
+    except UpstreamError as exc:
+        resume(live.connection)
+        live.end(4000, 1013, f"{relay.upstream_name} unavailable: {exc}")
+        return
+    live.upstream = upstream
+    stream, client = live.stream, live.connection
+    if relay.settings.splice and can_take_over(client) and can_take_over(upstream):
+        # No await from the check to the takeover: no data can slip in between.
+        live.splice = Splice(relay, live, client, upstream)
+        live.splice.start()
+        try:
+            await live.splice.done
+        finally:
+            live.ended.set()
+        return
+    resume(client)
+    opened = time.monotonic()
+
+    async def app_to_azure() -> None:
+        count = 0
+        async for message in client:
+            if type(message) is bytes:
+                size = usp.audio_payload_size(message)
+                if size:
+                    start = len(message) - size
+                    if message[start : start + 4] == b"RIFF":  # the first frame of a turn: a WAV header
+                        if not live.wav_header(message[start:]):
+                            return
+                        size = max(0, size - 44)
+                    stream.add_audio(size)
+                    if stream.flooding(opened):
+                        live.end(4000, 1008, "audio sent much faster than real time")
+                        return
+            elif isinstance(message, str) and not live.app_text(path_of(message), message.encode):
+                return
+            count += 1
+            if count & SAMPLE_MASK:
+                await upstream.send(message)
+            else:
+                await timed(relay, "up", upstream.send(message))
+            if live.drain_timer is not None and isinstance(message, str) and path_of(message) == b"telemetry":
+                live.drained()  # the app's last word on its turn has gone to Azure
+
+    async def azure_to_app() -> None:
+        async for message in upstream:
+            await client.send(message)
+            if type(message) is str:
+                path = path_of(message)
+                if live.turn_audio_at is not None and path in usp.RESULTS:
+                    relay.metrics.first_result.labels("azure").observe(
+                        time.perf_counter() - live.turn_audio_at
+                    )
+                    live.turn_audio_at = None
+                if path == usp.TURN_END_BYTES:
+                    live.turn_ended()
+
+    await _pump(relay, live, app_to_azure(), azure_to_app(), upstream)
+
+
+async def _pump(relay: Context, live: Live, outgoing: Any, incoming: Any, upstream: ClientConnection) -> None:
+    tasks = [asyncio.ensure_future(outgoing), asyncio.ensure_future(incoming)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if live.stream.closing_reason is None:
+            if tasks[1] in done and live.connection.close_code is None:
+                code, reason = azure_closed(
+                    upstream.close_code or 1006,
+                    upstream.close_reason or "",
+                    live.in_turn,
+                    relay.upstream_name,
+                )
+                live.code = code
+                with contextlib.suppress(ConnectionClosed):
+                    await live.connection.close(code, reason)
+            else:
+                with contextlib.suppress(ConnectionClosed):
+                    await upstream.close(1000, "client done")
+    finally:
+        await stop(live, tasks, upstream)
