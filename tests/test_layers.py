@@ -12,6 +12,8 @@ wherever it hides.
 from __future__ import annotations
 
 import ast
+import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,22 @@ def test_a_long_module_says_why_it_is_long() -> None:
             if lines > LONGEST and "\nSize: " not in f"\n{doc}":
                 unexplained[str(path.relative_to(ROOT))] = lines
     assert unexplained == {}
+
+
+def test_the_wheel_installs_one_top_level_package_with_its_resources(tmp_path: Path) -> None:
+    """Nothing generic such as `relay` lands in site-packages; the Lua scripts and the demo page,
+    read as package resources, are in it."""
+    subprocess.run(
+        ["uv", "build", "--wheel", "--quiet", "--out-dir", str(tmp_path)], cwd=ROOT, check=True, timeout=300
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"speechgate"}
+    resources = {name for name in names if not name.endswith(".py") and "dist-info" not in name}
+    assert resources == {
+        "speechgate/devtools/demo.html",
+        "speechgate/relay/lua/admit.lua",
+        "speechgate/relay/lua/beat.lua",
+        "speechgate/token_service/lua/rate_hit.lua",
+        "speechgate/token_service/lua/rate_read.lua",
+    }

@@ -1,6 +1,6 @@
 """The official JavaScript Speech SDK (Node.js) through the relay, with our JWT as its token.
 
-The `node` fixture (tests/js_sdk.py) installs the SDK pinned in tests/js/package-lock.json on
+The `node` fixture (tests/support/js_sdk.py) installs the SDK pinned in tests/js/package-lock.json on
 first use; the machine's Node.js runs it. The JS SDK copies the token into the query and, on
 synthesis, only accepts audio after a `response` message: both are what this checks beyond the
 Python SDK.

@@ -6,7 +6,7 @@ protocol per leg. Each received chunk is cut into frames (speechgate/relay/frame
 written to the other leg unchanged, whole chunks at a time when they hold whole frames; only the
 few bytes the relay needs are read: an audio frame's 2-byte USP header length and WAV header
 (metering), and the `Path:` of text frames (turns, first results). Control frames stay on their
-leg: pings are answered, closes follow the door's close-code rules (speechgate/relay/doors.py).
+leg: pings are answered, closes follow the door's close-code rules (speechgate/relay/doors/).
 
 Backpressure is the transports' own: when one leg's write buffer passes its high-water mark, the
 other leg stops reading until it drains, so nothing grows without bound.

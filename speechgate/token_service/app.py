@@ -246,7 +246,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 
 def app_from_env() -> Starlette:
-    """The production factory (`uvicorn --factory token_service.app:app_from_env`)."""
+    """The production factory (`uvicorn --factory speechgate.token_service.app:app_from_env`)."""
     from speechgate.core.runtime import open_redis, open_store
 
     settings = Settings.from_env()
