@@ -3,7 +3,11 @@ speak just enough WebSocket (RFC 6455) to stream. Every stream sends a 3,200-byt
 every 100 ms; each frame's round trip is timed until its answer. The frame is masked once, with a
 fixed key: fine against our own servers, and it keeps per-frame client CPU near zero.
 
-    python -m bench.load URL TOKEN COUNT SECONDS   ->  one JSON line: sent, answered, rtts (ms)
+    python -m bench.load URL TOKEN COUNT SECONDS [SCRIPT]   ->  one JSON line: sent, answered, rtts (ms)
+
+SCRIPT (bench/relay_opus.py writes it): JSON {"interval": s, "head": hex, "chunks": [hex, ...]}:
+each stream sends `head` once on connecting, then the chunks in turn, one every `interval`, round
+and round (the plain door's raw audio: PCM, or Opus pages after their header).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import struct
 import sys
 import time
 from collections import deque
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from speechgate.relay import usp
@@ -34,8 +40,9 @@ def masked_frame(payload: bytes) -> bytes:
 
 
 class Stream(asyncio.Protocol):
-    def __init__(self, request: bytes, frame: bytes, stats: Stats) -> None:
-        self.request, self.frame, self.stats = request, frame, stats
+    def __init__(self, request: bytes, frames: list[bytes], stats: Stats) -> None:
+        self.request, self.frames, self.stats = request, frames, stats
+        self.next = 0
         self.transport: asyncio.Transport | None = None
         self.upgraded = asyncio.get_running_loop().create_future()
         self.buffer = b""
@@ -78,7 +85,8 @@ class Stream(asyncio.Protocol):
     def send(self) -> None:
         assert self.transport is not None
         self.sent.append(time.perf_counter())
-        self.transport.write(self.frame)
+        self.transport.write(self.frames[self.next])
+        self.next = (self.next + 1) % len(self.frames)
         self.stats.sent += 1
 
 
@@ -89,7 +97,7 @@ class Stats:
         self.rtts: list[float] = []
 
 
-async def main(url: str, token: str, count: int, seconds: float) -> None:
+async def main(url: str, token: str, count: int, seconds: float, plan: dict[str, Any] | None = None) -> None:
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     key = base64.b64encode(os.urandom(16)).decode()
@@ -98,15 +106,24 @@ async def main(url: str, token: str, count: int, seconds: float) -> None:
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
         f"Authorization: Bearer {token}\r\n\r\n"
     ).encode()
-    frame = masked_frame(usp.encode_binary("audio", "bench", b"\x01\x00" * 1600, extra={"X-StreamId": "1"}))
+    frames = [
+        masked_frame(usp.encode_binary("audio", "bench", b"\x01\x00" * 1600, extra={"X-StreamId": "1"}))
+    ]
+    head, interval = b"", INTERVAL_S
+    if plan is not None:
+        frames = [masked_frame(bytes.fromhex(chunk)) for chunk in plan["chunks"]]
+        head = masked_frame(bytes.fromhex(plan["head"])) if plan["head"] else b""
+        interval = plan["interval"]
     loop = asyncio.get_running_loop()
     stats = Stats()
     streams: list[Stream] = []
     for _ in range(count):
         _, protocol = await loop.create_connection(
-            lambda: Stream(request, frame, stats), parts.hostname or "127.0.0.1", parts.port or 80
+            lambda: Stream(request, frames, stats), parts.hostname or "127.0.0.1", parts.port or 80
         )
         await protocol.upgraded
+        if head and protocol.transport is not None:
+            protocol.transport.write(head)
         streams.append(protocol)
     start = loop.time() + 0.5
     print("streaming", file=sys.stderr, flush=True)  # all connected: the caller starts measuring
@@ -115,10 +132,10 @@ async def main(url: str, token: str, count: int, seconds: float) -> None:
     def tick(stream: Stream, at: float) -> None:
         if at < end:
             stream.send()
-            loop.call_at(at + INTERVAL_S, tick, stream, at + INTERVAL_S)
+            loop.call_at(at + interval, tick, stream, at + interval)
 
-    for i, stream in enumerate(streams):  # spread the streams over the 100 ms
-        at = start + INTERVAL_S * i / count
+    for i, stream in enumerate(streams):  # spread the streams over the interval
+        at = start + interval * i / count
         loop.call_at(at, tick, stream, at)
     await asyncio.sleep(end - loop.time() + 2.0)  # the last answers have 2 s to arrive
     for stream in streams:
@@ -130,4 +147,5 @@ async def main(url: str, token: str, count: int, seconds: float) -> None:
 if __name__ == "__main__":
     import uvloop
 
-    uvloop.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+    script = json.loads(Path(sys.argv[5]).read_text()) if len(sys.argv) > 5 else None
+    uvloop.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), script))

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -82,9 +84,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_load(url: str, token: str, streams: int, seconds: float, relay_pid: int | None) -> dict[str, float]:
+def run_load(
+    url: str, token: str, streams: int, seconds: float, relay_pid: int | None, script: Path | None = None
+) -> dict[str, float]:
+    extra = [str(script)] if script is not None else []
     load = subprocess.Popen(
-        [*on_core(LOAD_CORE), sys.executable, "-m", "bench.load", url, token, str(streams), str(seconds)],
+        [
+            *on_core(LOAD_CORE),
+            sys.executable,
+            "-m",
+            "bench.load",
+            url,
+            token,
+            str(streams),
+            str(seconds),
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -116,6 +131,70 @@ def run_load(url: str, token: str, streams: int, seconds: float, relay_pid: int 
     return result
 
 
+@dataclass
+class Stack:
+    """What the relay benchmarks run against: a client with no limits, its token, the echo upstream."""
+
+    token: str
+    echo_port: int
+    env: dict[str, str]
+
+    def relay_process(self, port: int, splice: bool) -> Process:
+        """`speechgate relay` pinned to the relay core (not started)."""
+        command = [
+            *on_core(RELAY_CORE),
+            str(Path(sys.executable).parent / "speechgate"),
+            "relay",
+            "--port",
+            str(port),
+        ]
+        env = {**os.environ, **self.env, "SPEECHGATE_SPLICE": "1" if splice else "0"}
+        return Process(command, "relay listening", env=env)
+
+
+@contextlib.contextmanager
+def stack(tmp: Path) -> Iterator[Stack]:
+    """Redis, the echo upstream and the token service on the load core; a token for the bench client."""
+    store_dir = tmp / "store"
+    store, hash_key = prepared_store(FileStore(store_dir))
+    big = 10**9
+    client_id, secret = add_client(
+        store,
+        hash_key,
+        "bench-relay",
+        rate_limits={"client": "", "subject": "", "ip": ""},
+        max_streams_per_subject=big,
+        max_streams_per_client=big,
+        audio_s_per_day_subject=big,
+        audio_s_per_day_client=big,
+        max_session_s=86400,
+    )
+    redis_server = RedisServer(tmp, cpus=str(LOAD_CORE))
+    token_port, echo_port = free_port(), free_port()
+    env = {
+        "SPEECHGATE_STORE_DIR": str(store_dir),
+        "REDIS_URL": redis_server.url,
+        "SPEECHGATE_REDIS_PREFIX": "sgbench:",
+        "SPEECHGATE_SPEECH_ENDPOINT": f"ws://127.0.0.1:{echo_port}",
+        "SPEECH_KEY": "0" * 32,
+        "SPEECHGATE_JWKS_URL": f"http://127.0.0.1:{token_port}/.well-known/jwks.json",
+    }
+    echo = Process(
+        [*on_core(LOAD_CORE), sys.executable, "-m", "bench.echo_upstream", str(echo_port)],
+        "echo upstream ready",
+    )
+    token_service = server(
+        "speechgate.token_service.app:app_from_env", token_port, env, str(LOAD_CORE), True, "bounded"
+    )
+    with redis_server, echo, token_service:
+        response = httpx.post(
+            f"http://127.0.0.1:{token_port}/v1/token",
+            auth=(client_id, secret),
+            data={"grant_type": "client_credentials"},
+        )
+        yield Stack(response.json()["access_token"], echo_port, env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,80 +210,30 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(n) for n in args.streams.split(",")]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        store_dir = Path(tmp) / "store"
-        store, hash_key = prepared_store(FileStore(store_dir))
-        big = 10**9
-        client_id, secret = add_client(
-            store,
-            hash_key,
-            "bench-relay",
-            rate_limits={"client": "", "subject": "", "ip": ""},
-            max_streams_per_subject=big,
-            max_streams_per_client=big,
-            audio_s_per_day_subject=big,
-            audio_s_per_day_client=big,
-            max_session_s=86400,
-        )
-        redis_server = RedisServer(Path(tmp), cpus=str(LOAD_CORE))
-        token_port, echo_port, relay_port, forwarder_port, messages_port = (free_port() for _ in range(5))
-        env = {
-            "SPEECHGATE_STORE_DIR": str(store_dir),
-            "REDIS_URL": redis_server.url,
-            "SPEECHGATE_REDIS_PREFIX": "sgbench:",
-            "SPEECHGATE_SPEECH_ENDPOINT": f"ws://127.0.0.1:{echo_port}",
-            "SPEECH_KEY": "0" * 32,
-            "SPEECHGATE_JWKS_URL": f"http://127.0.0.1:{token_port}/.well-known/jwks.json",
-        }
-        echo = Process(
-            [*on_core(LOAD_CORE), sys.executable, "-m", "bench.echo_upstream", str(echo_port)],
-            "echo upstream ready",
-        )
-        on_relay_core = on_core(RELAY_CORE)
+    with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp)) as bench:
+        relay_port, forwarder_port, messages_port = free_port(), free_port(), free_port()
+        relay = bench.relay_process(relay_port, True)
 
-        def relay_process(port: int, splice: bool) -> Process:
-            return Process(
-                [
-                    *on_relay_core,
-                    str(Path(sys.executable).parent / "speechgate"),
-                    "relay",
-                    "--port",
-                    str(port),
-                ],
-                "relay listening",
-                env={**os.environ, **env, "SPEECHGATE_SPLICE": "1" if splice else "0"},
-            )
+        def forwarder_process(port: int) -> Process:
+            command = [
+                sys.executable,
+                "-m",
+                "bench.forwarder",
+                str(port),
+                f"ws://127.0.0.1:{bench.echo_port}",
+            ]
+            return Process([*on_core(RELAY_CORE), *command], "forwarder ready")
 
         # The relay as shipped (the Azure door spliced); the calibration's forward-only prototype;
         # with --splice-off, the same relay forwarding through websockets' message API.
-        relay = relay_process(relay_port, True)
-
-        def forwarder_process(port: int) -> Process:
-            command = [sys.executable, "-m", "bench.forwarder", str(port), f"ws://127.0.0.1:{echo_port}"]
-            return Process([*on_relay_core, *command], "forwarder ready")
-
         forwarder = forwarder_process(forwarder_port)
-        messages = relay_process(messages_port, False) if args.splice_off else contextlib.nullcontext()
-        with (
-            redis_server,
-            echo,
-            server(
-                "speechgate.token_service.app:app_from_env", token_port, env, str(LOAD_CORE), True, "bounded"
-            ),
-            relay,
-            forwarder,
-            messages,
-        ):
-            response = httpx.post(
-                f"http://127.0.0.1:{token_port}/v1/token",
-                auth=(client_id, secret),
-                data={"grant_type": "client_credentials"},
-            )
-            token = response.json()["access_token"]
+        messages = bench.relay_process(messages_port, False) if args.splice_off else contextlib.nullcontext()
+        with relay, forwarder, messages:
+            token = bench.token
             assert relay.proc is not None
             assert forwarder.proc is not None
             targets = {
-                "direct": (f"ws://127.0.0.1:{echo_port}{PATH}", None),
+                "direct": (f"ws://127.0.0.1:{bench.echo_port}{PATH}", None),
                 "relay": (f"ws://127.0.0.1:{relay_port}{PATH}", relay.proc.pid),
                 "forwarder": (f"ws://127.0.0.1:{forwarder_port}{PATH}", forwarder.proc.pid),
             }
@@ -265,7 +294,7 @@ def main() -> None:
             # Memory in fresh processes: one that has served a load keeps its freed memory, so
             # growth measured later reads near zero.
             n = max(counts)
-            fresh = {"relay": lambda port: relay_process(port, True), "forwarder": forwarder_process}
+            fresh = {"relay": lambda port: bench.relay_process(port, True), "forwarder": forwarder_process}
             for name, make in fresh.items():
                 port = free_port()
                 with make(port) as process:

@@ -16,7 +16,8 @@ from speechgate.core.redisconn import connect
 from speechgate.core.settings import Settings
 from speechgate.core.store import SecretStore
 from speechgate.token_service.app import create_app, server_options
-from tests.support.js_sdk import node, sdk_versions  # noqa: F401 - fixtures for every test module
+from tests.support.dev import offline_dev  # noqa: F401 - fixtures for every test module
+from tests.support.js_sdk import node, sdk_versions  # noqa: F401
 from tests.support.relays import stack, stack_factory  # noqa: F401
 from tests.support.servers import ServerThread
 from tests.support.services import TokenService, prepared_store

@@ -4,6 +4,7 @@ that plays tests/data/speech.wav, against `speechgate dev` recognizing offline."
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,5 +92,34 @@ def test_the_demo_page_shows_why_it_cannot_listen(demo_url: str) -> None:
             assert "Permission denied" in page.inner_text("#error")
             assert page.inner_text("#status") == "stopped"
             assert page.is_enabled("#start")
+        finally:
+            browser.close()
+
+
+def test_the_compressed_switch_streams_mediarecorders_opus_and_gets_the_same_kind_of_result(
+    demo_url: str,
+) -> None:
+    """Chromium's MediaRecorder (WebM/Opus, 250-ms chunks cut wherever it likes) from the fake
+    microphone, decoded by the relay: transcripts come, in a fraction of PCM's bytes."""
+    with sync_playwright() as playwright:
+        browser = launch(playwright, FAKE_MICROPHONE)
+        try:
+            page = browser.new_page()
+            page.goto(demo_url)
+            page.check("#compressed")
+            page.click("#start")
+            page.wait_for_selector("text=listening (webm-opus): speak", timeout=15_000)
+            final = page.wait_for_selector("#finals li.final", timeout=30_000)
+            assert final is not None
+            latency = final.query_selector(".latency")
+            assert latency is not None
+            assert final.inner_text().removesuffix(latency.inner_text()).strip()
+            sent = page.inner_text("#sent")  # "12.3 kB sent (as PCM: 140.6 kB)"
+            numbers = [float(n) for n in re.findall(r"(\d+\.\d) kB", sent)]
+            assert len(numbers) == 2, sent
+            assert numbers[1] >= 6 * numbers[0], sent  # the browser's bitrate, its container's overhead
+            assert page.inner_text("#error") == ""
+            page.click("#stop")
+            page.wait_for_selector("text=done", timeout=15_000)
         finally:
             browser.close()

@@ -10,15 +10,11 @@ import io
 import json
 import os
 import struct
-import subprocess
 import wave
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import azure.cognitiveservices.speech as speechsdk
-import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -27,7 +23,8 @@ from speechgate.devtools import offline_synthesis as synthesis
 from speechgate.devtools.offline import DecoderPool, Event, OfflineTurn
 from speechgate.devtools.wav import WavError, read_pcm16k
 from speechgate.relay import usp
-from tests.support.cli import SPEECHGATE, credentials
+from tests.support.cli import SPEECHGATE
+from tests.support.dev import Dev, token
 from tests.support.js_sdk import run_js
 from tests.support.processes import Process, free_port
 from tests.support.python_sdk import continuous
@@ -116,35 +113,6 @@ def test_a_continuation_turn_keeps_the_stream_time_line(pool: DecoderPool) -> No
 # --- `speechgate dev` with no Azure account ------------------------------------------------
 
 
-@dataclass
-class Dev:
-    cwd: Path
-    env: dict[str, str]
-    relay_url: str
-    output: str
-
-    def stream(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [SPEECHGATE, "stream", *args],
-            capture_output=True,
-            text=True,
-            cwd=self.cwd,
-            env={**os.environ, **self.env, **(env or {})},
-            timeout=90,
-            check=False,
-        )
-
-
-@pytest.fixture(scope="module")
-def offline_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
-    cwd = tmp_path_factory.mktemp("dev")
-    env = {"SPEECHGATE_PORT": str(free_port()), "SPEECHGATE_RELAY_PORT": str(free_port())}
-    # No REDIS_URL: dev runs a Redis of its own in its state directory, and leaves nothing elsewhere.
-    clean = {k: v for k, v in os.environ.items() if k not in ("SPEECH_KEY", "SPEECH_REGION", "REDIS_URL")}
-    with Process([SPEECHGATE, "dev"], "Uvicorn running on", env={**clean, **env}, cwd=cwd) as proc:
-        yield Dev(cwd, env, f"ws://127.0.0.1:{env['SPEECHGATE_RELAY_PORT']}", "".join(proc.output))
-
-
 def test_dev_says_it_recognizes_offline_and_how_to_try_it(offline_dev: Dev) -> None:
     output = offline_dev.output
     assert "OFFLINE recognizer (PocketSphinx): English only, low accuracy" in output
@@ -188,16 +156,6 @@ def test_stream_through_the_official_sdk(offline_dev: Dev) -> None:
     assert len(finals) == 2
     assert all(e["text"] for e in finals)
     assert 0 < finals[0]["offset_ms"] < finals[1]["offset_ms"] < 4830
-
-
-def token(dev: Dev) -> str:
-    client_id, secret = credentials(dev.output)
-    answer = httpx.post(
-        f"http://127.0.0.1:{dev.env['SPEECHGATE_PORT']}/v1/token",
-        data={"grant_type": "client_credentials"},
-        auth=(client_id, secret),
-    )
-    return str(answer.json()["access_token"])
 
 
 def sdk_config(dev: Dev, path: str) -> speechsdk.SpeechConfig:
@@ -484,3 +442,25 @@ def test_offline_recognition_answers_universal_v2_as_the_sdks_open_it(offline_de
     ).recognize_once()
     assert refused.reason == speechsdk.ResultReason.Canceled
     assert "no translation here" in refused.cancellation_details.error_details, refused.cancellation_details
+
+
+def test_the_same_audio_gives_the_same_words_whatever_came_before_and_however_it_is_cut(
+    pool: DecoderPool,
+) -> None:
+    """A pooled decoder forgets what it heard (PocketSphinx adapts its cepstral mean as it
+    listens): before, the same file gave other words on each run, which no test could pin down."""
+    pcm = read_pcm16k(SPEECH_WAV)
+
+    def phrases(chunk: int) -> list[Any]:
+        turn = OfflineTurn(pool.take())
+        events: list[Event] = []
+        for offset in range(0, len(pcm), chunk):
+            events += turn.feed(pcm[offset : offset + chunk])
+        events += turn.finish()
+        turn.close()
+        pool.give_back(turn.decoder)
+        return [body for path, body in events if path == "speech.phrase"]
+
+    first = phrases(3200)
+    assert len(first) == 2
+    assert [phrases(3200), phrases(1000), phrases(6400)] == [first, first, first]

@@ -47,11 +47,16 @@ def _ticks(seconds: float) -> int:
 
 
 class DecoderPool:
-    """PocketSphinx decoders take ~0.4 s to load: keep the idle ones for the next turn."""
+    """PocketSphinx decoders take ~0.4 s to load: keep the idle ones for the next turn.
+
+    A decoder given back forgets what it heard: its cepstral mean (CMN), which PocketSphinx
+    adapts as it listens, is set back to a fresh decoder's. Otherwise the same audio would be
+    recognized differently depending on what the decoder heard before."""
 
     def __init__(self) -> None:
         self._idle: list[Any] = []
         self._lock = threading.Lock()
+        self._fresh_cmn: str | None = None
 
     def take(self) -> Any:
         with self._lock:
@@ -59,9 +64,14 @@ class DecoderPool:
                 return self._idle.pop()
         from pocketsphinx import Decoder  # imported here: loading the model is the slow part
 
-        return Decoder(samprate=16000, loglevel="FATAL")
+        decoder = Decoder(samprate=16000, loglevel="FATAL")
+        with self._lock:
+            if self._fresh_cmn is None:
+                self._fresh_cmn = decoder.get_cmn(False)
+        return decoder
 
     def give_back(self, decoder: Any) -> None:
+        decoder.set_cmn(self._fresh_cmn)
         with self._lock:
             self._idle.append(decoder)
 

@@ -34,11 +34,38 @@ class StreamError(Exception):
     """The stream could not be done; the message says why and what to do."""
 
 
+@dataclass(frozen=True)
+class Audio:
+    """What a stream sends: 16 kHz PCM (`format=pcm`), or Opus in a container."""
+
+    payload: bytes
+    format: str = "pcm"  # the plain door's format=
+    audio_s: float = 0.0
+
+    @classmethod
+    def pcm(cls, pcm: bytes) -> Audio:
+        return cls(pcm, "pcm", len(pcm) / BYTES_PER_S)
+
+    def chunks(self) -> list[tuple[bytes, int]]:
+        """(what to send, the audio position it reaches in 16 kHz PCM bytes): 100 ms of PCM a
+        message; compressed audio in 250 ms pieces, cut wherever the bytes fall, as recorders do."""
+        size = CHUNK_BYTES if self.format == "pcm" else max(64, round(len(self.payload) / self.audio_s / 4))
+        pcm_bytes = self.audio_s * BYTES_PER_S
+        return [
+            (
+                self.payload[at : at + size],
+                round(min(at + size, len(self.payload)) / len(self.payload) * pcm_bytes),
+            )
+            for at in range(0, len(self.payload), size)
+        ]
+
+
 @dataclass
 class Result:
     """What one stream gave: the finals, and the timings the summary shows."""
 
     audio_s: float
+    bytes_sent: int = 0
     started: float = field(default_factory=time.monotonic)
     finals: list[dict[str, Any]] = field(default_factory=list)
     first_partial_s: float | None = None  # from the first audio sent
@@ -69,6 +96,8 @@ class Result:
             "finals": len(self.finals),
             "first_partial_s": rounded(self.first_partial_s),
             "final_latency_s": rounded(max(self.final_latency_s, default=None)),
+            "bytes_sent": self.bytes_sent,
+            "pcm_bytes": round(self.audio_s * BYTES_PER_S),  # what 16 kHz PCM would have needed
         }
 
 
@@ -121,22 +150,26 @@ def _refusal(exc: InvalidStatus, relay_url: str) -> StreamError:
 
 
 async def stream_plain(
-    relay_url: str, token: str, pcm: bytes, *, fast: bool, language: str, listener: Listener
+    relay_url: str, token: str, audio: Audio, *, fast: bool, language: str, listener: Listener
 ) -> Result:
-    url = f"{relay_url.rstrip('/')}/v1/listen?language={quote(language)}"
-    result = Result(audio_s=len(pcm) / BYTES_PER_S)
+    query = f"language={quote(language)}" + ("" if audio.format == "pcm" else f"&format={audio.format}")
+    url = f"{relay_url.rstrip('/')}/v1/listen?{query}"
+    result = Result(audio_s=audio.audio_s)
     when = _pace(fast)
     try:
         async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
             result.started = time.monotonic()
 
             async def send() -> None:
-                for position in range(0, len(pcm), CHUNK_BYTES):
-                    delay = result.started + when(position) - time.monotonic()
+                reached = 0
+                for chunk, position in audio.chunks():
+                    delay = result.started + when(reached) - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    await ws.send(pcm[position : position + CHUNK_BYTES])
-                    result.sent(position + CHUNK_BYTES)
+                    await ws.send(chunk)
+                    result.bytes_sent += len(chunk)
+                    result.sent(position)
+                    reached = position
                 await ws.send(json.dumps({"type": "end"}))
 
             sender = asyncio.create_task(send())

@@ -16,7 +16,7 @@ from speechgate.core.keyspace import seconds_to_midnight
 from speechgate.core.redisconn import REDIS_ERRORS, RedisHealth
 from speechgate.core.revocation import Revocations
 from speechgate.relay.auth import Authenticator, Refusal, authorize, find_token
-from speechgate.relay.doors.plain import plain_sample_rate
+from speechgate.relay.doors.plain import plain_format
 from speechgate.relay.endpoints import endpoint_for, message_rules, upstream_query
 from speechgate.relay.http import asks_for_upgrade, header
 from speechgate.relay.live import Pending
@@ -84,7 +84,7 @@ class Gatekeeper:
             raise Refusal(426, "upgrade_required", "this endpoint takes a WebSocket connection")
         door = endpoint.door
         if door == "plain":
-            plain_sample_rate(params)
+            plain_format(params)
         if draining:
             raise Refusal(503, "draining", "this relay is shutting down; connect again", 1)
         claims, kid = await self.auth.verify(find_token(request.headers, params, door == "plain"))

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +35,7 @@ class Context(Protocol):
     metrics: RelayMetrics
     credentials: Credentials
     upstream_name: str  # what the apps are told closed or failed: "Azure Speech"
+    workers: Executor  # for work that would hold up the event loop (decoding Opus)
 
 
 class SpliceHandle(Protocol):

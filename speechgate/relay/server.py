@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -107,6 +109,10 @@ class Relay:
         if settings.upstream_auth == "sts":
             self.credentials = StsCredentials(key, sts_base_for(settings.speech_region, None), self.http)
         self.voices = VoiceList(settings, self.credentials, self.http)
+        # Opus is decoded here: FFmpeg runs without the GIL, on another core than the event loop.
+        self.workers: Executor = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode"
+        )
         self.gate = Gatekeeper(
             self.auth,
             self.clients,
@@ -418,6 +424,7 @@ class Relay:
             live.end(1001, 1001, "relay draining; reconnect")
 
     async def aclose(self) -> None:
+        self.workers.shutdown(wait=False, cancel_futures=True)
         if self.redis is not None:
             await self.redis.aclose()
         await self.store.close()

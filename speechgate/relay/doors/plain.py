@@ -1,5 +1,5 @@
-"""The plain door (`/v1/listen`): raw PCM in, JSON events out; the relay speaks USP to Azure
-for the app."""
+"""The plain door (`/v1/listen`): audio in (PCM, or Opus in Ogg or WebM), JSON events out; the
+relay speaks USP to Azure for the app, and decodes Opus to 16 kHz PCM on the way (opus.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import contextlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -16,20 +17,36 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from speechgate.core.jose import loads_strict
-from speechgate.relay import usp
+from speechgate.relay import opus, usp
 from speechgate.relay.auth import Refusal
+from speechgate.relay.containers import ContainerError
 from speechgate.relay.doors import connect, stop
 from speechgate.relay.endpoints import CONVERSATION_PATH
 from speechgate.relay.live import Context, Live, Pending
 from speechgate.relay.splice import azure_closed
 from speechgate.relay.upstream import UpstreamError
 
-PLAIN_FORMATS = ("pcm", "pcm16k")
+PCM_FORMATS = ("pcm", "pcm16k")
+PLAIN_FORMATS = (*PCM_FORMATS, *opus.FORMATS)
+# What the first bytes of a container say it is: refused on a stream declared as PCM, never
+# forwarded to Azure as if they were samples.
+CONTAINERS = {b"OggS": "ogg-opus", b"\x1a\x45\xdf\xa3": "webm-opus"}
 
 
-def plain_sample_rate(params: Sequence[tuple[str, str]]) -> int:
-    """The sample rate of the plain door's audio, from `format` (`pcm`: 16-bit little-endian mono
-    at `sample_rate`, 16000 unless said; `pcm16k`) or a Refusal saying what it takes."""
+@dataclass(frozen=True, slots=True)
+class PlainFormat:
+    kind: str  # one of PLAIN_FORMATS
+    sample_rate: int  # of the PCM sent to Azure
+
+    @property
+    def compressed(self) -> bool:
+        return self.kind in opus.FORMATS
+
+
+def plain_format(params: Sequence[tuple[str, str]]) -> PlainFormat:
+    """The plain door's audio, from `format`: `pcm` (16-bit little-endian mono at `sample_rate`,
+    16000 unless said), `pcm16k`, `ogg-opus` or `webm-opus` (Opus says its own rate); or a
+    Refusal saying what it takes."""
     query = {k.lower(): v for k, v in params}
     kind = query.get("format", "pcm").lower()
     if kind not in PLAIN_FORMATS:
@@ -37,14 +54,20 @@ def plain_sample_rate(params: Sequence[tuple[str, str]]) -> int:
             400,
             "unsupported_format",
             f"format {kind[:20]} is not supported here; send format=pcm (16-bit little-endian mono, "
-            "with sample_rate) or format=pcm16k",
+            "with sample_rate), pcm16k, ogg-opus (Ogg/Opus) or webm-opus (what MediaRecorder records)",
         )
+    if kind in opus.FORMATS:
+        if "sample_rate" in query:
+            raise Refusal(
+                400, "unsupported_format", f"format={kind} carries its own rate; send no sample_rate"
+            )
+        return PlainFormat(kind, opus.OUTPUT_RATE)
     rate = query.get("sample_rate", "16000")
     if not (rate.isascii() and rate.isdigit()) or not 8000 <= int(rate) <= 48000:
         raise Refusal(400, "unsupported_format", "sample_rate must be whole Hz from 8000 to 48000")
     if kind == "pcm16k" and int(rate) != 16000:
         raise Refusal(400, "unsupported_format", "format=pcm16k is 16000 Hz; use format=pcm with sample_rate")
-    return int(rate)
+    return PlainFormat(kind, int(rate))
 
 
 def speech_config(sample_rate: int) -> dict[str, Any]:
@@ -192,9 +215,11 @@ async def _deliver(relay: Context, live: Live, event: str) -> bool:
 
 async def serve(relay: Context, live: Live, pending: Pending) -> None:
     params = dict((k.lower(), v) for k, v in pending.params)
-    sample_rate = plain_sample_rate(pending.params)  # checked at the handshake
-    live.stream.byte_rate = 2 * sample_rate
-    azure = _PlainUpstream(relay, live, params.get("language", "en-US"), sample_rate)
+    audio = plain_format(pending.params)  # checked at the handshake
+    live.stream.byte_rate = 2 * audio.sample_rate
+    transcoder = opus.Transcoder(audio.kind) if audio.compressed else None
+    loop = asyncio.get_running_loop()
+    azure = _PlainUpstream(relay, live, params.get("language", "en-US"), audio.sample_rate)
     try:
         await azure.connect()
     except UpstreamError as exc:
@@ -208,6 +233,22 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
     async def app_to_azure() -> None:
         async for message in client:
             if type(message) is bytes:
+                if transcoder is not None:
+                    try:  # in a worker: FFmpeg lets go of the GIL, the loop forwards other streams
+                        message = await loop.run_in_executor(relay.workers, transcoder.feed, message)
+                    except ContainerError as exc:
+                        live.end(1007, 1007, f"format={audio.kind}: {exc}")
+                        return
+                    if not message:  # a page or block not yet whole
+                        continue
+                elif stream.total_audio_s == 0 and message[:4] in CONTAINERS:
+                    declared = CONTAINERS[message[:4]]
+                    live.end(
+                        1007,
+                        1007,
+                        f"this is {declared} audio, not PCM; open the stream with format={declared}",
+                    )
+                    return
                 if stream.total_audio_s == 0:
                     live.turn_audio_at = time.perf_counter()
                 stream.add_audio(len(message))

@@ -1,0 +1,101 @@
+"""Benchmark: what Opus saves on the wire and what decoding it costs, without sockets.
+
+    uv run python -m bench.opus_cost [--seconds 60] [--runs 5]
+
+For the test fixture (tests/data/speech.wav, 4.8 s of speech) encoded at 24 kbit/s in 20-ms
+frames, as phones and browsers send it: bytes per audio second in Ogg and in WebM against 16 kHz
+PCM. Then the relay's CPU per audio second for one stream: reading the container and decoding
+(speechgate.relay.opus.Transcoder, fed 250-ms chunks cut where the bytes fall), against the work
+the plain door does for PCM in the same run (framing each chunk as a USP audio message), and the
+longest single call, which is what would hold up the event loop if decoding ran on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from speechgate.devtools.compress import encode_opus
+from speechgate.devtools.wav import read_pcm16k
+from speechgate.relay import usp
+from speechgate.relay.opus import Transcoder
+
+FIXTURE = Path(__file__).parent.parent / "tests" / "data" / "speech.wav"
+PCM_BYTES_PER_S = 32000
+CHUNK_S = 0.25
+
+
+def chunks(data: bytes, audio_s: float) -> list[bytes]:
+    size = max(1, round(len(data) / audio_s * CHUNK_S))
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def decode_seconds(data: bytes, kind: str, audio_s: float, seconds: float) -> tuple[float, float]:
+    """CPU seconds per audio second, and the longest `feed` call (ms), over `seconds` of audio."""
+    pieces = chunks(data, audio_s)
+    longest, used, heard = 0.0, 0.0, 0.0
+    while heard < seconds:
+        transcoder = Transcoder(kind)  # a new stream each time round: headers and all
+        for piece in pieces:
+            started = time.process_time()
+            transcoder.feed(piece)
+            spent = time.process_time() - started
+            used += spent
+            longest = max(longest, spent)
+        heard += audio_s
+    return used / heard, longest * 1000
+
+
+def pcm_seconds(pcm: bytes, seconds: float) -> float:
+    """What the plain door does with PCM per audio second: a USP audio message per chunk."""
+    pieces = chunks(pcm, len(pcm) / PCM_BYTES_PER_S)
+    used, heard = 0.0, 0.0
+    while heard < seconds:
+        started = time.process_time()
+        for piece in pieces:
+            usp.encode_binary(usp.AUDIO, "bench", piece, extra={"X-StreamId": "1"})
+        used += time.process_time() - started
+        heard += len(pcm) / PCM_BYTES_PER_S
+    return used / heard
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help="audio seconds decoded per run")
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    pcm = read_pcm16k(FIXTURE)
+    audio_s = len(pcm) / PCM_BYTES_PER_S
+    encoded = {"ogg-opus": encode_opus(pcm, "ogg"), "webm-opus": encode_opus(pcm, "webm")}
+    print(f"fixture: {audio_s:.2f} s; 16 kHz PCM: {PCM_BYTES_PER_S:,} bytes per audio second")
+    for kind, data in encoded.items():
+        per_s = len(data) / audio_s
+        print(
+            f"  {kind:>9}: {per_s:8,.0f} bytes per audio second, "
+            f"{PCM_BYTES_PER_S / per_s:5.1f} times less than PCM"
+        )
+    print(
+        f"\nCPU per audio second of one stream, medians of {args.runs} interleaved runs of {args.seconds:g} s"
+    )
+    results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in ["pcm", *encoded]}
+    for _ in range(args.runs):
+        results["pcm"].append((pcm_seconds(pcm, args.seconds), 0.0))
+        for kind, data in encoded.items():
+            results[kind].append(decode_seconds(data, kind, audio_s, args.seconds))
+    pcm_cost = statistics.median(cost for cost, _ in results["pcm"])
+    print(f"  {'pcm':>9}: {pcm_cost * 1000:7.3f} ms (framing 250-ms chunks as USP messages: the baseline)")
+    for kind in encoded:
+        cost = statistics.median(c for c, _ in results[kind])
+        longest = statistics.median(m for _, m in results[kind])
+        print(
+            f"  {kind:>9}: {cost * 1000:7.3f} ms, {cost / pcm_cost:6.1f} times the PCM path; "
+            f"one core decodes {1 / cost:,.0f} real-time streams; longest call {longest:.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()

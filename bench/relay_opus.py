@@ -1,0 +1,146 @@
+"""Benchmark: Opus streams through the plain door against PCM streams, on one relay core.
+
+N streams each send a 250-ms chunk every 250 ms (real time), the chunking the plain door's Opus
+formats are made for, to `/v1/listen`: either 16 kHz PCM (8,000 bytes a chunk) or Ogg/Opus at
+24 kbit/s (the test fixture's pages, a whole number of 20-ms pages a chunk), which the relay
+decodes in its worker threads. The fake Azure answers each audio message at once, and the relay
+turns each answer into a `partial` event: a chunk's round trip is timed until it. The baseline in
+the same run: the same cadence of 8,000-byte USP audio messages straight to the fake.
+
+    uv run python -m bench.relay_opus [--streams 100,300,600] [--seconds 8] [--runs 3]
+
+Prints, per N: p50/p99 direct, through the relay with PCM and with Opus, the added p99 of each,
+the relay's CPU (share of one core, its worker threads included) and lost chunks; the relay CPU per
+Opus stream-second against a PCM stream-second; and the largest N of Opus streams with added p99
+under 50 ms and no chunk lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.relay_latency import run_load, stack
+from speechgate.devtools.compress import encode_opus
+from speechgate.devtools.wav import read_pcm16k
+from speechgate.relay import usp
+from speechgate.relay.containers import OggReader
+from tests.support.processes import free_port
+
+FIXTURE = Path(__file__).parent.parent / "tests" / "data" / "speech.wav"
+CHUNK_S = 0.25
+PAGE_S = 0.02  # compress.encode_opus writes one 20-ms packet a page
+
+
+def ogg_pages(data: bytes) -> list[bytes]:
+    """The Ogg stream's pages, each checked by the relay's own reader."""
+    pages, at = [], 0
+    while at < len(data):
+        size = 27 + data[at + 26] + sum(data[at + 27 : at + 27 + data[at + 26]])
+        pages.append(data[at : at + size])
+        at += size
+    assert sum(len(OggReader().feed(page)) for page in pages[:2]) == 2
+    return pages
+
+
+def scripts(tmp: Path) -> dict[str, Path]:
+    """The load's plans (bench/load.py): PCM chunks, Opus chunks after their two header pages,
+    and the direct baseline's USP messages."""
+    pcm = read_pcm16k(FIXTURE)
+    size = int(32000 * CHUNK_S)
+    pcm_chunks = [pcm[i : i + size] for i in range(0, len(pcm) - size + 1, size)]
+    pages = ogg_pages(encode_opus(pcm, "ogg"))
+    per_chunk = round(CHUNK_S / PAGE_S)
+    audio = pages[2:]
+    opus_chunks = [
+        b"".join(audio[i : i + per_chunk]) for i in range(0, len(audio) - per_chunk + 1, per_chunk)
+    ]
+    direct = [usp.encode_binary(usp.AUDIO, "bench", chunk, extra={"X-StreamId": "1"}) for chunk in pcm_chunks]
+    plans = {
+        "direct": {"interval": CHUNK_S, "head": "", "chunks": [c.hex() for c in direct]},
+        "pcm": {"interval": CHUNK_S, "head": "", "chunks": [c.hex() for c in pcm_chunks]},
+        "opus": {
+            "interval": CHUNK_S,
+            "head": (pages[0] + pages[1]).hex(),
+            "chunks": [c.hex() for c in opus_chunks],
+        },
+    }
+    paths = {}
+    for name, plan in plans.items():
+        paths[name] = tmp / f"{name}.json"
+        paths[name].write_text(json.dumps(plan))
+    print(
+        f"bytes per 250-ms chunk: PCM {size:,}, Opus {statistics.mean(map(len, opus_chunks)):,.0f} "
+        f"({size / statistics.mean(map(len, opus_chunks)):.1f} times less)"
+    )
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", default="100,300,600")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs per N; medians are shown")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.streams.split(",")]
+    with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp)) as bench:
+        plans = scripts(Path(tmp))
+        relay_port = free_port()
+        with bench.relay_process(relay_port, True) as relay:
+            assert relay.proc is not None
+            plain = f"ws://127.0.0.1:{relay_port}/v1/listen?language=en-US"
+            targets = {
+                "direct": (
+                    f"ws://127.0.0.1:{bench.echo_port}/speech/recognition/conversation/cognitiveservices/v1",
+                    None,
+                ),
+                "pcm": (f"{plain}&format=pcm", relay.proc.pid),
+                "opus": (f"{plain}&format=ogg-opus", relay.proc.pid),
+            }
+            for name, (url, _) in targets.items():  # warm-up
+                run_load(url, bench.token, 50, 2.0, None, plans[name])
+            print(
+                f"medians of {args.runs} interleaved runs of {args.seconds:g} s\n"
+                f"{'N':>5} {'direct p50/p99':>15} {'PCM p50/p99':>14} {'added':>6} {'CPU':>5} "
+                f"{'Opus p50/p99':>14} {'added':>6} {'CPU':>5} {'lost':>5} {'Opus/PCM CPU':>12} (steal)"
+            )
+            knee = []
+            for n in counts:
+                runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+                for _ in range(args.runs):
+                    for name, (url, pid) in targets.items():
+                        runs[name].append(run_load(url, bench.token, n, args.seconds, pid, plans[name]))
+
+                def med(name: str, key: str, runs: dict[str, list[dict[str, float]]] = runs) -> float:
+                    return statistics.median(r[key] for r in runs[name])
+
+                def added(name: str, runs: dict[str, list[dict[str, float]]] = runs) -> float:
+                    return statistics.median(
+                        r["p99"] - d["p99"] for r, d in zip(runs[name], runs["direct"], strict=True)
+                    )
+
+                lost = int(sum(r["sent"] - r["answered"] for name in ("pcm", "opus") for r in runs[name]))
+                ratio = statistics.median(
+                    o["cpu_share"] / p["cpu_share"] for o, p in zip(runs["opus"], runs["pcm"], strict=True)
+                )
+                steal = statistics.median(r["steal"] for name in ("pcm", "opus") for r in runs[name])
+                columns = [f"{med('direct', 'p50'):>6.2f}/{med('direct', 'p99'):<7.2f}"]
+                for name in ("pcm", "opus"):
+                    columns.append(
+                        f"{med(name, 'p50'):>6.2f}/{med(name, 'p99'):<7.2f} {added(name):>6.1f} "
+                        f"{med(name, 'cpu_share'):>5.0%}"
+                    )
+                print(f"{n:>5} {' '.join(columns)} {lost:>5} {ratio:>12.2f} ({steal:.0%})", flush=True)
+                if added("opus") < 50 and not sum(r["sent"] - r["answered"] for r in runs["opus"]):
+                    knee.append(n)
+            largest = max(knee, default="none")
+            print(f"largest N of Opus streams with added p99 < 50 ms and no chunk lost: {largest}")
+
+
+if __name__ == "__main__":
+    main()
