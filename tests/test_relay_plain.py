@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 from typing import Any
@@ -20,6 +22,7 @@ from speechgate.cli.common import Deps
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.logs import JsonFormatter
 from speechgate.core.settings import Settings
+from speechgate.devtools.compress import encode_opus
 from tests.fakes.speech import KEY
 from tests.support.cli import Cli
 from tests.support.processes import wait_until
@@ -415,3 +418,43 @@ async def test_no_token_or_key_reaches_the_logs_even_at_debug(
     assert ended["audio_s"] == 0.1
     for secret in (token, token.split(".")[2], KEY):
         assert secret not in logged
+
+
+def tone(seconds: float) -> bytes:
+    """A 440 Hz tone at 16 kHz: audio the Opus encoder has something to code."""
+    samples = (int(8000 * math.sin(2 * math.pi * 440 * i / 16000)) for i in range(int(16000 * seconds)))
+    return array.array("h", samples).tobytes()
+
+
+@pytest.mark.parametrize("container", ["ogg", "webm"])
+@pytest.mark.parametrize("reconnects", [False, True])
+async def test_opus_is_decoded_on_the_audio_time_line_across_azure_reconnects(
+    stack: Stack, container: str, reconnects: bool
+) -> None:
+    """What reaches Azure is the decoded 16 kHz PCM (its length within one Opus frame of the
+    recording's), and the app's offsets stay on that audio's time line, also while Azure closes
+    the connection under it, as they do for PCM."""
+    if reconnects:
+        stack.fake.close_after_s = 0.7
+    recording = tone(2.5)
+    encoded = encode_opus(recording, container)
+    token = await new_token(stack, await new_client(stack))
+    target = url(stack, token).replace("format=pcm16k", f"format={container}-opus")
+    chunk = len(encoded) // 10  # 250 ms of audio, cut wherever the bytes fall
+    async with connect(target) as ws:
+        for at in range(0, len(encoded), chunk):
+            await ws.send(encoded[at : at + chunk])
+            await asyncio.sleep(0.25)
+        await ws.send(json.dumps({"type": "end"}))
+        events, code, _ = await events_until_close(ws)
+    assert code == 1000
+    offsets = [e["offset_ms"] for e in events if e["type"] == "final"]
+    if reconnects:
+        assert stack.fake.connections >= 3
+        assert offsets == sorted(offsets)
+        assert offsets[0] == 0
+        # replayed audio may count twice, but never less than the recording reaches Azure
+        assert stack.fake.audio_bytes >= len(recording) - 640
+    else:
+        assert offsets == [0, 1000, 2000]  # one final per second heard, and the last
+        assert abs(stack.fake.audio_bytes - len(recording)) <= 640
