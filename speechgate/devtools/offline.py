@@ -49,14 +49,14 @@ def _ticks(seconds: float) -> int:
 class DecoderPool:
     """PocketSphinx decoders take ~0.4 s to load: keep the idle ones for the next turn.
 
-    A decoder given back forgets what it heard: its cepstral mean (CMN), which PocketSphinx
-    adapts as it listens, is set back to a fresh decoder's. Otherwise the same audio would be
-    recognized differently depending on what the decoder heard before."""
+    A decoder given back forgets what it heard: its feature extraction, whose cepstral mean and
+    noise statistics PocketSphinx adapts as it listens, starts again as a fresh decoder's.
+    Otherwise the same audio would be recognized differently depending on what the decoder heard
+    before."""
 
     def __init__(self) -> None:
         self._idle: list[Any] = []
         self._lock = threading.Lock()
-        self._fresh_cmn: str | None = None
 
     def take(self) -> Any:
         with self._lock:
@@ -64,14 +64,10 @@ class DecoderPool:
                 return self._idle.pop()
         from pocketsphinx import Decoder  # imported here: loading the model is the slow part
 
-        decoder = Decoder(samprate=16000, loglevel="FATAL")
-        with self._lock:
-            if self._fresh_cmn is None:
-                self._fresh_cmn = decoder.get_cmn(False)
-        return decoder
+        return Decoder(samprate=16000, loglevel="FATAL")
 
     def give_back(self, decoder: Any) -> None:
-        decoder.set_cmn(self._fresh_cmn)
+        decoder.reinit_feat()
         with self._lock:
             self._idle.append(decoder)
 
