@@ -1,4 +1,5 @@
-"""Sentinel and Cluster URIs work for real: a Redis Cluster and a Sentinel of the test's own."""
+"""Sentinel, Cluster and TLS URIs work for real: a Redis Cluster, a Sentinel and a TLS-only Redis with
+a password (Azure Cache for Redis's shape) of the test's own."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import trustme
 
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.redisconn import connect
@@ -151,3 +153,69 @@ def test_rate_limits_work_through_sentinel(tmp_path: Path) -> None:
     finally:
         sentinel.stop()
         master.stop()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server that takes TLS only, with a password: Azure Cache for Redis's shape (port
+    6380, `rediss://`, an access key). Its certificate is for 127.0.0.1, from a CA of the test's."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    port = free_port()
+    server = Process(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port", "0",
+            "--tls-port", str(port),
+            "--tls-cert-file", str(tmp_path / "cert.pem"),
+            "--tls-key-file", str(tmp_path / "key.pem"),
+            "--tls-ca-cert-file", str(tmp_path / "ca.pem"),
+            "--tls-auth-clients", "no",
+            "--requirepass", "access-key",
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(tmp_path),
+        ],
+        "Ready to accept connections",
+    )  # fmt: skip
+    server.start()
+    try:
+        yield port, tmp_path / "ca.pem"
+    finally:
+        server.stop()
+
+
+def test_rate_limits_and_revocations_work_over_tls_with_a_password(tls_redis: tuple[int, Path]) -> None:
+    port, ca = tls_redis
+    uri = f"rediss://:access-key@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    assert limit_counts(uri, "sgtest-tls:") == [True, True, True, False, True, True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("uri", "error"),
+    [
+        # the certificate is checked: a CA the client does not trust is refused
+        ("rediss://:access-key@127.0.0.1:{port}/0", "certificate verify failed"),
+        ("rediss://:wrong@127.0.0.1:{port}/0?ssl_ca_certs={ca}", "invalid username-password"),
+        (
+            "redis://:access-key@127.0.0.1:{port}/0",
+            "Connection reset by peer|Connection closed by server",
+        ),  # no TLS
+    ],
+)
+def test_tls_redis_refuses_what_it_should(tls_redis: tuple[int, Path], uri: str, error: str) -> None:
+    port, ca = tls_redis
+
+    async def ping() -> None:
+        client = connect(uri.format(port=port, ca=ca))
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    with pytest.raises((redis.RedisError, OSError), match=error):
+        asyncio.run(ping())
