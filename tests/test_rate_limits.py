@@ -245,6 +245,12 @@ def test_unknown_redis_uri_scheme_is_a_clear_error() -> None:
         connect("memcached://127.0.0.1:11211")
 
 
+def test_tls_through_sentinel_is_refused_not_downgraded_to_plain_text() -> None:
+    """It was accepted, and both the Sentinel and the master were then reached without TLS."""
+    with pytest.raises(ValueError, match=r"rediss\+sentinel:// is not supported: .*TLS"):
+        connect("rediss+sentinel://:pw@127.0.0.1:26379/speechgate")
+
+
 def test_limits_survive_a_flushed_script_cache(tmp_path: Path) -> None:
     own = RedisServer(tmp_path)
     own.start()

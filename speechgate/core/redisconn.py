@@ -45,7 +45,12 @@ def connect(uri: str) -> Redis:
     """A redis-py asyncio client for `uri`; no connection is made until the first command."""
     uri = uri.removeprefix("async+")
     parts = urlsplit(uri)
-    if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+    if parts.scheme == "rediss+sentinel":
+        raise ValueError(
+            "rediss+sentinel:// is not supported: the Sentinel and its master would be reached "
+            "without TLS; use redis+sentinel:// on a trusted network, or rediss:// to one server"
+        )
+    if parts.scheme == "redis+sentinel":
         service = parts.path.strip("/")
         if not service:
             raise ValueError("a redis+sentinel:// URI needs the service name as its path")
