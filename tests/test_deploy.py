@@ -104,15 +104,53 @@ def test_compose_runs_redis_token_service_and_relay_from_the_image() -> None:
 
 def test_dockerfile_is_multi_stage_non_root_without_build_tools_in_the_final_stage() -> None:
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3.11-slim-bookworm$", text, flags=re.MULTILINE)
     stages = re.split(r"^FROM ", text, flags=re.MULTILINE)[1:]
     assert len(stages) == 2
     build, final = stages
-    assert "uv sync --frozen --no-dev" in build
+    assert build.startswith("${PYTHON_IMAGE} AS build")
+    assert final.startswith("${PYTHON_IMAGE}\n")
+    # every dependency pinned by hash, as wheels: no compiler, the same bytes as the lock says
+    assert "--only-binary :all: --require-hashes -r /tmp/requirements.txt" in build
+    assert "--no-index --find-links /wheels" in build  # the offline mode
+    assert "pip uninstall --yes pip" in build
     assert "uv" not in re.sub(r"--from=build /app/.venv", "", final).split()  # no uv in the final image
-    for tool in ("gcc", "build-essential", "apt-get install"):
+    for tool in ("gcc", "build-essential", "apt-get install", "pip install"):
         assert tool not in final
     assert re.search(r"^USER 10001", final, flags=re.MULTILINE)
     assert 'ENTRYPOINT ["speechgate"]' in final
+
+
+def test_the_images_requirements_are_the_lock_exported() -> None:
+    """deploy/requirements.txt is `uv export` of uv.lock: a dependency change shows up in the image."""
+    exported = subprocess.run(
+        [
+            "uv",
+            "export",
+            "--frozen",
+            "--no-dev",
+            "--no-emit-project",
+            "--format",
+            "requirements-txt",
+            "--quiet",
+        ],
+        cwd=DEPLOY.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    body = [line for line in exported.splitlines() if not line.startswith("#")]
+    committed = (DEPLOY / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    again = (
+        "uv export --frozen --no-dev --no-emit-project --format requirements-txt -o deploy/requirements.txt"
+    )
+    assert body == [line for line in committed if not line.startswith("#")], f"run: {again}"
+
+
+def test_the_build_context_holds_the_requirements_and_the_wheelhouse_and_no_secrets() -> None:
+    ignored = (DEPLOY.parent / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert {"deploy", "!deploy/requirements.txt", "!deploy/wheels", ".speechgate", ".git"} <= set(ignored)
+    assert (DEPLOY / "wheels" / ".gitignore").read_text(encoding="utf-8").split() == ["*", "!.gitignore"]
 
 
 @pytest.fixture(scope="module")
