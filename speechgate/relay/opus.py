@@ -7,7 +7,7 @@ FFmpeg's resampler takes it to 16 kHz mono. FFmpeg's decoder drops the encoder's
 start-up samples, RFC 7845 §4.2) itself, as the header says: offsets in results are on the audio's
 own time line (tests/test_opus.py measures it: no shift).
 
-Decoding costs about 3 ms of CPU per audio second (docs/benchmarks.md), done outside the event
+Decoding costs about 2.4 ms of CPU per audio second (docs/benchmarks.md), done outside the event
 loop by the caller (doors/plain.py runs `feed` in a worker thread; PyAV lets go of the GIL while
 FFmpeg decodes).
 """
