@@ -27,23 +27,12 @@ from bench.relay_latency import run_load, stack
 from speechgate.devtools.compress import encode_opus
 from speechgate.devtools.wav import read_pcm16k
 from speechgate.relay import usp
-from speechgate.relay.containers import OggReader
+from speechgate.relay.containers import ogg_pages
 from tests.support.processes import free_port
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "data" / "speech.wav"
 CHUNK_S = 0.25
 PAGE_S = 0.02  # compress.encode_opus writes one 20-ms packet a page
-
-
-def ogg_pages(data: bytes) -> list[bytes]:
-    """The Ogg stream's pages, each checked by the relay's own reader."""
-    pages, at = [], 0
-    while at < len(data):
-        size = 27 + data[at + 26] + sum(data[at + 27 : at + 27 + data[at + 26]])
-        pages.append(data[at : at + size])
-        at += size
-    assert sum(len(OggReader().feed(page)) for page in pages[:2]) == 2
-    return pages
 
 
 def scripts(tmp: Path) -> dict[str, Path]:

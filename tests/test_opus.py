@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from speechgate.devtools.compress import encode_opus
 from speechgate.devtools.wav import read_pcm16k
-from speechgate.relay.containers import ContainerError, OggReader, WebmReader, crc
+from speechgate.relay.containers import ContainerError, OggReader, WebmReader, crc, ogg_pages
 from speechgate.relay.opus import Transcoder
 from tests.support.dev import Dev, token
 
@@ -146,13 +146,7 @@ def test_a_truncated_stream_gives_what_it_holds(ogg: bytes) -> None:
 def test_opus_audio_without_its_header_is_refused(ogg: bytes) -> None:
     assert OggReader().feed(ogg)[0][:8] == b"OpusHead"
     with pytest.raises(ContainerError, match=r"does not begin with an Opus header \(OpusHead\)"):
-        Transcoder("ogg-opus").feed(_ogg_without_head(ogg))
-
-
-def _ogg_without_head(ogg: bytes) -> bytes:
-    """The stream from its second page on: the tags, then audio, no OpusHead."""
-    first_page = 27 + ogg[26] + sum(ogg[27 : 27 + ogg[26]])
-    return ogg[first_page:]
+        Transcoder("ogg-opus").feed(b"".join(ogg_pages(ogg)[1:]))  # the tags, then audio
 
 
 # --- through the relay, recognized offline ---------------------------------------------------------

@@ -59,7 +59,7 @@ def stream_command(
         else:
             pcm = read_pcm16k(path)
             audio = (
-                stream.Audio(compress.encode_opus(pcm), "ogg-opus", len(pcm) / 32000)
+                stream.Audio(compress.encode_opus(pcm), "ogg-opus", len(pcm) / stream.BYTES_PER_S)
                 if opus
                 else stream.Audio.pcm(pcm)
             )

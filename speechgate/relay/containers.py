@@ -26,7 +26,6 @@ class ContainerError(ValueError):
 
 CAPTURE = b"OggS"
 HEADER = struct.Struct("<4sBBqIII B")  # capture, version, flags, granule, serial, sequence, crc, segments
-MAX_PAGE = 27 + 255 + 255 * 255  # the largest page the format allows
 MAX_PACKET = 64 * 1024  # far more than an Opus packet (at most 1275 bytes a frame, 120 ms)
 
 # Ogg's CRC-32 is unreflected (polynomial 0x04C11DB7, initial value 0, no final XOR). zlib's is the
@@ -42,6 +41,25 @@ def crc(page: bytes | bytearray) -> int:
     return _reverse32(zlib.crc32(bytes(page).translate(_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF)
 
 
+def page_size(buffer: bytes | bytearray, at: int = 0) -> int | None:
+    """The size of the Ogg page at `at` (header, lacing, body), or None until its lacing is there."""
+    if len(buffer) < at + 27:
+        return None
+    segments = buffer[at + 26]
+    if len(buffer) < at + 27 + segments:
+        return None
+    return 27 + segments + sum(buffer[at + 27 : at + 27 + segments])
+
+
+def ogg_pages(data: bytes) -> list[bytes]:
+    """A whole Ogg stream cut into its pages, unchecked (for tools and tests that send pages)."""
+    pages, at = [], 0
+    while (size := page_size(data, at)) is not None and at + size <= len(data):
+        pages.append(data[at : at + size])
+        at += size
+    return pages
+
+
 class OggReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -52,22 +70,19 @@ class OggReader:
     def feed(self, data: bytes) -> list[bytes]:
         self._buffer += data
         packets: list[bytes] = []
-        while len(self._buffer) >= 27:
+        while len(self._buffer) >= 4:
             if self._buffer[:4] != CAPTURE:
                 raise ContainerError("not an Ogg page where one should start (is this Ogg/Opus?)")
-            segments = self._buffer[26]
-            if len(self._buffer) < 27 + segments:
-                break
-            lacing = self._buffer[27 : 27 + segments]
-            size = 27 + segments + sum(lacing)
-            if len(self._buffer) < size:
+            size = page_size(self._buffer)
+            if size is None or len(self._buffer) < size:
                 break
             page = bytes(self._buffer[:size])
             del self._buffer[:size]
-            packets += self._page(page, lacing)
+            packets += self._page(page)
         return packets
 
-    def _page(self, page: bytes, lacing: bytes | bytearray) -> list[bytes]:
+    def _page(self, page: bytes) -> list[bytes]:
+        lacing = page[27 : 27 + page[26]]
         _, version, flags, _, serial, _, checksum, _ = HEADER.unpack_from(page)
         if version != 0:
             raise ContainerError(f"Ogg version {version} is not known; only 0 is")

@@ -14,7 +14,6 @@ FFmpeg decodes).
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import av
@@ -26,14 +25,13 @@ FORMATS = ("ogg-opus", "webm-opus")
 OUTPUT_RATE = 16000
 
 
-def opus_head(packet: bytes) -> tuple[int, int]:
-    """(channels, pre-skip in 48 kHz samples) of an `OpusHead` (RFC 7845 §5.1), or what is wrong."""
+def check_opus_head(packet: bytes) -> None:
+    """That `packet` is an `OpusHead` (RFC 7845 §5.1) FFmpeg can read, or what is wrong with it."""
     if len(packet) < 19 or packet[:8] != b"OpusHead":
         raise ContainerError("the stream does not begin with an Opus header (OpusHead): is it Opus?")
-    version, channels, pre_skip = struct.unpack_from("<BBH", packet, 8)
+    version, channels = packet[8], packet[9]
     if version >> 4 != 0 or channels == 0:
         raise ContainerError(f"an OpusHead of version {version} with {channels} channels cannot be read")
-    return channels, pre_skip
 
 
 class Transcoder:
@@ -71,7 +69,7 @@ class Transcoder:
         return self._resample(decoded)
 
     def _open(self, head: bytes) -> None:
-        opus_head(head)  # checked here, where the message can say what is wrong
+        check_opus_head(head)  # here, where the message can say what is wrong
         decoder = av.CodecContext.create("opus", "r")
         assert isinstance(decoder, av.AudioCodecContext)
         decoder.extradata = head

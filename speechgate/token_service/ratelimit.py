@@ -86,8 +86,7 @@ class RedisLimiter:
         keys: list[str] = []
         args: list[int | str] = []
         for check in checks:
-            current = self.keyspace.rate(client_id, check.policy, check.ident, check.amount, check.window_s)
-            keys += (self.keyspace.previous_window(current), current)
+            keys += self._windows(client_id, check)
             args += (check.amount, check.window_s)
         keys.append(self.keyspace.stats(client_id, int(time.time() // 60)))
         args.append(subject)
@@ -102,9 +101,13 @@ class RedisLimiter:
     async def peek(self, client_id: str, check: Check) -> tuple[int, int]:
         """(used, ms until the window moves on) of one check, counted as `hit` counts it, without
         counting: the same algorithm, in rate_read.lua (one round trip, one key slot)."""
-        current = self.keyspace.rate(client_id, check.policy, check.ident, check.amount, check.window_s)
-        used, reset_ms = await self._read([self.keyspace.previous_window(current), current], [check.window_s])
+        used, reset_ms = await self._read(self._windows(client_id, check), [check.window_s])
         return int(used), int(reset_ms)
+
+    def _windows(self, client_id: str, check: Check) -> list[str]:
+        """The check's previous and current window keys, in the order both scripts take them."""
+        current = self.keyspace.rate(client_id, check.policy, check.ident, check.amount, check.window_s)
+        return [self.keyspace.previous_window(current), current]
 
     async def aclose(self) -> None:
         await self._script.aclose()
