@@ -266,3 +266,16 @@ class FakeSpeechServer:
         assert self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
+
+
+async def serve_forever(host: str, port: int) -> None:
+    """The fake on one address until the process is stopped: the container stack's Azure (deploy/smoke.py)."""
+    fake = FakeSpeech()
+    async with serve(fake.handle, host, port, process_request=fake.check, compression=None) as server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":  # python -m tests.fakes.speech HOST PORT
+    import sys
+
+    asyncio.run(serve_forever(sys.argv[1], int(sys.argv[2])))
