@@ -12,11 +12,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from speechgate.core.clients import ClientPolicy
 from speechgate.core.keyspace import Keyspace
-from speechgate.core.redisconn import connect
+from speechgate.core.redisconn import RedisHealth, connect
 from speechgate.core.revocation import MemoryRevocations, RedisRevocations, Revocations
+from speechgate.core.settings import Settings
+from speechgate.core.store import MemoryStore
+from speechgate.core.upstreams import Upstream, save_pool
+from speechgate.relay.metrics import RelayMetrics
+from speechgate.relay.pool import NoUpstream, Pool, Want
 from speechgate.relay.sessions import (
     REPLAY_BUDGET_S,
     MemorySessions,
@@ -25,6 +31,7 @@ from speechgate.relay.sessions import (
     Stream,
     new_stream_id,
 )
+from speechgate.relay.upstream import KeyCredentials
 from speechgate.token_service.ratelimit import Limiter, LocalLimiter, RedisLimiter, checks_for
 from tests.support.claims import access_claims
 
@@ -232,3 +239,69 @@ async def test_a_revocation_lasts_until_the_token_could_no_longer_be_used(revoca
     """Kept as long as the token is usable, not longer: once `until` has passed it holds nothing."""
     await revocations.revoke_jti("gone", int(time.time()) - 1)
     assert await revocations.revoked(access_claims(jti="gone"), "kid") is None
+
+
+# --- the upstream pool (relay.pool): route.lua against the per-process counts ----------------
+
+
+@pytest.fixture
+async def pool(backend: str, request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[Pool]:
+    """Two upstreams of limit 2 ("a", zone eu; "b", zone us) and one draining ("c")."""
+    store = MemoryStore()
+    await save_pool(
+        store,
+        [
+            Upstream("a", 2, region="westeurope", zone="eu"),
+            Upstream("b", 2, region="eastus", zone="us"),
+            Upstream("c", 9, region="northeurope", zone="eu", state="draining"),
+        ],
+        "test",
+    )
+    redis = request.node.redis
+    settings = Settings(lease_s=1.0)
+    made = Pool(
+        settings, store, redis, Keyspace(prefix), RedisHealth(redis), KeyCredentials(store, "k" * 32),
+        RelayMetrics(CollectorRegistry()), backoff_s=0.5,
+    )  # fmt: skip
+    await made.load()
+    yield made
+    await made.aclose()
+
+
+ANY = Want("stt", "en-US", ())
+
+
+async def test_pool_spreads_by_use_then_refuses_when_full_and_frees_on_release(pool: Pool) -> None:
+    placed = [await pool.assign(new_stream_id(access_claims()), ANY) for _ in range(4)]
+    assert [p.upstream.name for p in placed] == ["a", "b", "a", "b"]  # never "c": it drains
+    with pytest.raises(NoUpstream) as full:
+        await pool.assign(new_stream_id(access_claims()), ANY)
+    assert full.value.why == "full"
+    await pool.release(placed[1])
+    again = await pool.assign(new_stream_id(access_claims()), ANY)
+    assert again.upstream.name == "b"
+
+
+async def test_pool_keeps_to_the_zones_and_skips_an_upstream_marked_down(pool: Pool) -> None:
+    eu = Want("stt", None, ("eu",))
+    assert (await pool.assign(new_stream_id(access_claims()), eu)).upstream.name == "a"
+    await pool.mark_down("a")
+    with pytest.raises(NoUpstream) as down:  # eu has no other active upstream: never "b" of us
+        await pool.assign(new_stream_id(access_claims()), eu)
+    assert down.value.why == "down"
+    assert (await pool.assign(new_stream_id(access_claims()), ANY)).upstream.name == "b"
+    await asyncio.sleep(0.5)  # the backoff is time itself
+    assert (await pool.assign(new_stream_id(access_claims()), eu)).upstream.name == "a"
+    with pytest.raises(NoUpstream) as none:
+        await pool.assign(new_stream_id(access_claims()), Want("stt", None, ("apac",)))
+    assert none.value.why == "none"
+
+
+async def test_pool_slots_lapse_with_their_lease_unless_renewed(pool: Pool) -> None:
+    kept = await pool.assign(new_stream_id(access_claims()), ANY)
+    await pool.assign(new_stream_id(access_claims()), ANY)  # "b": nobody renews it
+    await asyncio.sleep(0.6)
+    await pool.renew([kept])
+    await asyncio.sleep(0.6)  # "b"'s lease (1 s) ran out; "a"'s was renewed
+    placed = [await pool.assign(new_stream_id(access_claims()), ANY) for _ in range(3)]
+    assert sorted(p.upstream.name for p in placed) == ["a", "b", "b"]

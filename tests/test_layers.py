@@ -170,6 +170,7 @@ def test_the_wheel_installs_one_top_level_package_with_its_resources(tmp_path: P
     assert resources == {
         "speechgate/devtools/demo.html",
         "speechgate/relay/lua/admit.lua",
+        "speechgate/relay/lua/route.lua",
         "speechgate/relay/lua/beat.lua",
         "speechgate/token_service/lua/rate_hit.lua",
         "speechgate/token_service/lua/rate_read.lua",

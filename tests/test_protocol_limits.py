@@ -157,8 +157,10 @@ async def test_paths_that_would_be_read_differently_upstream_are_refused(stack: 
 
 
 async def test_a_reconnect_after_the_session_time_limit_says_so(stack: Stack) -> None:
-    client = await asyncio.to_thread(stack.service.add_client, max_session_s=2)
-    token = await asyncio.to_thread(stack.token, client, expires_in="1")
+    # The token must still be valid when the stream opens (a loaded CI machine took over 1 s
+    # between the two), and expired when the session's limit ends the stream.
+    client = await asyncio.to_thread(stack.service.add_client, max_session_s=4)
+    token = await asyncio.to_thread(stack.token, client, expires_in="3")
     url = f"{stack.relay.url}/v1/listen?language=en-US&access_token={token}"
     async with connect(url) as ws:
         with contextlib.suppress(ConnectionClosed):

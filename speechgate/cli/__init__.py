@@ -14,6 +14,7 @@ from speechgate.cli.quotas import quotas
 from speechgate.cli.serve import dev, relay_command, token_service
 from speechgate.cli.stream import stream_command
 from speechgate.cli.tokens import tokens
+from speechgate.cli.upstreams import upstreams
 from speechgate.core import logs
 
 
@@ -23,7 +24,7 @@ def main() -> None:
     logs.configure("info", "text")  # until a command reads its settings
 
 
-for command in (dev, token_service, relay_command, keys, clients, tokens, quotas, stream_command):
+for command in (dev, token_service, relay_command, keys, clients, tokens, quotas, upstreams, stream_command):
     main.add_command(command)
 
 

@@ -75,6 +75,7 @@ async def _store_secret(store: SecretStore, policy: ClientPolicy) -> tuple[Clien
 @click.option("--custom-voices", default="", help="Custom voices (deploymentId) it may use, comma-separated.")
 @click.option("--store-audio", is_flag=True, help="It may ask Azure to store its audio (storeAudio=true).")
 @click.option("--origins", default="", help="Web origins whose pages may stream, comma-separated [any].")
+@click.option("--zones", default="", help="Upstream pool zones its streams may use, comma-separated [any].")
 @json_option
 def clients_add(
     client_id: str,
@@ -95,6 +96,7 @@ def clients_add(
     custom_voices: str,
     store_audio: bool,
     origins: str,
+    zones: str,
     as_json: bool,
 ) -> None:
     """Register a client; a confidential client's secret is printed once, here."""
@@ -119,6 +121,7 @@ def clients_add(
                 "custom_voices": names(custom_voices),
                 "store_audio": store_audio,
                 "origins": names(origins),
+                "zones": names(zones),
             }
         )
     except PolicyError as exc:

@@ -23,7 +23,7 @@ from speechgate.cli.common import (
 )
 from speechgate.core import clients as clientdb
 from speechgate.core import keys as signing
-from speechgate.core import speechkeys
+from speechgate.core import speechkeys, upstreams
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.redisconn import Redis
 from speechgate.core.revocation import RedisRevocations
@@ -240,6 +240,7 @@ def revoke_signing(kid: str, yes: bool, as_json: bool) -> None:
 @click.option("--verify", is_flag=True, help="Check the new key against the region's STS before storing it.")
 @click.option("--region", envvar="SPEECH_REGION", help="Azure region of the resource [SPEECH_REGION].")
 @click.option("--sts-endpoint", envvar="SPEECHGATE_STS_ENDPOINT", help="STS base URL [region's own].")
+@click.option("--upstream", metavar="NAME", help="The key of this upstream of the pool [the configured one].")
 @yes_option
 @json_option
 def rotate_speech(
@@ -248,13 +249,15 @@ def rotate_speech(
     verify: bool,
     region: str | None,
     sts_endpoint: str | None,
+    upstream: str | None,
     yes: bool,
     as_json: bool,
 ) -> None:
     """Dual-key rotation: regenerate the slot not in use, store it, tell the relays to reload."""
     if from_stdin == bool(azure_resource):
         raise click.UsageError("give exactly one of --from-stdin or --azure-resource")
-    confirm(yes, "Regenerate the Azure Speech key that is not in use and switch the relays to it?")
+    whose = f"{upstream}'s Azure Speech key" if upstream else "the Azure Speech key"
+    confirm(yes, f"Regenerate {whose} that is not in use and switch the relays to it?")
     pasted = sys.stdin.readline() if from_stdin else ""
 
     async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> dict[str, Any]:
@@ -275,14 +278,29 @@ def rotate_speech(
                 await announce(redis, settings, "speech-key")
 
             tags = {k: v for k, v in (("region", region), ("resource", azure_resource)) if v}
+            secret = speechkeys.SPEECH_KEY_SECRET
+            if upstream is not None:
+                found = upstreams.find(await upstreams.load_pool(store), upstream)
+                if found.configured or found.auth != "key":
+                    raise Failed(
+                        f"{upstream} has no key of its own (it uses the relays' configured one or Entra ID)"
+                    )
+                secret = upstreams.key_secret(upstream)
             result = await speechkeys.rotate_speech_key(
-                store, new_key, tell, rotated_by=operator(), verify=check if verify else None, tags=tags
+                store,
+                new_key,
+                tell,
+                rotated_by=operator(),
+                verify=check if verify else None,
+                tags=tags,
+                secret=secret,
             )
         return dataclasses.asdict(result)
 
     result = run(op)
     audit(
         "keys.rotate-speech",
+        upstream=upstream,
         slot=result["slot"],
         version=result["version"],
         verified=verify,

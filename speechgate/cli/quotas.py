@@ -34,6 +34,7 @@ from speechgate.cli.common import (
     run,
     yes_option,
 )
+from speechgate.cli.upstreams import pool_rows
 from speechgate.core import clients as clientdb
 from speechgate.core.clients import ClientPolicy, PolicyError
 from speechgate.core.keyspace import Keyspace
@@ -91,6 +92,24 @@ def _table(rows: list[usage.Usage], by: str) -> Table:
     return table
 
 
+def _upstream_table(rows: list[dict[str, Any]]) -> Table:
+    title = f"speechgate upstream pool — {time.strftime('%H:%M:%S')}"
+    table = Table(title=title, title_justify="left")
+    for name in ("upstream", "state", "zone", "health"):
+        table.add_column(name)
+    for name in ("streams", "use"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        use = (row["live"] or 0) / row["limit"]
+        style = "bold red" if use >= 0.9 or row["healthy"] is False else "yellow" if use >= 0.7 else None
+        health = {True: "up", False: f"down ({row['down_for_s']:.0f} s)", None: "?"}[row["healthy"]]
+        cells: list[str | Text] = [shown(row["name"]), row["state"], shown(row["zone"] or "-"), health]
+        table.add_row(*cells, f"{row['live']} / {row['limit']}", f"{use:.0%}", style=style)
+    if not rows:
+        table.caption = "no pool: the relays use their configured upstream"
+    return table
+
+
 async def _top_rows(
     policies: list[ClientPolicy], redis: Redis, settings: Settings, by: str
 ) -> list[usage.Usage]:
@@ -101,7 +120,13 @@ async def _top_rows(
 
 
 @quotas.command("top")
-@click.option("--by", type=click.Choice(["client", "subject"]), default="client", show_default=True)
+@click.option(
+    "--by",
+    type=click.Choice(["client", "subject", "upstream"]),
+    default="client",
+    show_default=True,
+    help="upstream: each Azure Speech resource of the pool, its live streams against its limit.",
+)
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--limit", type=int, default=50, show_default=True, help="Rows to show.")
@@ -117,18 +142,23 @@ def top(by: str, watch: bool, interval: float, limit: int, as_json: bool) -> Non
         # not at every refresh.
         policies, read_at = await clientdb.all_clients(store), time.monotonic()
 
-        async def frame() -> list[usage.Usage]:
+        async def frame() -> tuple[list[dict[str, Any]], Table]:
+            """The rows (as --json prints them) and the table."""
             nonlocal policies, read_at
+            if by == "upstream":
+                pool = await pool_rows(store, live_redis, settings)
+                return pool, _upstream_table(pool)
             if time.monotonic() - read_at > POLICIES_REFRESH_S:
                 policies, read_at = await clientdb.all_clients(store), time.monotonic()
-            return (await _top_rows(policies, live_redis, settings, by))[:limit]
+            rows = (await _top_rows(policies, live_redis, settings, by))[:limit]
+            return [row.as_dict() for row in rows], _table(rows, by)
 
         if not watch:
-            rows = await frame()
+            rows, table = await frame()
             if as_json:
-                click.echo(json.dumps([row.as_dict() for row in rows], indent=1))
+                click.echo(json.dumps(rows, indent=1))
             else:
-                console.print(_table(rows, by))
+                console.print(table)
             return
         # Ctrl-C (or SIGTERM) ends --watch between two refreshes: the loop stops on an event
         # rather than through the cancellation of whatever Redis call it is in.
@@ -145,12 +175,12 @@ def top(by: str, watch: bool, interval: float, limit: int, as_json: bool) -> Non
 
         if as_json:  # one JSON line per refresh, for scripts
             while not stop.is_set():
-                click.echo(json.dumps([row.as_dict() for row in await frame()]))
+                click.echo(json.dumps((await frame())[0]))
                 await pause()
             return
-        with Live(_table(await frame(), by), console=console, auto_refresh=False) as display:
+        with Live((await frame())[1], console=console, auto_refresh=False) as display:
             while await pause():
-                display.update(_table(await frame(), by), refresh=True)
+                display.update((await frame())[1], refresh=True)
 
     with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the loop runs
         run(op, changes=False)
@@ -219,6 +249,7 @@ SETTABLE = {
 @click.option("--custom-voices", help='Custom voices (deploymentId) allowed, comma-separated ("" none).')
 @click.option("--store-audio/--no-store-audio", default=None, help="Whether Azure may store its audio.")
 @click.option("--origins", help='Web origins whose pages may stream, comma-separated ("": any).')
+@click.option("--zones", help='Upstream pool zones its streams may use, comma-separated ("": any).')
 @json_option
 def set_limits(client_id: str, as_json: bool, **options: Any) -> None:
     """Change a client's limits live: every replica applies them within a second."""
@@ -226,7 +257,7 @@ def set_limits(client_id: str, as_json: bool, **options: Any) -> None:
     for option, (name, factor) in SETTABLE.items():
         if options[option] is not None:
             changes[name] = options[option] * factor
-    for name in ("custom_models", "custom_voices", "origins"):
+    for name in ("custom_models", "custom_voices", "origins", "zones"):
         if options[name] is not None:
             changes[name] = tuple(names(options[name]))
     if options["store_audio"] is not None:

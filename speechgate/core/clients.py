@@ -25,6 +25,7 @@ import limits
 
 from speechgate.core.claims import SCOPES
 from speechgate.core.store import SecretDisabled, SecretNotFound, SecretStore, StoreError
+from speechgate.core.upstreams import ZONE
 
 CLIENT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
 HASH_KEY_SECRET = "speechgate-secret-hash-key"  # noqa: S105 - a secret name
@@ -87,6 +88,8 @@ class ClientPolicy:
     # Web origins whose pages may open streams (`https://app.example`); empty: any. Browsers
     # send Origin, native SDKs do not, so this holds for browsers only.
     origins: tuple[str, ...] = ()
+    # Data-residency zones of the upstream pool its streams may use ("eu"); empty: any upstream.
+    zones: tuple[str, ...] = ()
 
     @property
     def public(self) -> bool:
@@ -119,7 +122,7 @@ class ClientPolicy:
             values["rate_limits"] = _rate_limits(values["rate_limits"])
         if values.get("idp") is not None:
             values["idp"] = _idp(values["idp"])
-        for name in ("scopes", "languages", "custom_models", "custom_voices", "origins"):
+        for name in ("scopes", "languages", "custom_models", "custom_voices", "origins", "zones"):
             if name in values:
                 values[name] = tuple(_strings(values[name], name))
         try:
@@ -165,6 +168,9 @@ class ClientPolicy:
                 or origin.endswith("/")
             ):
                 raise PolicyError(f"origin {origin!r} is not like https://app.example (scheme, host, port)")
+        for zone in self.zones:
+            if not ZONE.match(zone):
+                raise PolicyError(f"zone {zone!r} is not a zone name such as eu (lowercase, digits, dashes)")
         if not isinstance(self.store_audio, bool):
             raise PolicyError("store_audio must be true or false")
         if self.public and self.idp is None:

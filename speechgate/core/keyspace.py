@@ -116,6 +116,15 @@ class Keyspace:
         and `issued:<subject>`, `refused:<subject>`."""
         return f"{self.prefix}stats:{{{client_id}}}:{minute}"
 
+    def upstream_live(self, name: str) -> str:
+        """Sorted set of the live streams on an upstream of the pool, scored by when each lease
+        runs out (ms). Every upstream key shares one hash tag: route.lua reads them all at once."""
+        return f"{self.prefix}upstream:{{pool}}:live:{part(name)}"
+
+    def upstream_down(self, name: str) -> str:
+        """Present while an upstream is marked down after a refusal (its TTL: the backoff)."""
+        return f"{self.prefix}upstream:{{pool}}:down:{part(name)}"
+
     @property
     def events(self) -> str:
         """Pub/sub channel for revocations and key reloads."""

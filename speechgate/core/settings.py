@@ -59,6 +59,7 @@ class Settings:
     heartbeat_s: float = 2.0
     drain_s: float = 30.0
     upstream_connect_attempts: int = 3
+    upstream_backoff_s: float = 30.0  # an upstream of the pool that refused gets no streams this long
     keepalive_s: float = 20.0  # ping a quiet app after this; give up after as long again
     # The Azure door forwards frames as bytes (speechgate/relay/splice.py); off: through websockets' messages.
     splice: bool = True
@@ -143,6 +144,7 @@ ENV_NAMES: dict[str, str] = {
     "heartbeat_s": "SPEECHGATE_HEARTBEAT_S",
     "drain_s": "SPEECHGATE_DRAIN_S",
     "upstream_connect_attempts": "SPEECHGATE_UPSTREAM_CONNECT_ATTEMPTS",
+    "upstream_backoff_s": "SPEECHGATE_UPSTREAM_BACKOFF_S",
     "splice": "SPEECHGATE_SPLICE",
     "keepalive_s": "SPEECHGATE_KEEPALIVE_S",
 }

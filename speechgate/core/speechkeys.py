@@ -38,9 +38,9 @@ def check_key_format(key: str) -> str:
     return key
 
 
-async def current(store: SecretStore) -> SecretVersion | None:
+async def current(store: SecretStore, secret: str = SPEECH_KEY_SECRET) -> SecretVersion | None:
     try:
-        return await store.get(SPEECH_KEY_SECRET)
+        return await store.get(secret)
     except SecretNotFound:
         return None
 
@@ -60,6 +60,7 @@ async def rotate_speech_key(
     rotated_by: str,
     verify: Callable[[str], Awaitable[None]] | None = None,
     tags: dict[str, str] | None = None,
+    secret: str = SPEECH_KEY_SECRET,
 ) -> SpeechRotation:
     """Regenerate the slot not in use (`new_key(slot)`), optionally `verify` it, store it, announce.
 
@@ -67,15 +68,15 @@ async def rotate_speech_key(
     out: a run interrupted in between is finished by the next one (announce again), which never
     regenerates the slot the relays may still be using.
     """
-    latest = await current(store)
+    latest = await current(store, secret)
     if latest is not None and latest.tags.get("announced") == "false":
         await announce()
-        await store.update(SPEECH_KEY_SECRET, latest.version, tags={**latest.tags, "announced": "true"})
+        await store.update(secret, latest.version, tags={**latest.tags, "announced": "true"})
         return SpeechRotation(latest.tags.get("slot", "key1"), latest.version, True)
     if latest is not None and latest.tags.get("slot") not in SLOTS:
         raise SpeechKeyError(
-            f"the stored speech key (version {latest.version}) has no slot tag, so the slot in use is "
-            "unknown; tag it slot=key1 or slot=key2 to say which key it is"
+            f"the stored speech key {secret} (version {latest.version}) has no slot tag, so the slot "
+            "in use is unknown; tag it slot=key1 or slot=key2 to say which key it is"
         )
     slot = other_slot(latest.tags["slot"]) if latest is not None else "key1"
     key = check_key_format(await new_key(slot))
@@ -83,7 +84,7 @@ async def rotate_speech_key(
         await verify(key)
     carried = {k: v for k, v in (latest.tags if latest else {}).items() if k in ("region", "resource")}
     stored = await store.set(
-        SPEECH_KEY_SECRET,
+        secret,
         key,
         tags={
             **carried,
@@ -95,7 +96,7 @@ async def rotate_speech_key(
         },
     )
     await announce()
-    await store.update(SPEECH_KEY_SECRET, stored.version, tags={**stored.tags, "announced": "true"})
+    await store.update(secret, stored.version, tags={**stored.tags, "announced": "true"})
     return SpeechRotation(slot, stored.version, False)
 
 

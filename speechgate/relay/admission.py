@@ -4,6 +4,8 @@ that would be refused later."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -20,6 +22,7 @@ from speechgate.relay.doors.plain import plain_format
 from speechgate.relay.endpoints import endpoint_for, message_rules, upstream_query
 from speechgate.relay.http import asks_for_upgrade, header
 from speechgate.relay.live import Pending
+from speechgate.relay.pool import NoUpstream, Pool, Want
 from speechgate.relay.sessions import MemorySessions, RedisSessions, Sessions, new_stream_id
 from speechgate.relay.upstream import UpstreamError
 from speechgate.relay.voices import VoiceList, for_token
@@ -50,6 +53,27 @@ REFUSALS = {
 }
 
 
+# When no upstream of the pool may take a stream: the pool's capacity, not the user's quota.
+UPSTREAM_REFUSALS = {
+    "full": (
+        429,
+        "upstream_capacity",
+        "every Azure Speech resource this stream may use is at its concurrency capacity; retry shortly",
+    ),
+    "down": (
+        503,
+        "upstream_unavailable",
+        "every Azure Speech resource this stream may use is refusing connections now; retry shortly",
+    ),
+    "none": (
+        503,
+        "no_upstream",
+        "no Azure Speech resource serves this path and language in this app's zones; "
+        "ask the operators (speechgate upstreams list)",
+    ),
+}
+
+
 class Gatekeeper:
     """The rules of the handshake, over the relay's shared state (given, not owned)."""
 
@@ -62,6 +86,7 @@ class Gatekeeper:
         local_sessions: MemorySessions,
         redis_sessions: RedisSessions | None,
         voice_list: VoiceList,
+        pool: Pool,
         has_redis: bool,
     ) -> None:
         self.auth = auth
@@ -71,6 +96,7 @@ class Gatekeeper:
         self.local_sessions = local_sessions
         self.redis_sessions = redis_sessions
         self.voice_list = voice_list
+        self.pool = pool
         self.has_redis = has_redis
 
     async def admit(
@@ -120,7 +146,20 @@ class Gatekeeper:
             retry = admission.retry_after_s or (seconds_to_midnight() if status == 429 else None)
             raise Refusal(status, error, message, retry)
         rules = message_rules(endpoint, params, claims, policy)
-        return Pending(claims, kid, stream_id, endpoint, path, params, query, sessions, admission, rules)
+        pending = Pending(claims, kid, stream_id, endpoint, path, params, query, sessions, admission, rules)
+        if not self.pool.active:
+            return pending
+        spoken = languages or [v for k, v in params if k.lower() == "from"]  # translation's source
+        # The plain door speaks recognition to Azure ("stt"), whatever its own path.
+        want = Want(endpoint.service or "stt", spoken[0] if spoken else None, policy.zones)
+        try:
+            placement = await self.pool.assign(stream_id, want)
+        except NoUpstream as exc:
+            with contextlib.suppress(*REDIS_ERRORS):  # else its lease lapses
+                await sessions.release(pending.stream())
+            status, error, message = UPSTREAM_REFUSALS[exc.why]
+            raise Refusal(status, error, message, exc.retry_after_s or None) from None
+        return dataclasses.replace(pending, placement=placement)
 
     async def voices(self, request: Request, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """`GET /cognitiveservices/voices/list` with a token that may synthesize: Azure's list

@@ -22,6 +22,7 @@ from speechgate.core.settings import Settings
 from speechgate.relay import frames, languages, usp
 from speechgate.relay.endpoints import Endpoint
 from speechgate.relay.metrics import RelayMetrics
+from speechgate.relay.pool import Placement, Pool
 from speechgate.relay.sessions import Admission, Sessions, Stream
 from speechgate.relay.upstream import Credentials
 
@@ -36,6 +37,7 @@ class Context(Protocol):
     credentials: Credentials
     upstream_name: str  # what the apps are told closed or failed: "Azure Speech"
     workers: Executor  # for work that would hold up the event loop (decoding Opus)
+    pool: Pool  # the upstreams a stream may go to, when there is a pool
 
 
 class SpliceHandle(Protocol):
@@ -64,6 +66,7 @@ class Live:
     closer: asyncio.Task[None] | None = None
     drain_timer: asyncio.TimerHandle | None = None
     rules: languages.Rules | None = None  # what the app's messages may ask for, when they need reading
+    placement: Placement | None = None  # its upstream of the pool and its slot there; None: no pool
 
     def turn_ended(self) -> None:
         """Azure ended the turn. A draining relay closes the stream once the app has said its last
@@ -136,6 +139,7 @@ class Pending:
     sessions: Sessions
     admission: Admission
     rules: languages.Rules
+    placement: Placement | None = None  # its upstream of the pool; None: the configured one, no pool
 
     def stream(self) -> Stream:
         """The stream this admission opens, on the session's time line where its last one ended."""

@@ -56,3 +56,28 @@ class RelayMetrics:
             ["client", "quota"],
             registry=registry,
         )
+        # The upstream pool (relay/pool.py); labels are upstream names, which operators choose.
+        self.upstream_streams = Gauge(
+            "speechgate_upstream_streams",
+            "Live streams on an upstream of the pool, fleet-wide as counted in Redis (aggregate with max)",
+            ["upstream"],
+            registry=registry,
+        )
+        self.upstream_limit = Gauge(
+            "speechgate_upstream_limit",
+            "Concurrent streams an upstream of the pool takes",
+            ["upstream"],
+            registry=registry,
+        )
+        self.upstream_healthy = Gauge(
+            "speechgate_upstream_healthy",
+            "1 unless the upstream is marked down after a refusal (for the backoff)",
+            ["upstream"],
+            registry=registry,
+        )
+        self.upstream_refusals = Counter(
+            "speechgate_upstream_refusals",
+            "Connections an upstream of the pool refused: throttled (429), error (5xx), auth, unreachable",
+            ["upstream", "reason"],
+            registry=registry,
+        )

@@ -51,6 +51,7 @@ from speechgate.relay.doors import azure, plain
 from speechgate.relay.http import Route, asks_for_upgrade, json_response, respond
 from speechgate.relay.live import Live, Pending
 from speechgate.relay.metrics import RelayMetrics
+from speechgate.relay.pool import Placement, Pool
 from speechgate.relay.sessions import MemorySessions, RedisSessions, Stream
 from speechgate.relay.upstream import (
     Credentials,
@@ -109,6 +110,16 @@ class Relay:
         if settings.upstream_auth == "sts":
             self.credentials = StsCredentials(key, sts_base_for(settings.speech_region, None), self.http)
         self.voices = VoiceList(settings, self.credentials, self.http)
+        self.pool = Pool(
+            settings,
+            store,
+            redis,
+            self.keyspace,
+            self.health,
+            self.credentials,
+            self.metrics,
+            settings.upstream_backoff_s,
+        )
         # Opus is decoded here: FFmpeg runs without the GIL, on another core than the event loop.
         self.workers: Executor = ThreadPoolExecutor(
             max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode"
@@ -121,6 +132,7 @@ class Relay:
             self.local_sessions,
             self.redis_sessions,
             self.voices,
+            self.pool,
             has_redis=redis is not None,
         )
         self.live: dict[str, Live] = {}
@@ -213,7 +225,7 @@ class Relay:
         if response.status_code != 101:
             pending = self._pending.pop(connection.id, None)
             if pending is not None:
-                task = asyncio.ensure_future(self._release(pending.stream()))
+                task = asyncio.ensure_future(self._release(pending.stream(), pending.placement))
                 self._releasing.add(task)  # held until done, then let go
                 task.add_done_callback(self._releasing.discard)
         return response
@@ -223,7 +235,7 @@ class Relay:
     async def handler(self, connection: ServerConnection) -> None:
         pending = self._pending.pop(connection.id)
         stream = pending.stream()
-        live = Live(connection, stream, pending.endpoint.door, pending.kid)
+        live = Live(connection, stream, pending.endpoint.door, pending.kid, placement=pending.placement)
         live.rules = pending.rules if pending.rules.reads else None
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
@@ -272,12 +284,14 @@ class Relay:
                     }
                 },
             )
-            await self._release(stream)
+            await self._release(stream, live.placement)
 
-    async def _release(self, stream: Stream) -> None:
+    async def _release(self, stream: Stream, placement: Placement | None) -> None:
         """Free the stream's slots and count its last audio; what Redis could not take now (or
         what the per-process rules counted during an outage) is written by a later heartbeat."""
         assert stream.backend is not None  # every stream comes from Pending.stream()
+        if placement is not None:
+            await self.pool.release(placement)
         try:
             await stream.backend.release(stream)
         except REDIS_ERRORS as exc:
@@ -309,6 +323,9 @@ class Relay:
                 self.auth.keys_changed()
             if what in (None, "speech-key"):
                 self.credentials.invalidate()
+                self.pool.credentials_changed()
+            if what in (None, "upstreams"):
+                await self.pool.load()
             if what in (None, "client"):
                 self.clients.clear()
 
@@ -323,9 +340,13 @@ class Relay:
             self.metrics.audio.labels(client_id).inc(seconds)
 
     async def _heartbeat_forever(self) -> None:
+        loaded = time.monotonic()
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             await self.heartbeat()
+            if time.monotonic() - loaded >= self.settings.client_cache_s:  # a reload event missed
+                loaded = time.monotonic()
+                await self.pool.load()
 
     async def heartbeat(self) -> None:
         """Renew leases, count audio, end the streams over a quota; with Redis back after an
@@ -360,6 +381,7 @@ class Relay:
         for beat in beats:
             for client_id, share in beat.audio_use.items():
                 self.metrics.quota_use.labels(client_id, "audio_day").set(share)
+        await self.pool.renew(live.placement for live in self.live.values() if live.placement is not None)
         for stream, reason in [entry for beat in beats for entry in beat.over]:
             live = self.live.get(stream.stream_id)
             if live is not None:
@@ -372,6 +394,7 @@ class Relay:
         self, host: str | None = None, port: int | None = None, sock: socket.socket | None = None
     ) -> AsyncIterator[Server]:
         """Serve on `host`:`port`, or on a socket bound already (`sock`)."""
+        await self.pool.load()
         if self._listener is not None:
             self._listener.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_forever()))
@@ -401,6 +424,7 @@ class Relay:
             if self._listener is not None:
                 await self._listener.close()
             await self.health.close()
+            await self.pool.aclose()
             await self.credentials.aclose()
             if self.redis_sessions is not None:
                 await self.redis_sessions.aclose()

@@ -62,15 +62,16 @@ class Credentials(Protocol):
 class KeyCredentials:
     """The subscription key, read from the store (or SPEECH_KEY) and kept until invalidated."""
 
-    def __init__(self, store: SecretStore, fallback_key: str | None) -> None:
+    def __init__(self, store: SecretStore, fallback_key: str | None, secret: str = SPEECH_KEY_SECRET) -> None:
         self.store = store
         self.fallback_key = fallback_key
+        self.secret = secret
         self._key: str | None = None
 
     async def key(self) -> str:
         if self._key is None:
             try:
-                self._key = (await self.store.get(SPEECH_KEY_SECRET)).value
+                self._key = (await self.store.get(self.secret)).value
             except SecretNotFound:
                 self._key = self.fallback_key
             except StoreError:

@@ -72,13 +72,28 @@ class FakeSpeech:
     wav_rates: list[int] = field(default_factory=list)  # the sample rate of each WAV header heard
     contexts: list[Any] = field(default_factory=list)  # each speech.context body
     voices: list[dict[str, str]] = field(default_factory=lambda: list(VOICES))  # GET …/voices/list
+    extra_keys: set[str] = field(default_factory=set)  # accepted too: a resource's second key
+    max_streams: int | None = None  # live connections beyond this are refused with 429, as Azure does
+    drop: bool = False  # drop every connection before answering (a resource that cannot be reached)
+    live: int = 0
+    refused: int = 0  # handshakes refused for max_streams
+    dropped: int = 0
 
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         self.handshakes.append({"path": request.path, "headers": dict(request.headers.raw_items())})
+        if self.drop:
+            self.dropped += 1
+            assert connection.transport is not None
+            connection.transport.abort()
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "dropped\n")  # never sent
+        if self.max_streams is not None and self.live >= self.max_streams:
+            self.refused += 1
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many concurrent requests\n")
         if self.refuse_status is not None:
             return connection.respond(HTTPStatus(self.refuse_status), "refused by the fake\n")
         bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if request.headers.get("Ocp-Apim-Subscription-Key") != self.key and bearer not in self.bearer_tokens:
+        key = request.headers.get("Ocp-Apim-Subscription-Key")
+        if key != self.key and key not in self.extra_keys and bearer not in self.bearer_tokens:
             return connection.respond(HTTPStatus.UNAUTHORIZED, "bad key\n")
         if request.path.partition("?")[0] == "/cognitiveservices/voices/list":
             response = connection.respond(HTTPStatus.OK, json.dumps(self.voices))
@@ -88,6 +103,7 @@ class FakeSpeech:
 
     async def handle(self, ws: ServerConnection) -> None:
         self.connections += 1
+        self.live += 1
         closer = None
         if self.close_after_s is not None:
             closer = asyncio.get_running_loop().call_later(
@@ -98,6 +114,7 @@ class FakeSpeech:
         except ConnectionClosed:
             pass
         finally:
+            self.live -= 1
             if closer is not None:
                 closer.cancel()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
@@ -39,17 +39,41 @@ def resume(connection: ServerConnection) -> None:
 
 
 async def connect(
-    relay: Context, service: str, path: str, query: str, extra: dict[str, str]
+    relay: Context,
+    live: Live,
+    service: str,
+    path_for: Callable[[bool], str],
+    query: str,
+    extra: dict[str, str],
 ) -> ClientConnection:
+    """Azure's connection for a stream: on its upstream of the pool (moving to another of its zones
+    when that one refuses: relay/pool.py), or on the configured one. `path_for(custom_endpoint)`."""
     started = time.perf_counter()
     try:
-        return await open_upstream(
-            upstream_url(relay.settings, service, path, query),
-            relay.credentials,
-            extra,
-            relay.settings.upstream_connect_attempts,
-            max_size=2**20,
-        )
+        placement = live.placement
+        if placement is None:
+            url = upstream_url(relay.settings, service, path_for(bool(relay.settings.speech_endpoint)), query)
+            return await open_upstream(
+                url, relay.credentials, extra, relay.settings.upstream_connect_attempts, max_size=2**20
+            )
+        while True:
+            # Once each where another upstream may take the stream (the better retry); else the
+            # configured number of tries before the only one is marked down.
+            alone = not relay.pool.alternatives(placement)
+            try:
+                return await open_upstream(
+                    placement.url(relay.settings, path_for, query),
+                    placement.credentials,
+                    extra,
+                    relay.settings.upstream_connect_attempts if alone else 1,
+                    max_size=2**20,
+                )
+            except UpstreamError as exc:
+                moved = await relay.pool.failed(placement, exc)
+                if moved is None:
+                    raise
+                relay.metrics.upstream_failures.inc()
+                live.placement = placement = moved
     except UpstreamError:
         relay.metrics.upstream_failures.inc()
         raise

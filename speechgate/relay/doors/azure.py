@@ -24,8 +24,14 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
     assert request is not None
     extra = {k: v for k, v in request.headers.raw_items() if k.lower() in ("x-connectionid", "user-agent")}
     try:
-        path = upstream_path(pending.endpoint, pending.path, bool(relay.settings.speech_endpoint))
-        upstream = await connect(relay, pending.endpoint.service, path, pending.query, extra)
+        upstream = await connect(
+            relay,
+            live,
+            pending.endpoint.service,
+            lambda custom: upstream_path(pending.endpoint, pending.path, custom),
+            pending.query,
+            extra,
+        )
     except UpstreamError as exc:
         resume(live.connection)
         live.end(4000, 1013, f"{relay.upstream_name} unavailable: {exc}")

@@ -116,8 +116,9 @@ class _PlainUpstream:
         query = urlencode({"language": self.language, "format": "simple"})
         upstream = await connect(
             self.relay,
+            self.live,
             "stt",
-            CONVERSATION_PATH,
+            lambda _: CONVERSATION_PATH,
             query,
             {"X-ConnectionId": usp.new_request_id()},
         )
