@@ -25,6 +25,8 @@ from speechgate.cli.common import Deps
 from speechgate.core.filestore import FileStore
 from speechgate.core.settings import Settings
 from speechgate.core.store import MemoryStore
+from speechgate.core.upstreams import Upstream
+from speechgate.relay.pool import Want, candidates
 from tests.fakes.speech import KEY, FakeSpeech, FakeSpeechServer
 from tests.support.cli import SPEECHGATE, Cli, audit_lines
 from tests.support.processes import Process, free_port
@@ -359,3 +361,24 @@ async def test_one_upstream_configured_as_before_needs_no_pool_and_no_routing(
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(f"http://127.0.0.1:{stack.relay.port}/metrics")).text
     assert "speechgate_upstream_streams{" not in metrics
+
+
+def test_the_candidates_are_the_active_upstreams_serving_the_service_language_and_zone() -> None:
+    pool = [
+        Upstream("stt-eu", 5, region="westeurope", zone="eu", services=("stt",)),
+        Upstream("de-only", 5, region="germanywestcentral", zone="eu", languages=("de-DE",)),
+        Upstream("us", 5, region="eastus", zone="us"),
+        Upstream("resting", 5, region="northeurope", zone="eu", state="draining"),
+        Upstream("nowhere", 5, region="swedencentral"),
+    ]
+
+    def names(
+        service: str, language: str | None, zones: tuple[str, ...], exclude: tuple[str, ...] = ()
+    ) -> list[str]:
+        return [u.name for u in candidates(pool, Want(service, language, zones), exclude)]
+
+    assert names("stt", "en-US", ()) == ["stt-eu", "us", "nowhere"]
+    assert names("stt", "de-de", ("eu",)) == ["stt-eu", "de-only"]  # locales compare without case
+    assert names("tts", None, ("eu",)) == ["de-only"]  # a language not known yet: any upstream's
+    assert names("stt", "en-US", ("eu",), ("stt-eu",)) == []  # never another zone's
+    assert names("s2s", "en-US", ("apac",)) == []
