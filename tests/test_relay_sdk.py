@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from speechgate.core.keyspace import Keyspace, day
+from speechgate.core.upstreams import Upstream, save_pool
 from tests.fakes.speech import KEY
 from tests.support.processes import wait_until
 from tests.support.relays import Stack
@@ -182,6 +183,32 @@ def test_quota_used_up_mid_turn_cancels_the_sdk_with_the_reason(stack: Stack) ->
     assert "daily audio quota used up" in result.cancellation_details.error_details
     assert "4000" in result.cancellation_details.error_details
     push.close()
+
+
+def test_an_upstream_of_the_pool_reached_keyless_with_entra_id(stack_factory: Any, vault: Any) -> None:
+    """The pool's own Entra ID credentials (its resource's id), not the configured key."""
+    resource = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.CognitiveServices/accounts/pooled"
+    stack: Stack = stack_factory()
+    stack.fake.key = "no key is accepted"
+    original = vault.fake.tokens
+
+    class Tokens(set[str]):  # every token the identity endpoint issues is accepted by the fake Azure
+        def add(self, token: str) -> None:
+            super().add(token)
+            stack.fake.bearer_tokens.add(f"aad#{resource}#{token}")
+
+    vault.fake.tokens = Tokens(original)
+    relay = stack.relay.relay
+    pooled = Upstream(
+        "keyless", 10, endpoint=relay.settings.speech_endpoint, auth="entra", resource_id=resource
+    )
+    stack.relay.call(save_pool(relay.store, [pooled], "test"))
+    stack.relay.call(relay.pool.load())
+    result = recognize_once(stack, stack.token(stack.service.add_client()))
+    assert result.reason == speechsdk.ResultReason.RecognizedSpeech, result.cancellation_details
+    headers = {k.lower(): v for k, v in stack.fake.handshakes[-1]["headers"].items()}
+    assert headers["authorization"].startswith(f"Bearer aad#{resource}#")
+    assert "ocp-apim-subscription-key" not in headers
 
 
 def test_keyless_entra_id_upstream_through_managed_identity(stack_factory: Any, vault: Any) -> None:
