@@ -185,47 +185,45 @@ def test_quota_used_up_mid_turn_cancels_the_sdk_with_the_reason(stack: Stack) ->
     push.close()
 
 
-def test_an_upstream_of_the_pool_reached_keyless_with_entra_id(stack_factory: Any, vault: Any) -> None:
-    """The pool's own Entra ID credentials (its resource's id), not the configured key."""
-    resource = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.CognitiveServices/accounts/pooled"
-    stack: Stack = stack_factory()
+def accept_entra_tokens(stack: Stack, vault: Any, resource: str) -> None:
+    """The fake Azure takes no key, and takes every token the identity endpoint issues (now and
+    later) as Speech's `aad#<resource>#<token>`."""
     stack.fake.key = "no key is accepted"
-    original = vault.fake.tokens
+    stack.fake.bearer_tokens = {f"aad#{resource}#{t}" for t in vault.fake.tokens}
 
-    class Tokens(set[str]):  # every token the identity endpoint issues is accepted by the fake Azure
+    class Tokens(set[str]):
         def add(self, token: str) -> None:
             super().add(token)
             stack.fake.bearer_tokens.add(f"aad#{resource}#{token}")
 
-    vault.fake.tokens = Tokens(original)
+    vault.fake.tokens = Tokens(vault.fake.tokens)
+
+
+def recognized_keyless(stack: Stack, resource: str) -> None:
+    """A recognition through the SDK works, and reached Azure with the resource's token, no key."""
+    result = recognize_once(stack, stack.token(stack.service.add_client()))
+    assert result.reason == speechsdk.ResultReason.RecognizedSpeech, result.cancellation_details
+    headers = {k.lower(): v for k, v in stack.fake.handshakes[-1]["headers"].items()}
+    assert headers["authorization"].startswith(f"Bearer aad#{resource}#")
+    assert "ocp-apim-subscription-key" not in headers
+
+
+def test_an_upstream_of_the_pool_reached_keyless_with_entra_id(stack_factory: Any, vault: Any) -> None:
+    """The pool's own Entra ID credentials (its resource's id), not the configured key."""
+    resource = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.CognitiveServices/accounts/pooled"
+    stack: Stack = stack_factory()
+    accept_entra_tokens(stack, vault, resource)
     relay = stack.relay.relay
     pooled = Upstream(
         "keyless", 10, endpoint=relay.settings.speech_endpoint, auth="entra", resource_id=resource
     )
     stack.relay.call(save_pool(relay.store, [pooled], "test"))
     stack.relay.call(relay.pool.load())
-    result = recognize_once(stack, stack.token(stack.service.add_client()))
-    assert result.reason == speechsdk.ResultReason.RecognizedSpeech, result.cancellation_details
-    headers = {k.lower(): v for k, v in stack.fake.handshakes[-1]["headers"].items()}
-    assert headers["authorization"].startswith(f"Bearer aad#{resource}#")
-    assert "ocp-apim-subscription-key" not in headers
+    recognized_keyless(stack, resource)
 
 
 def test_keyless_entra_id_upstream_through_managed_identity(stack_factory: Any, vault: Any) -> None:
     resource = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.CognitiveServices/accounts/speech"
     stack: Stack = stack_factory(upstream_auth="entra", speech_resource_id=resource, speech_key=None)
-    stack.fake.key = "no key is accepted"
-    stack.fake.bearer_tokens = {f"aad#{resource}#{t}" for t in vault.fake.tokens}  # refreshed below
-    original = vault.fake.tokens
-
-    class Tokens(set[str]):  # every token the identity endpoint issues is accepted by the fake Azure
-        def add(self, token: str) -> None:
-            super().add(token)
-            stack.fake.bearer_tokens.add(f"aad#{resource}#{token}")
-
-    vault.fake.tokens = Tokens(original)
-    result = recognize_once(stack, stack.token(stack.service.add_client()))
-    assert result.reason == speechsdk.ResultReason.RecognizedSpeech, result.cancellation_details
-    headers = {k.lower(): v for k, v in stack.fake.handshakes[-1]["headers"].items()}
-    assert headers["authorization"].startswith(f"Bearer aad#{resource}#")
-    assert "ocp-apim-subscription-key" not in headers
+    accept_entra_tokens(stack, vault, resource)
+    recognized_keyless(stack, resource)

@@ -32,7 +32,6 @@ from speechgate.core.redisconn import REDIS_ERRORS, Redis
 from speechgate.core.settings import Settings
 from speechgate.core.store import SecretStore
 from speechgate.core.upstreams import (
-    STATES,
     PoolError,
     Upstream,
     check_pool,
@@ -211,23 +210,18 @@ def add(
     output(as_json, row, f"added {_describe(row)}")
 
 
-def _set_state(name: str, state: str, as_json: bool, yes: bool, question: str | None) -> None:
-    if question is not None:
-        confirm(yes, question)
+def _set_state(command: str, name: str, state: str, as_json: bool) -> None:
+    """`upstreams enable|drain|disable NAME`: store the state, tell the relays, show the upstream."""
 
     async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> dict[str, Any]:
         pool = await load_pool(store)
-        before = find(pool, name)
+        after = dataclasses.replace(find(pool, name), state=state)
         await save_pool(store, with_state(pool, name, state), operator())
         await announce(redis, settings, "upstreams")
-        after = dataclasses.replace(before, state=state)
         return _row(after, (await _live(redis, settings, [after])).get(name))
 
     row = run(op)
-    audit(
-        f"upstreams.{ {'active': 'enable', 'disabled': 'disable', 'draining': 'drain'}[state] }",
-        upstream=name,
-    )
+    audit(f"upstreams.{command}", upstream=name)
     output(as_json, row, _describe(row))
 
 
@@ -236,7 +230,7 @@ def _set_state(name: str, state: str, as_json: bool, yes: bool, question: str | 
 @json_option
 def enable(name: str, as_json: bool) -> None:
     """Route new streams to it again."""
-    _set_state(name, "active", as_json, True, None)
+    _set_state("enable", name, "active", as_json)
 
 
 @upstreams.command("drain")
@@ -245,7 +239,8 @@ def enable(name: str, as_json: bool) -> None:
 @json_option
 def drain(name: str, yes: bool, as_json: bool) -> None:
     """Maintenance: no new streams; live ones go on to their end (`list` shows them leave)."""
-    _set_state(name, "draining", as_json, yes, f"Send no new streams to {name}?")
+    confirm(yes, f"Send no new streams to {name}?")
+    _set_state("drain", name, "draining", as_json)
 
 
 @upstreams.command("disable")
@@ -254,7 +249,8 @@ def drain(name: str, yes: bool, as_json: bool) -> None:
 @json_option
 def disable(name: str, yes: bool, as_json: bool) -> None:
     """Take it out of rotation until `enable` (live streams are not cut)."""
-    _set_state(name, "disabled", as_json, yes, f"Take {name} out of rotation?")
+    confirm(yes, f"Take {name} out of rotation?")
+    _set_state("disable", name, "disabled", as_json)
 
 
 @upstreams.command("remove")
@@ -278,6 +274,3 @@ def remove(name: str, yes: bool, as_json: bool) -> None:
     result = run(op)
     audit("upstreams.remove", upstream=name, live_streams=result["live_streams"])
     output(as_json, result, f"removed {name} ({result['live_streams']} live streams were on it)")
-
-
-__all__ = ["STATES", "upstreams"]

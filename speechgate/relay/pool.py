@@ -291,12 +291,13 @@ class Pool:
             self._local_gauges()
             return
         until = int(now * 1000) + self.lease_ms
+        names = {placement.upstream.name for placement in held}
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for placement in held:  # re-added when they were counted here during an outage
                     pipe.zadd(self.keys.upstream_live(placement.upstream.name), {placement.stream_id: until})
                     placement.in_redis = True
-                for name in {placement.upstream.name for placement in held}:  # removed ones too
+                for name in names:  # removed ones too
                     pipe.pexpire(self.keys.upstream_live(name), self.lease_ms + 60_000)
                 for upstream in self.upstreams:
                     live = self.keys.upstream_live(upstream.name)
@@ -307,7 +308,7 @@ class Pool:
         except REDIS_ERRORS as exc:
             self.health.mark_down(exc)
             return
-        counts = results[len(held) + len({placement.upstream.name for placement in held}) :]
+        counts = results[len(held) + len(names) :]
         for i, upstream in enumerate(self.upstreams):
             self.metrics.upstream_streams.labels(upstream.name).set(counts[3 * i + 1])
             self.metrics.upstream_healthy.labels(upstream.name).set(0 if counts[3 * i + 2] else 1)
