@@ -347,6 +347,23 @@ def test_the_cli_manages_the_pool_with_json_audit_lines_and_clear_refusals(cli: 
     assert "no upstream named west" in cli("upstreams", "show", "west", code=1).stderr
 
 
+def test_a_keyless_upstream_is_removed_though_it_has_no_key_secret(cli: Cli) -> None:
+    resource = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.CognitiveServices/accounts/x"
+    cli(
+        "upstreams",
+        "add",
+        "keyless",
+        "--region",
+        "westeurope",
+        "--limit",
+        "5",
+        "--entra-resource-id",
+        resource,
+    )
+    assert cli.json("upstreams", "remove", "keyless", "--yes")["removed"] is True
+    assert cli.json("upstreams", "list") == []
+
+
 async def test_one_upstream_configured_as_before_needs_no_pool_and_no_routing(
     stack: Any, sync_redis: Any
 ) -> None:

@@ -281,7 +281,7 @@ def rotate_speech(
             secret = speechkeys.SPEECH_KEY_SECRET
             if upstream is not None:
                 found = upstreams.find(await upstreams.load_pool(store), upstream)
-                if found.configured or found.auth != "key":
+                if not found.owns_key:
                     raise Failed(
                         f"{upstream} has no key of its own (it uses the relays' configured one or Entra ID)"
                     )

@@ -266,7 +266,7 @@ def remove(name: str, yes: bool, as_json: bool) -> None:
         upstream = find(pool, name)
         live = (await _live(redis, settings, [upstream])).get(name, {}).get("live", 0)
         await save_pool(store, [u for u in pool if u.name != name], operator())
-        for version in await store.versions(key_secret(name)) if not upstream.configured else []:
+        for version in await store.versions(key_secret(name)) if upstream.owns_key else []:
             await store.update(key_secret(name), version.version, enabled=False)
         await announce(redis, settings, "upstreams")
         return {"name": name, "removed": True, "live_streams": live}

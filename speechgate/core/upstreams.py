@@ -59,6 +59,12 @@ class Upstream:
         """The relay's own configured upstream (settings), not a resource of the pool's own."""
         return self.region is None and self.endpoint is None
 
+    @property
+    def owns_key(self) -> bool:
+        """Whether it has a key of its own, the secret key_secret(name) (else Entra ID, or the
+        relays' configured credentials)."""
+        return self.auth == "key" and not self.configured
+
     def serves(self, service: str, language: str | None) -> bool:
         if self.services and service not in self.services:
             return False
