@@ -3,28 +3,31 @@
     uv run python -m bench.opus_cost [--seconds 60] [--runs 5]
 
 For the test fixture (tests/data/speech.wav, 4.8 s of speech) encoded at 24 kbit/s in 20-ms
-frames, as phones and browsers send it: bytes per audio second in Ogg and in WebM against 16 kHz
-PCM. Then the relay's CPU per audio second for one stream: reading the container and decoding
-(speechgate.relay.opus.Transcoder, fed 250-ms chunks cut where the bytes fall), against the work
-the plain door does for PCM in the same run (framing each chunk as a USP audio message), and the
-longest single call, which is what would hold up the event loop if decoding ran on it.
+frames, as phones send it (encoded at 16 kHz: SILK) and as browsers do (at 48 kHz: hybrid): bytes
+per audio second in Ogg and in WebM against 16 kHz PCM. Then the relay's CPU per audio second for
+one stream: reading the container and decoding (speechgate.relay.opus.Transcoder, fed 250-ms
+chunks cut where the bytes fall) with each engine, libopus and FFmpeg, against the work the plain
+door does for PCM in the same run (framing each chunk as a USP audio message), and the longest
+single call, which is what holds up the event loop when a chunk is decoded on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from speechgate.devtools.compress import encode_opus
 from speechgate.devtools.wav import read_pcm16k
-from speechgate.relay import usp
-from speechgate.relay.opus import Transcoder
+from speechgate.relay import libopus, usp
+from speechgate.relay.opus import Transcoder, native
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "data" / "speech.wav"
 PCM_BYTES_PER_S = 32000
 CHUNK_S = 0.25
+SOURCES = {"phone": 16000, "browser": 48000}  # the rate each encodes at
 
 
 def chunks(data: bytes, audio_s: float) -> list[bytes]:
@@ -32,12 +35,14 @@ def chunks(data: bytes, audio_s: float) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-def decode_seconds(data: bytes, kind: str, audio_s: float, seconds: float) -> tuple[float, float]:
+def decode_seconds(
+    data: bytes, kind: str, library: libopus.Library | None, audio_s: float, seconds: float
+) -> tuple[float, float]:
     """CPU seconds per audio second, and the longest `feed` call (ms), over `seconds` of audio."""
     pieces = chunks(data, audio_s)
     longest, used, heard = 0.0, 0.0, 0.0
     while heard < seconds:
-        transcoder = Transcoder(kind)  # a new stream each time round: headers and all
+        transcoder = Transcoder(kind, library)  # a new stream each time round: headers and all
         for piece in pieces:
             started = time.process_time()
             transcoder.feed(piece)
@@ -70,30 +75,48 @@ def main() -> None:
     args = parser.parse_args()
     pcm = read_pcm16k(FIXTURE)
     audio_s = len(pcm) / PCM_BYTES_PER_S
-    encoded = {"ogg-opus": encode_opus(pcm, "ogg"), "webm-opus": encode_opus(pcm, "webm")}
-    print(f"fixture: {audio_s:.2f} s; 16 kHz PCM: {PCM_BYTES_PER_S:,} bytes per audio second")
-    for kind, data in encoded.items():
+    library = native()
+    if library is None:
+        sys.exit("libopus not found: only FFmpeg would be measured")
+    print(
+        f"fixture: {audio_s:.2f} s; 16 kHz PCM: {PCM_BYTES_PER_S:,} bytes per audio second; {library.version}"
+    )
+    encoded = {
+        (source, kind): encode_opus(pcm, kind.split("-")[0], rate=rate)
+        for source, rate in SOURCES.items()
+        for kind in ("ogg-opus", "webm-opus")
+    }
+    for (source, kind), data in encoded.items():
         per_s = len(data) / audio_s
         print(
-            f"  {kind:>9}: {per_s:8,.0f} bytes per audio second, "
+            f"  {source:>7} {kind:>9}: {per_s:8,.0f} bytes per audio second, "
             f"{PCM_BYTES_PER_S / per_s:5.1f} times less than PCM"
         )
     print(
         f"\nCPU per audio second of one stream, medians of {args.runs} interleaved runs of {args.seconds:g} s"
     )
-    results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in ["pcm", *encoded]}
+    engines = {"libopus": library, "ffmpeg": None}
+    cases = [(source, kind, engine) for source, kind in encoded for engine in engines]
+    pcm_runs: list[float] = []
+    results: dict[tuple[str, str, str], list[tuple[float, float]]] = {case: [] for case in cases}
     for _ in range(args.runs):
-        results["pcm"].append((pcm_seconds(pcm, args.seconds), 0.0))
-        for kind, data in encoded.items():
-            results[kind].append(decode_seconds(data, kind, audio_s, args.seconds))
-    pcm_cost = statistics.median(cost for cost, _ in results["pcm"])
-    print(f"  {'pcm':>9}: {pcm_cost * 1000:7.3f} ms (framing 250-ms chunks as USP messages: the baseline)")
-    for kind in encoded:
-        cost = statistics.median(c for c, _ in results[kind])
-        longest = statistics.median(m for _, m in results[kind])
+        pcm_runs.append(pcm_seconds(pcm, args.seconds))
+        for source, kind, engine in cases:
+            data = encoded[(source, kind)]
+            results[(source, kind, engine)].append(
+                decode_seconds(data, kind, engines[engine], audio_s, args.seconds)
+            )
+    pcm_cost = statistics.median(pcm_runs)
+    print(f"  {'pcm':>25}: {pcm_cost * 1000:7.3f} ms (framing 250-ms chunks as USP messages: the baseline)")
+    for source, kind, engine in cases:
+        cost = statistics.median(c for c, _ in results[(source, kind, engine)])
+        longest = statistics.median(m for _, m in results[(source, kind, engine)])
+        ffmpeg = statistics.median(c for c, _ in results[(source, kind, "ffmpeg")])
         print(
-            f"  {kind:>9}: {cost * 1000:7.3f} ms, {cost / pcm_cost:6.1f} times the PCM path; "
-            f"one core decodes {1 / cost:,.0f} real-time streams; longest call {longest:.2f} ms"
+            f"  {source:>7} {kind:>9} {engine:>7}: {cost * 1000:7.3f} ms, "
+            f"{cost / pcm_cost:5.1f} times the PCM path, {cost / ffmpeg:4.2f} of FFmpeg's; "
+            f"one core decodes {1 / cost:,.0f} real-time streams; "
+            f"longest call {longest:.2f} ms"
         )
 
 

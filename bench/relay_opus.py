@@ -2,10 +2,11 @@
 
 N streams each send a 250-ms chunk every 250 ms (real time), the chunking the plain door's Opus
 formats are made for, to `/v1/listen`: either 16 kHz PCM (8,000 bytes a chunk) or Ogg/Opus at
-24 kbit/s (the test fixture's pages, a whole number of 20-ms pages a chunk), which the relay
-decodes in its worker threads. The fake Azure answers each audio message at once, and the relay
-turns each answer into a `partial` event: a chunk's round trip is timed until it. The baseline in
-the same run: the same cadence of 8,000-byte USP audio messages straight to the fake.
+24 kbit/s (the test fixture's pages, a whole number of 20-ms pages a chunk), encoded as a phone
+does (at 16 kHz: SILK) or as a browser does (at 48 kHz: hybrid), which the relay decodes. The
+fake Azure answers each audio message at once, and the relay turns each answer into a `partial`
+event: a chunk's round trip is timed until it. The baseline in the same run: the same cadence of
+8,000-byte USP audio messages straight to the fake.
 
     uv run python -m bench.relay_opus [--streams 100,300,600] [--seconds 8] [--runs 3]
 
@@ -33,6 +34,8 @@ from tests.support.processes import free_port
 FIXTURE = Path(__file__).parent.parent / "tests" / "data" / "speech.wav"
 CHUNK_S = 0.25
 PAGE_S = 0.02  # compress.encode_opus writes one 20-ms packet a page
+SOURCES = {"phone": 16000, "browser": 48000}  # the rate each encodes at
+OPUS = tuple(f"opus-{source}" for source in SOURCES)
 
 
 def scripts(tmp: Path) -> dict[str, Path]:
@@ -41,30 +44,30 @@ def scripts(tmp: Path) -> dict[str, Path]:
     pcm = read_pcm16k(FIXTURE)
     size = int(32000 * CHUNK_S)
     pcm_chunks = [pcm[i : i + size] for i in range(0, len(pcm) - size + 1, size)]
-    pages = ogg_pages(encode_opus(pcm, "ogg"))
-    per_chunk = round(CHUNK_S / PAGE_S)
-    audio = pages[2:]
-    opus_chunks = [
-        b"".join(audio[i : i + per_chunk]) for i in range(0, len(audio) - per_chunk + 1, per_chunk)
-    ]
     direct = [usp.encode_binary(usp.AUDIO, "bench", chunk, extra={"X-StreamId": "1"}) for chunk in pcm_chunks]
-    plans = {
+    plans: dict[str, dict[str, object]] = {
         "direct": {"interval": CHUNK_S, "head": "", "chunks": [c.hex() for c in direct]},
         "pcm": {"interval": CHUNK_S, "head": "", "chunks": [c.hex() for c in pcm_chunks]},
-        "opus": {
+    }
+    per_chunk = round(CHUNK_S / PAGE_S)
+    for source, rate in SOURCES.items():
+        pages = ogg_pages(encode_opus(pcm, "ogg", rate=rate))
+        audio = pages[2:]
+        opus_chunks = [
+            b"".join(audio[i : i + per_chunk]) for i in range(0, len(audio) - per_chunk + 1, per_chunk)
+        ]
+        plans[f"opus-{source}"] = {
             "interval": CHUNK_S,
             "head": (pages[0] + pages[1]).hex(),
             "chunks": [c.hex() for c in opus_chunks],
-        },
-    }
+        }
+        mean = statistics.mean(map(len, opus_chunks))
+        print(f"bytes per 250-ms chunk: PCM {size:,}, Opus from a {source} {mean:,.0f} ", end="")
+        print(f"({size / mean:.1f} times less)")
     paths = {}
     for name, plan in plans.items():
         paths[name] = tmp / f"{name}.json"
         paths[name].write_text(json.dumps(plan))
-    print(
-        f"bytes per 250-ms chunk: PCM {size:,}, Opus {statistics.mean(map(len, opus_chunks)):,.0f} "
-        f"({size / statistics.mean(map(len, opus_chunks)):.1f} times less)"
-    )
     return paths
 
 
@@ -89,16 +92,16 @@ def main() -> None:
                     None,
                 ),
                 "pcm": (f"{plain}&format=pcm", relay.proc.pid),
-                "opus": (f"{plain}&format=ogg-opus", relay.proc.pid),
+                **{name: (f"{plain}&format=ogg-opus", relay.proc.pid) for name in OPUS},
             }
             for name, (url, _) in targets.items():  # warm-up
                 run_load(url, bench.token, 50, 2.0, None, plans[name])
             print(
                 f"medians of {args.runs} interleaved runs of {args.seconds:g} s\n"
-                f"{'N':>5} {'direct p50/p99':>15} {'PCM p50/p99':>14} {'added':>6} {'CPU':>5} "
-                f"{'Opus p50/p99':>14} {'added':>6} {'CPU':>5} {'lost':>5} {'Opus/PCM CPU':>12} (steal)"
+                f"{'N':>5} {'target':<13} {'p50/p99 ms':>14} {'added':>6} {'CPU':>5} {'lost':>5} "
+                f"{'CPU/PCM':>7} (steal)"
             )
-            knee = []
+            knees: dict[str, list[int]] = {name: [] for name in OPUS}
             for n in counts:
                 runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
                 for _ in range(args.runs):
@@ -108,27 +111,25 @@ def main() -> None:
                 def med(name: str, key: str, runs: dict[str, list[dict[str, float]]] = runs) -> float:
                     return statistics.median(r[key] for r in runs[name])
 
-                def added(name: str, runs: dict[str, list[dict[str, float]]] = runs) -> float:
-                    return statistics.median(
+                print(f"{n:>5} {'direct':<13} {med('direct', 'p50'):>6.2f}/{med('direct', 'p99'):<7.2f}")
+                for name in ("pcm", *OPUS):
+                    added = statistics.median(
                         r["p99"] - d["p99"] for r, d in zip(runs[name], runs["direct"], strict=True)
                     )
-
-                lost = int(sum(r["sent"] - r["answered"] for name in ("pcm", "opus") for r in runs[name]))
-                ratio = statistics.median(
-                    o["cpu_share"] / p["cpu_share"] for o, p in zip(runs["opus"], runs["pcm"], strict=True)
-                )
-                steal = statistics.median(r["steal"] for name in ("pcm", "opus") for r in runs[name])
-                columns = [f"{med('direct', 'p50'):>6.2f}/{med('direct', 'p99'):<7.2f}"]
-                for name in ("pcm", "opus"):
-                    columns.append(
-                        f"{med(name, 'p50'):>6.2f}/{med(name, 'p99'):<7.2f} {added(name):>6.1f} "
-                        f"{med(name, 'cpu_share'):>5.0%}"
+                    lost = int(sum(r["sent"] - r["answered"] for r in runs[name]))
+                    ratio = statistics.median(
+                        o["cpu_share"] / p["cpu_share"] for o, p in zip(runs[name], runs["pcm"], strict=True)
                     )
-                print(f"{n:>5} {' '.join(columns)} {lost:>5} {ratio:>12.2f} ({steal:.0%})", flush=True)
-                if added("opus") < 50 and not sum(r["sent"] - r["answered"] for r in runs["opus"]):
-                    knee.append(n)
-            largest = max(knee, default="none")
-            print(f"largest N of Opus streams with added p99 < 50 ms and no chunk lost: {largest}")
+                    print(
+                        f"{'':>5} {name:<13} {med(name, 'p50'):>6.2f}/{med(name, 'p99'):<7.2f} {added:>6.1f} "
+                        f"{med(name, 'cpu_share'):>5.0%} {lost:>5} {ratio:>7.2f} ({med(name, 'steal'):.0%})",
+                        flush=True,
+                    )
+                    if name in knees and added < 50 and not lost:
+                        knees[name].append(n)
+            for name, fine in knees.items():
+                largest = max(fine, default="none")
+                print(f"largest N of {name} streams with added p99 < 50 ms and no chunk lost: {largest}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import ctypes
 import io
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from speechgate.devtools.compress import encode_opus
 from speechgate.devtools.wav import read_pcm16k
-from speechgate.relay.containers import ContainerError, OggReader, WebmReader, crc, ogg_pages
+from speechgate.relay import libopus, opus
+from speechgate.relay.containers import HEADER, ContainerError, OggReader, WebmReader, crc, ogg_pages
 from speechgate.relay.opus import Transcoder
 from tests.support.dev import Dev, token
 
@@ -33,12 +36,12 @@ def pcm() -> bytes:
 
 @pytest.fixture(scope="module")
 def ogg(pcm: bytes) -> bytes:
-    return encode_opus(pcm, "ogg")
+    return encode_opus(pcm, "ogg", rate=48000)  # as browsers record
 
 
 @pytest.fixture(scope="module")
 def webm(pcm: bytes) -> bytes:
-    return encode_opus(pcm, "webm")
+    return encode_opus(pcm, "webm", rate=48000)
 
 
 def pieces(data: bytes, seed: int, largest: int = 700) -> list[bytes]:
@@ -111,9 +114,18 @@ def test_a_webm_of_another_codec_is_refused_by_name() -> None:
 # --- decoding ------------------------------------------------------------------------------------
 
 
-def decode(kind: str, chunks: list[bytes]) -> bytes:
-    transcoder = Transcoder(kind)
-    return b"".join(transcoder.feed(chunk) for chunk in chunks)
+ENGINES = ["libopus", "ffmpeg"]
+
+
+def engine_library(engine: str) -> libopus.Library | None:
+    return opus.native() if engine == "libopus" else None
+
+
+def decode(kind: str, chunks: list[bytes], engine: str = "libopus") -> bytes:
+    transcoder = Transcoder(kind, engine_library(engine))
+    out = b"".join(transcoder.feed(chunk) for chunk in chunks)
+    assert transcoder.engine == engine
+    return out
 
 
 def lag(a: bytes, b: bytes, most: int = 80) -> int:
@@ -123,30 +135,144 @@ def lag(a: bytes, b: bytes, most: int = 80) -> int:
     return max(range(-most, most + 1), key=lambda k: sum(x[i] * y[i + k] for i in range(most, n, 5)))
 
 
+def snr_db(reference: bytes, other: bytes) -> float:
+    x, y = array.array("h", reference), array.array("h", other)
+    n = min(len(x), len(y))
+    signal = sum(v * v for v in x[:n])
+    noise = sum((a - b) ** 2 for a, b in zip(x[:n], y[:n], strict=True)) or 1
+    return 10 * math.log10(signal / noise)
+
+
+def test_libopus_is_found_where_ci_runs() -> None:
+    """PyAV's wheels carry libopus; a release that stops carrying it (or moves it) fails here,
+    rather than the relay quietly decoding with FFmpeg at 2 to 3 times the CPU."""
+    library = opus.native()
+    assert library is not None
+    assert library.version.startswith("libopus ")
+    assert "av.libs" in library.path or ".dylibs" in library.path or "opus" in Path(library.path).name
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind", ["ogg-opus", "webm-opus"])
 def test_decoded_audio_is_the_recording_on_its_own_time_line(
-    kind: str, pcm: bytes, ogg: bytes, webm: bytes
+    kind: str, engine: str, pcm: bytes, ogg: bytes, webm: bytes
 ) -> None:
     """The encoder's pre-skip is dropped, once: results' offsets are where the words are."""
     data = ogg if kind == "ogg-opus" else webm
-    decoded = decode(kind, pieces(data, 7))
+    decoded = decode(kind, pieces(data, 7), engine)
     assert abs(len(decoded) - len(pcm)) <= 640  # within one 20-ms frame
     assert lag(pcm, decoded) == 0  # at 16 kHz, over ±5 ms
     # The same wherever the bytes were cut: with packets that lacked FFmpeg's zeroed padding, the
     # decoder read whatever followed them in memory, and 230 ms of one cut differed (opus._padded).
     for seed in range(8, 14):
-        assert decode(kind, pieces(data, seed)) == decoded
+        assert decode(kind, pieces(data, seed), engine) == decoded
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+def test_both_engines_give_the_same_audio(pcm: bytes, rate: int) -> None:
+    """libopus at 16 kHz and FFmpeg at 48 kHz then resampled: the same samples, in the same
+    place, to within the two resamplers' rounding, for what phones send (encoded at 16 kHz:
+    SILK) and what browsers send (at 48 kHz: hybrid)."""
+    data = encode_opus(pcm, "ogg", rate=rate)
+    native, ffmpeg = decode("ogg-opus", [data], "libopus"), decode("ogg-opus", [data], "ffmpeg")
+    assert abs(len(native) - len(ffmpeg)) <= 640
+    assert lag(pcm, native) == lag(ffmpeg, native) == 0
+    assert snr_db(ffmpeg, native) > 20
+
+
+def opus_head(channels: int = 1, gain: int = 0, family: int = 0) -> bytes:
+    return opus._OPUS_HEAD.pack(b"OpusHead", 1, channels, 312, 16000, gain, family)
+
+
+def ogg_page(like: bytes, packets: list[bytes], sequence: int, flags: int = 0) -> bytes:
+    """An Ogg page of the stream `like` (its serial number) holding `packets`."""
+    lacing = bytearray()
+    for packet in packets:
+        lacing += bytes([255] * (len(packet) // 255) + [len(packet) % 255])
+    serial = HEADER.unpack_from(like)[4]
+    header = HEADER.pack(b"OggS", 0, flags, 0, serial, sequence, 0, len(lacing))
+    page = header + bytes(lacing) + b"".join(packets)
+    return page[:22] + crc(page).to_bytes(4, "little") + page[26:]
+
+
+def restamped(ogg: bytes, head: bytes) -> bytes:
+    """`ogg` with `head` for its OpusHead page (the audio pages as they are)."""
+    pages = ogg_pages(ogg)
+    return ogg_page(ogg, [head], 0, 2) + b"".join(pages[1:])
+
+
+def test_a_header_with_gain_is_decoded_by_ffmpeg_which_applies_it(ogg: bytes) -> None:
+    """libopus is used without its gain control (a variadic call ctypes cannot make everywhere):
+    a stream whose header asks for gain goes to FFmpeg, which applies it."""
+    plain = Transcoder("ogg-opus", opus.native())
+    quiet = plain.feed(ogg)
+    louder = Transcoder("ogg-opus", opus.native())
+    loud = louder.feed(restamped(ogg, opus_head(gain=6 * 256)))  # +6 dB (Q7.8): twice the amplitude
+    assert (plain.engine, louder.engine) == ("libopus", "ffmpeg")
+    assert 1.8 < rms(loud) / rms(quiet) < 2.2
+
+
+def rms(pcm: bytes) -> float:
+    samples = array.array("h", pcm)
+    return math.sqrt(sum(v * v for v in samples) / len(samples))
+
+
+def test_a_stereo_stream_is_mixed_down_by_libopus(pcm: bytes) -> None:
+    stereo = io.BytesIO()
+    with av.open(stereo, "w", format="ogg") as muxer:
+        stream = muxer.add_stream("libopus", rate=48000)
+        assert isinstance(stream, av.AudioStream)
+        stream.layout = "stereo"
+        frame = av.AudioFrame(format="s16", layout="stereo", samples=len(pcm) // 2)
+        frame.planes[0].update(b"".join(pcm[i : i + 2] * 2 for i in range(0, len(pcm), 2)))
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            muxer.mux(packet)
+    transcoder = Transcoder("ogg-opus", opus.native())
+    decoded = transcoder.feed(stereo.getvalue())
+    assert transcoder.engine == "libopus"
+    assert abs(len(decoded) - len(pcm)) <= 640
+    assert lag(pcm, decoded) == 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_packet_opus_cannot_decode_is_named(engine: str, ogg: bytes) -> None:
+    """A page whose checksum is right, after 3 of audio, whose packet is not Opus: code 3, no frames."""
+    pages = ogg_pages(ogg)
+    broken = b"".join(pages[:5]) + ogg_page(ogg, [b"\x7b\x00"], 5)
+    with pytest.raises(ContainerError, match=r"Opus packet 4 cannot be decoded \(.+\)"):
+        Transcoder("ogg-opus", engine_library(engine)).feed(broken)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_empty_packet_is_no_audio_and_no_end(engine: str, ogg: bytes) -> None:
+    """An empty Ogg packet holds nothing: it neither adds audio nor ends FFmpeg's decoding."""
+    pages = ogg_pages(ogg)
+    with_empty = b"".join(pages[:10]) + ogg_page(ogg, [b""], 10) + b"".join(pages[10:])
+    assert decode("ogg-opus", [with_empty], engine) == decode("ogg-opus", [ogg], engine)
+
+
+def test_packet_durations_are_libopus_own(ogg: bytes) -> None:
+    """`packet_ms` (which decides where a chunk is decoded) against libopus' own count, for every
+    configuration and frame-count code of the table-of-contents byte."""
+    library = opus.native()
+    assert library is not None
+    count = library._lib.opus_packet_get_nb_samples
+    count.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32]
+    for toc in range(256):
+        for packet in (bytes([toc, 3]) + bytes(40), bytes([toc, 0x83]) + bytes(40)):
+            assert opus.packet_ms(packet) == max(count(packet, len(packet), 48000), 0) / 48
 
 
 def test_a_truncated_stream_gives_what_it_holds(ogg: bytes) -> None:
-    half = Transcoder("ogg-opus").feed(ogg[: len(ogg) // 2 + 17])  # ends inside a page
-    assert 0 < len(half) < len(Transcoder("ogg-opus").feed(ogg))
+    half = Transcoder("ogg-opus", opus.native()).feed(ogg[: len(ogg) // 2 + 17])  # ends inside a page
+    assert 0 < len(half) < len(Transcoder("ogg-opus", opus.native()).feed(ogg))
 
 
 def test_opus_audio_without_its_header_is_refused(ogg: bytes) -> None:
     assert OggReader().feed(ogg)[0][:8] == b"OpusHead"
     with pytest.raises(ContainerError, match=r"does not begin with an Opus header \(OpusHead\)"):
-        Transcoder("ogg-opus").feed(b"".join(ogg_pages(ogg)[1:]))  # the tags, then audio
+        Transcoder("ogg-opus", opus.native()).feed(b"".join(ogg_pages(ogg)[1:]))  # the tags, then audio
 
 
 # --- through the relay, recognized offline ---------------------------------------------------------

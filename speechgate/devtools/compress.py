@@ -9,7 +9,7 @@ from pathlib import Path
 import av
 
 from speechgate.relay.containers import ContainerError
-from speechgate.relay.opus import Transcoder
+from speechgate.relay.opus import Transcoder, native
 
 PCM_RATE = 16000
 OPUS_BITRATE = 24_000  # speech at 16-24 kbit/s loses nothing a recognizer notices
@@ -17,14 +17,18 @@ FRAME_MS = 20  # Opus' usual frame: what phones send
 SUFFIXES = {".opus": "ogg-opus", ".ogg": "ogg-opus", ".oga": "ogg-opus", ".webm": "webm-opus"}
 
 
-def encode_opus(pcm: bytes, container: str = "ogg", bitrate: int = OPUS_BITRATE) -> bytes:
-    """16 kHz 16-bit mono PCM as Opus in `container` ("ogg" or "webm")."""
+def encode_opus(
+    pcm: bytes, container: str = "ogg", bitrate: int = OPUS_BITRATE, rate: int = PCM_RATE
+) -> bytes:
+    """16 kHz 16-bit mono PCM as Opus in `container` ("ogg" or "webm"), encoded at `rate`: at
+    16 kHz as a phone's speech encoder does (SILK, wideband: what the relay decodes cheapest), at
+    48 kHz as browsers do (hybrid, full band)."""
     out = io.BytesIO()
     # One Ogg page per packet, as a streaming encoder flushes them: FFmpeg's default holds a second
     # of audio per page, which a reader cannot decode before the page is whole.
     options = {"page_duration": str(FRAME_MS * 1000)} if container == "ogg" else {}
     with av.open(out, "w", format=container, options=options) as muxer:
-        stream = muxer.add_stream("libopus", rate=48000)
+        stream = muxer.add_stream("libopus", rate=rate)
         assert isinstance(stream, av.AudioStream)
         stream.bit_rate = bitrate
         stream.layout = "mono"
@@ -50,7 +54,7 @@ def read_opus(path: Path) -> tuple[bytes, str, float]:
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        pcm = Transcoder(kind).feed(data)
+        pcm = Transcoder(kind, native()).feed(data)
     except ContainerError as exc:
         raise ValueError(f"{path.name}: {exc}") from None
     if not pcm:

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from speechgate.core.claims import AccessClaims
 from speechgate.core.settings import Settings
-from speechgate.relay import frames, languages, usp
+from speechgate.relay import frames, languages, libopus, usp
 from speechgate.relay.endpoints import Endpoint
 from speechgate.relay.metrics import RelayMetrics
 from speechgate.relay.pool import Placement, Pool
@@ -36,7 +36,8 @@ class Context(Protocol):
     metrics: RelayMetrics
     credentials: Credentials
     upstream_name: str  # what the apps are told closed or failed: "Azure Speech"
-    workers: Executor  # for work that would hold up the event loop (decoding Opus)
+    workers: Executor  # for work that would hold up the event loop (decoding long Opus chunks)
+    libopus: libopus.Library | None  # Opus' own decoder, where found (else FFmpeg decodes)
     pool: Pool  # the upstreams a stream may go to, when there is a pool
 
 

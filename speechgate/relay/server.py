@@ -39,7 +39,7 @@ from speechgate.core.revocation import SIGNING_KEY_REVOKED, Revocations
 from speechgate.core.settings import Settings
 from speechgate.core.speechkeys import sts_base_for
 from speechgate.core.store import SecretStore, StoreError
-from speechgate.relay import doors
+from speechgate.relay import doors, libopus, opus
 from speechgate.relay.admission import Gatekeeper
 from speechgate.relay.auth import (
     Authenticator,
@@ -120,7 +120,8 @@ class Relay:
             self.metrics,
             settings.upstream_backoff_s,
         )
-        # Opus is decoded here: FFmpeg runs without the GIL, on another core than the event loop.
+        self.libopus: libopus.Library | None = opus.native()
+        # Long chunks of Opus are decoded here: the decoders run without the GIL.
         self.workers: Executor = ThreadPoolExecutor(
             max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="decode"
         )
@@ -395,6 +396,10 @@ class Relay:
     ) -> AsyncIterator[Server]:
         """Serve on `host`:`port`, or on a socket bound already (`sock`)."""
         await self.pool.load()
+        if self.libopus is not None:
+            log.info("Opus is decoded with %s", self.libopus.version)
+        else:
+            log.warning("libopus not found: Opus is decoded with FFmpeg, at 2 to 3 times the CPU")
         if self._listener is not None:
             self._listener.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_forever()))

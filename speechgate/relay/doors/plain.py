@@ -214,12 +214,25 @@ async def _deliver(relay: Context, live: Live, event: str) -> bool:
     return True
 
 
+async def _decoded(relay: Context, transcoder: opus.Transcoder, data: bytes) -> bytes:
+    """The PCM of a chunk of Opus. A chunk of up to a second (what recorders send: 20 ms to
+    250 ms) is read and decoded on the event loop, in well under a millisecond; a larger one in a
+    worker, where the decoders let go of the GIL and the loop forwards other streams meanwhile.
+    The hop to a worker and back cost more than decoding a 250-ms chunk (docs/benchmarks.md)."""
+    loop = asyncio.get_running_loop()
+    if len(data) > opus.INLINE_BYTES:
+        return await loop.run_in_executor(relay.workers, transcoder.feed, data)
+    packets = transcoder.read(data)
+    if sum(map(opus.packet_ms, packets)) > opus.INLINE_MS:
+        return await loop.run_in_executor(relay.workers, transcoder.decode, packets)
+    return transcoder.decode(packets)
+
+
 async def serve(relay: Context, live: Live, pending: Pending) -> None:
     params = dict((k.lower(), v) for k, v in pending.params)
     audio = plain_format(pending.params)  # checked at the handshake
     live.stream.byte_rate = 2 * audio.sample_rate
-    transcoder = opus.Transcoder(audio.kind) if audio.compressed else None
-    loop = asyncio.get_running_loop()
+    transcoder = opus.Transcoder(audio.kind, relay.libopus) if audio.compressed else None
     azure = _PlainUpstream(relay, live, params.get("language", "en-US"), audio.sample_rate)
     try:
         await azure.connect()
@@ -235,8 +248,8 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
         async for message in client:
             if type(message) is bytes:
                 if transcoder is not None:
-                    try:  # in a worker: FFmpeg lets go of the GIL, the loop forwards other streams
-                        message = await loop.run_in_executor(relay.workers, transcoder.feed, message)
+                    try:
+                        message = await _decoded(relay, transcoder, message)
                     except ContainerError as exc:
                         live.end(1007, 1007, f"format={audio.kind}: {exc}")
                         return
