@@ -2,8 +2,9 @@
 
     uv run python -m bench.opus_cost [--seconds 60] [--runs 5]
 
-For the test fixture (tests/data/speech.wav, 4.8 s of speech) encoded at 24 kbit/s in 20-ms
-frames, as phones send it (encoded at 16 kHz: SILK) and as browsers do (at 48 kHz: hybrid): bytes
+For the test fixture (tests/data/speech.wav, 4.8 s of speech) encoded at 24 kbit/s as phones
+send it (at 16 kHz in 20-ms packets: SILK) and as Chromium's MediaRecorder does (at 48 kHz in
+60-ms packets: hybrid and CELT; speechgate.devtools.compress.PHONE and BROWSER): bytes
 per audio second in Ogg and in WebM against 16 kHz PCM. Then the relay's CPU per audio second for
 one stream: reading the container and decoding (speechgate.relay.opus.Transcoder, fed 250-ms
 chunks cut where the bytes fall) with each engine, libopus and FFmpeg, against the work the plain
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from speechgate.devtools.compress import encode_opus
+from speechgate.devtools.compress import BROWSER, PHONE, encode_opus
 from speechgate.devtools.wav import read_pcm16k
 from speechgate.relay import libopus, usp
 from speechgate.relay.opus import Transcoder, native
@@ -27,7 +28,7 @@ from speechgate.relay.opus import Transcoder, native
 FIXTURE = Path(__file__).parent.parent / "tests" / "data" / "speech.wav"
 PCM_BYTES_PER_S = 32000
 CHUNK_S = 0.25
-SOURCES = {"phone": 16000, "browser": 48000}  # the rate each encodes at
+SOURCES = {"phone": PHONE, "browser": BROWSER}
 
 
 def chunks(data: bytes, audio_s: float) -> list[bytes]:
@@ -82,8 +83,8 @@ def main() -> None:
         f"fixture: {audio_s:.2f} s; 16 kHz PCM: {PCM_BYTES_PER_S:,} bytes per audio second; {library.version}"
     )
     encoded = {
-        (source, kind): encode_opus(pcm, kind.split("-")[0], rate=rate)
-        for source, rate in SOURCES.items()
+        (source, kind): encode_opus(pcm, kind.split("-")[0], encoder=encoder)
+        for source, encoder in SOURCES.items()
         for kind in ("ogg-opus", "webm-opus")
     }
     for (source, kind), data in encoded.items():

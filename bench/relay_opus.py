@@ -2,8 +2,9 @@
 
 N streams each send a 250-ms chunk every 250 ms (real time), the chunking the plain door's Opus
 formats are made for, to `/v1/listen`: either 16 kHz PCM (8,000 bytes a chunk) or Ogg/Opus at
-24 kbit/s (the test fixture's pages, a whole number of 20-ms pages a chunk), encoded as a phone
-does (at 16 kHz: SILK) or as a browser does (at 48 kHz: hybrid), which the relay decodes. The
+24 kbit/s (the test fixture's pages, a whole number of packets a chunk), encoded as a phone does
+(at 16 kHz, 20-ms packets: SILK) or as Chromium's MediaRecorder does (at 48 kHz, 60-ms packets:
+hybrid and CELT), which the relay decodes. The
 fake Azure answers each audio message at once, and the relay turns each answer into a `partial`
 event: a chunk's round trip is timed until it. The baseline in the same run: the same cadence of
 8,000-byte USP audio messages straight to the fake.
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from bench.relay_latency import run_load, stack
-from speechgate.devtools.compress import encode_opus
+from speechgate.devtools.compress import BROWSER, PHONE, encode_opus
 from speechgate.devtools.wav import read_pcm16k
 from speechgate.relay import usp
 from speechgate.relay.containers import ogg_pages
@@ -33,8 +34,7 @@ from tests.support.processes import free_port
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "data" / "speech.wav"
 CHUNK_S = 0.25
-PAGE_S = 0.02  # compress.encode_opus writes one 20-ms packet a page
-SOURCES = {"phone": 16000, "browser": 48000}  # the rate each encodes at
+SOURCES = {"phone": PHONE, "browser": BROWSER}
 OPUS = tuple(f"opus-{source}" for source in SOURCES)
 
 
@@ -49,21 +49,22 @@ def scripts(tmp: Path) -> dict[str, Path]:
         "direct": {"interval": CHUNK_S, "head": "", "chunks": [c.hex() for c in direct]},
         "pcm": {"interval": CHUNK_S, "head": "", "chunks": [c.hex() for c in pcm_chunks]},
     }
-    per_chunk = round(CHUNK_S / PAGE_S)
-    for source, rate in SOURCES.items():
-        pages = ogg_pages(encode_opus(pcm, "ogg", rate=rate))
+    for source, encoder in SOURCES.items():
+        pages = ogg_pages(encode_opus(pcm, "ogg", encoder=encoder))  # one packet a page
         audio = pages[2:]
+        per_chunk = round(CHUNK_S * 1000 / encoder.frame_ms)  # 240 ms of 60-ms packets, say
         opus_chunks = [
             b"".join(audio[i : i + per_chunk]) for i in range(0, len(audio) - per_chunk + 1, per_chunk)
         ]
         plans[f"opus-{source}"] = {
-            "interval": CHUNK_S,
+            "interval": per_chunk * encoder.frame_ms / 1000,  # real time
             "head": (pages[0] + pages[1]).hex(),
             "chunks": [c.hex() for c in opus_chunks],
         }
         mean = statistics.mean(map(len, opus_chunks))
-        print(f"bytes per 250-ms chunk: PCM {size:,}, Opus from a {source} {mean:,.0f} ", end="")
-        print(f"({size / mean:.1f} times less)")
+        pcm_bytes = 32 * per_chunk * encoder.frame_ms
+        print(f"bytes per {per_chunk * encoder.frame_ms}-ms chunk: PCM {pcm_bytes:,}, ", end="")
+        print(f"Opus from a {source} {mean:,.0f} ({pcm_bytes / mean:.1f} times less)")
     paths = {}
     for name, plan in plans.items():
         paths[name] = tmp / f"{name}.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import datetime
 import re
 from pathlib import Path
 
@@ -117,3 +118,12 @@ def test_malformed_binary_is_a_protocol_error(frame: bytes, words: str) -> None:
 def test_the_path_header_is_found_by_the_header_rules(head: bytes, path: bytes) -> None:
     assert usp.peek_path(head) == path
     assert usp.peek_path(bytearray(head)) == path
+
+
+def test_the_timestamp_is_utc_now_to_the_millisecond() -> None:
+    before = datetime.datetime.now(datetime.UTC)
+    stamp = usp.timestamp()
+    after = datetime.datetime.now(datetime.UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp)
+    when = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC)
+    assert before - datetime.timedelta(milliseconds=1) <= when <= after

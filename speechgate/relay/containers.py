@@ -31,14 +31,23 @@ MAX_PACKET = 64 * 1024  # far more than an Opus packet (at most 1275 bytes a fra
 # Ogg's CRC-32 is unreflected (polynomial 0x04C11DB7, initial value 0, no final XOR). zlib's is the
 # reflected form: on bit-reversed bytes it gives the bit-reversed checksum, in C.
 _REVERSED = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
+_ZEROS = bytes(4)
 
 
-def _reverse32(value: int) -> int:
-    return int(f"{value:032b}"[::-1], 2)
+def _unreflected(reflected: int) -> int:
+    """`reflected`'s 32 bits in reverse order: its bytes reversed, and each byte's bits."""
+    return int.from_bytes(reflected.to_bytes(4, "little").translate(_REVERSED), "big")
 
 
-def crc(page: bytes | bytearray) -> int:
-    return _reverse32(zlib.crc32(bytes(page).translate(_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF)
+def crc(data: bytes | bytearray) -> int:
+    return _unreflected(zlib.crc32(bytes(data).translate(_REVERSED), 0xFFFFFFFF) ^ 0xFFFFFFFF)
+
+
+def page_crc(page: bytes) -> int:
+    """The CRC of an Ogg page, computed as its checksum field (bytes 22 to 25) were zero."""
+    view = memoryview(page.translate(_REVERSED))
+    reflected = zlib.crc32(view[26:], zlib.crc32(_ZEROS, zlib.crc32(view[:22], 0xFFFFFFFF)))
+    return _unreflected(reflected ^ 0xFFFFFFFF)
 
 
 def page_size(buffer: bytes | bytearray, at: int = 0) -> int | None:
@@ -86,7 +95,7 @@ class OggReader:
         _, version, flags, _, serial, _, checksum, _ = HEADER.unpack_from(page)
         if version != 0:
             raise ContainerError(f"Ogg version {version} is not known; only 0 is")
-        if crc(page[:22] + b"\0\0\0\0" + page[26:]) != checksum:
+        if page_crc(page) != checksum:
             raise ContainerError(f"Ogg page {self.pages} is damaged (its checksum does not match)")
         if self._serial is None:
             self._serial = serial

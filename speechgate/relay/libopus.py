@@ -35,6 +35,10 @@ _SUFFIXES = (".so", ".dylib", ".dll")
 class OpusError(ValueError):
     """libopus refused a packet; the message is its own (opus_strerror)."""
 
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index  # of the packet refused, in the list given to `Decoder.decode`
+
 
 @dataclass(frozen=True)
 class Library:
@@ -123,11 +127,18 @@ class Decoder:
         self._out = ctypes.create_string_buffer(self._frames * channels * 2)
         self._free = weakref.finalize(self, library._lib.opus_decoder_destroy, self._state)
 
-    def decode(self, packet: bytes) -> bytes:
-        samples = self._library._lib.opus_decode(self._state, packet, len(packet), self._out, self._frames, 0)
-        if samples < 0:
-            raise OpusError(self._library.strerror(samples))
-        return ctypes.string_at(self._out, samples * self._channels * 2)
+    def decode(self, packets: list[bytes]) -> bytes:
+        """The PCM of `packets`, decoded one after the other into one buffer (one copy out)."""
+        size = len(packets) * self._frames * self._channels * 2
+        if len(self._out) < size:
+            self._out = ctypes.create_string_buffer(size)
+        decode, state, start, at = self._library._lib.opus_decode, self._state, ctypes.addressof(self._out), 0
+        for index, packet in enumerate(packets):
+            samples = decode(state, packet, len(packet), start + at, self._frames, 0)
+            if samples < 0:
+                raise OpusError(self._library.strerror(samples), index)
+            at += samples * self._channels * 2
+        return ctypes.string_at(self._out, at)
 
     def close(self) -> None:
         self._free()

@@ -81,17 +81,15 @@ class _Libopus:
         self._skip = pre_skip * OUTPUT_RATE // 48000 * 2  # bytes of start-up audio still to drop
 
     def decode(self, packets: list[bytes], first: int) -> bytes:
-        out = bytearray()
-        for number, packet in enumerate(packets, first):
-            try:
-                out += self._decoder.decode(packet)
-            except libopus.OpusError as exc:
-                raise ContainerError(f"Opus packet {number} cannot be decoded ({exc})") from None
+        try:
+            out = self._decoder.decode(packets)
+        except libopus.OpusError as exc:
+            raise ContainerError(f"Opus packet {first + exc.index} cannot be decoded ({exc})") from None
         if self._skip:
             dropped = min(self._skip, len(out))
             self._skip -= dropped
-            del out[:dropped]
-        return bytes(out)
+            out = out[dropped:]
+        return out
 
 
 class _Ffmpeg:

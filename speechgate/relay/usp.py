@@ -9,10 +9,11 @@ door and the fake service.
 
 from __future__ import annotations
 
-import datetime
+import functools
 import json
 import re
 import struct
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,9 +82,16 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+
+
 def timestamp() -> str:
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    """The time now as USP's X-Timestamp (UTC, to the millisecond). Once per audio message: the
+    second's text is kept, and formatting the rest costs a fifth of strftime's."""
+    now_ms = time.time_ns() // 1_000_000
+    return f"{_second(now_ms // 1000)}{now_ms % 1000:03d}Z"
 
 
 def _parse_headers(block: str) -> dict[str, str]:

@@ -207,7 +207,8 @@ async def _deliver(relay: Context, live: Live, event: str) -> bool:
     """Send a result to the app; an app that has read nothing for a keepalive period while its
     socket is full is closed (1008), rather than the relay holding its audio and results."""
     try:
-        await asyncio.wait_for(live.connection.send(event), relay.settings.keepalive_s)
+        async with asyncio.timeout(relay.settings.keepalive_s):  # no task of its own, as wait_for makes
+            await live.connection.send(event)
     except TimeoutError:
         live.end(1008, 1008, "the app is not reading its results")
         return False
