@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +135,18 @@ def run_load(
 class Stack:
     """What the relay benchmarks run against: a client with no limits, its token, the echo upstream."""
 
-    token: str
+    mint: Callable[[], str]  # a new token from the token service
     echo_port: int
     env: dict[str, str]
+    _token: str = ""
+    _minted: float = -1e9
+
+    @property
+    def token(self) -> str:
+        """A token with minutes left: a run of several N outlasts one token's lifetime."""
+        if time.monotonic() - self._minted > 60:
+            self._token, self._minted = self.mint(), time.monotonic()
+        return self._token
 
     def relay_process(self, port: int, splice: bool) -> Process:
         """`speechgate relay` pinned to the relay core (not started)."""
@@ -186,13 +195,18 @@ def stack(tmp: Path) -> Iterator[Stack]:
     token_service = server(
         "speechgate.token_service.app:app_from_env", token_port, env, str(LOAD_CORE), True, "bounded"
     )
-    with redis_server, echo, token_service:
+
+    def mint() -> str:
         response = httpx.post(
             f"http://127.0.0.1:{token_port}/v1/token",
             auth=(client_id, secret),
             data={"grant_type": "client_credentials"},
         )
-        yield Stack(response.json()["access_token"], echo_port, env)
+        token: str = response.json()["access_token"]
+        return token
+
+    with redis_server, echo, token_service:
+        yield Stack(mint, echo_port, env)
 
 
 def main() -> None:
@@ -229,7 +243,6 @@ def main() -> None:
         forwarder = forwarder_process(forwarder_port)
         messages = bench.relay_process(messages_port, False) if args.splice_off else contextlib.nullcontext()
         with relay, forwarder, messages:
-            token = bench.token
             assert relay.proc is not None
             assert forwarder.proc is not None
             targets = {
@@ -242,7 +255,7 @@ def main() -> None:
                 targets["splice off"] = (f"ws://127.0.0.1:{messages_port}{PATH}", messages.proc.pid)
             others = [name for name in targets if name not in ("direct", "relay")]
             for url, _ in targets.values():  # warm-up: first connections, JWKS, Redis pools
-                run_load(url, token, 50, 2.0, None)
+                run_load(url, bench.token, 50, 2.0, None)
             print(
                 f"medians of {args.runs} interleaved runs of {args.seconds:g} s\n"
                 f"{'N':>5} {'direct p50/p99 ms':>18} {'relay p50/p99 ms':>17} {'added p99':>9} "
@@ -256,7 +269,7 @@ def main() -> None:
                 for _ in range(args.runs):
                     for name, (url, pid) in targets.items():
                         try:
-                            runs[name].append(run_load(url, token, n, args.seconds, pid))
+                            runs[name].append(run_load(url, bench.token, n, args.seconds, pid))
                         except SystemExit:
                             print("".join(relay.output)[-3000:])
                             raise
@@ -300,7 +313,7 @@ def main() -> None:
                 with make(port) as process:
                     assert process.proc is not None
                     url = f"ws://127.0.0.1:{port}{PATH}"
-                    growth = run_load(url, token, n, 4.0, process.proc.pid)["rss_kib_per_stream"]
+                    growth = run_load(url, bench.token, n, 4.0, process.proc.pid)["rss_kib_per_stream"]
                 print(f"memory, fresh {name} process, {n} streams (both legs): {growth:.1f} KiB per stream")
 
 

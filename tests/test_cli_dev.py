@@ -141,6 +141,8 @@ def test_relay_command_drains_and_exits_on_sigterm(tmp_path: Path, redis_url: st
     proc = Process([SPEECHGATE, "relay", "--port", str(port)], "relay listening", env=env).start()
     assert proc.proc is not None
     assert httpx.get(f"http://127.0.0.1:{port}/demo").status_code == 404  # the demo is for dev only
+    # Which Opus decoder it found, for the operator: libopus, from PyAV's wheels.
+    assert "Opus is decoded with libopus 1." in "".join(proc.output)
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(15) == 0
 

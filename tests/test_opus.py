@@ -145,7 +145,7 @@ def snr_db(reference: bytes, other: bytes) -> float:
 
 def test_libopus_is_found_where_ci_runs() -> None:
     """PyAV's wheels carry libopus; a release that stops carrying it (or moves it) fails here,
-    rather than the relay quietly decoding with FFmpeg at 2 to 3 times the CPU."""
+    rather than the relay quietly decoding with FFmpeg at up to twice the CPU."""
     library = opus.native()
     assert library is not None
     assert library.version.startswith("libopus ")

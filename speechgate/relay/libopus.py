@@ -3,7 +3,7 @@
 libopus decodes straight to 16 kHz (one of Opus' own output rates, RFC 6716 §4), so nothing is
 resampled, and speech a phone encoded at 16 kHz (SILK, wideband) is decoded without running the
 full-band decoder at all. FFmpeg's decoder, through PyAV, always gives 48 kHz and needs a
-resampler after it: 2 to 3 times the CPU per audio second (docs/benchmarks.md, bench/opus_cost.py).
+resampler after it: 1.5 to 2.2 times the CPU per audio second (docs/benchmarks.md, bench/opus_cost.py).
 
 No binding on PyPI that ships libopus in wheels is kept up (those found were a few months old,
 with one release day each), so this is the few calls the relay needs. The library is the one

@@ -1,6 +1,6 @@
 """Opus from phones and browsers, decoded to what the plain door sends Azure: 16 kHz 16-bit mono PCM.
 
-`Transcoder(kind)` takes a stream's bytes as they arrive, reads its container (containers.py: Ogg
+`Transcoder(kind, library)` takes a stream's bytes as they arrive, reads its container (containers.py: Ogg
 or WebM) into Opus packets (`read`, cheap), and decodes them (`decode`); `feed` does both.
 
 Two engines decode, chosen from the stream's header (`OpusHead`, RFC 7845 §5.1):
@@ -14,7 +14,7 @@ Both drop the encoder's pre-skip (its start-up samples, RFC 7845 §4.2), so offs
 on the audio's own time line (tests/test_opus.py measures it for both: no shift), and both give
 the same audio within the codec's own rounding.
 
-Decoding costs 0.7 to 1.2 ms of CPU per audio second with libopus and 2 to 3 times that with
+Decoding costs 0.9 to 1.2 ms of CPU per audio second with libopus and 1.5 to 2.2 times that with
 FFmpeg (docs/benchmarks.md). The plain door decodes a chunk of up to `INLINE_MS` of audio on the
 event loop (well under a millisecond) and a larger one in a worker thread; both libraries let go
 of the GIL while they decode.

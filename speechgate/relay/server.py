@@ -399,7 +399,7 @@ class Relay:
         if self.libopus is not None:
             log.info("Opus is decoded with %s", self.libopus.version)
         else:
-            log.warning("libopus not found: Opus is decoded with FFmpeg, at 2 to 3 times the CPU")
+            log.warning("libopus not found: Opus is decoded with FFmpeg, at up to twice the CPU")
         if self._listener is not None:
             self._listener.start()
         self._tasks.append(asyncio.create_task(self._heartbeat_forever()))
