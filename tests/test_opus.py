@@ -11,6 +11,7 @@ import io
 import json
 import math
 import random
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,23 @@ def test_an_empty_packet_is_no_audio_and_no_end(engine: str, ogg: bytes) -> None
     pages = ogg_pages(ogg)
     with_empty = b"".join(pages[:10]) + ogg_page(ogg, [b""], 10) + b"".join(pages[10:])
     assert decode("ogg-opus", [with_empty], engine) == decode("ogg-opus", [ogg], engine)
+
+
+def test_a_chunk_of_many_short_packets_takes_memory_for_its_audio_not_for_the_longest_packets() -> None:
+    """20,000 packets of 2.5 ms (a TOC byte each; a 64-KiB message holds 30,000 in Ogg) are 50 s
+    of audio, 1.6 MB; room for 120 ms a packet would be 77 MB."""
+    library = opus.native()
+    assert library is not None
+    decoder = library.decoder(16000, 1)
+    packets = [bytes([16 << 3])] * 20_000  # CELT, narrowband, 2.5 ms, frame code 0
+    tracemalloc.start()
+    try:
+        audio = decoder.decode(packets)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(audio) == 20_000 * 40 * 2  # 40 samples of 16 kHz a packet
+    assert peak < 3 * len(audio)
 
 
 def test_packet_durations_are_libopus_own(ogg: bytes) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_FRAME_MS = 120  # the longest Opus packet (RFC 6716 §3.2.5)
+BUFFER_FRAMES = 4  # a decoder's buffer holds 4 of the longest packets: a 250-ms chunk of 20-ms ones
 # auditwheel (Linux) and delvewheel (Windows) put a wheel's libraries in `<package>.libs`, delocate
 # (macOS) in `<package>/.dylibs`; the name may carry a hash: libopus-114e2b1a.so.0.11.1.
 _NAME = re.compile(r"^(lib)?opus([-.]|-?\d)")
@@ -124,21 +125,29 @@ class Decoder:
         self._state = ctypes.c_void_p(state)
         self._frames = rate * MAX_FRAME_MS // 1000
         self._channels = channels
-        self._out = ctypes.create_string_buffer(self._frames * channels * 2)
-        self._free = weakref.finalize(self, library._lib.opus_decoder_destroy, self._state)
+        self._out = ctypes.create_string_buffer(BUFFER_FRAMES * self._frames * channels * 2)
+        weakref.finalize(self, library._lib.opus_decoder_destroy, self._state)
 
     def decode(self, packets: list[bytes]) -> bytes:
-        """The PCM of `packets`, decoded one after the other into one buffer (one copy out)."""
-        size = len(packets) * self._frames * self._channels * 2
-        if len(self._out) < size:
-            self._out = ctypes.create_string_buffer(size)
-        decode, state, start, at = self._library._lib.opus_decode, self._state, ctypes.addressof(self._out), 0
+        """The PCM of `packets`, decoded one after the other into one buffer, copied out when
+        the next packet might not fit: memory for the audio decoded, whatever the packets claim."""
+        largest = self._frames * self._channels * 2
+        decode, state, start, size = (
+            self._library._lib.opus_decode,
+            self._state,
+            ctypes.addressof(self._out),
+            len(self._out),
+        )
+        done, at = bytearray(), 0
         for index, packet in enumerate(packets):
+            if at + largest > size:
+                done += ctypes.string_at(start, at)
+                at = 0
             samples = decode(state, packet, len(packet), start + at, self._frames, 0)
             if samples < 0:
                 raise OpusError(self._library.strerror(samples), index)
             at += samples * self._channels * 2
-        return ctypes.string_at(self._out, at)
-
-    def close(self) -> None:
-        self._free()
+        if not done:  # the usual chunk: one copy
+            return ctypes.string_at(start, at)
+        done += ctypes.string_at(start, at)
+        return bytes(done)
