@@ -34,6 +34,7 @@ from bench.load import masked_frame
 from speechgate.core.claims import AccessClaims
 from speechgate.core.settings import Settings
 from speechgate.relay import usp
+from speechgate.relay.languages import Rules
 from speechgate.relay.live import Live
 from speechgate.relay.metrics import RelayMetrics
 from speechgate.relay.sessions import Stream
@@ -77,7 +78,13 @@ def splice_pairs(pairs: int) -> float:
     async def run() -> float:
         relay = SimpleNamespace(settings=Settings(), metrics=RelayMetrics(CollectorRegistry()))
         claims = AccessClaims("bench", "bench", "bench", "bench", "speech", 0, 0, 0, "bench", 86400)
-        live = Live(connection=cast(Any, None), stream=Stream(claims, "bench", 0), door="azure", kid="bench")
+        live = Live(
+            connection=cast(Any, None),
+            stream=Stream(claims, "bench", 0),
+            door="azure",
+            kid="bench",
+            rules=Rules(lang=("*",)),
+        )
         splice = Splice(cast(Any, relay), live, Handshaken(), Handshaken())
         splice.opened = -1e12  # far faster than real time, which is not what this measures
         splice.start()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import datetime
+import functools
+import itertools
 import re
 from pathlib import Path
 
@@ -82,7 +84,18 @@ def test_riff_header_matches_the_sdks_and_gives_the_byte_rate() -> None:
     ("data", "words"),
     [
         ("Path:turn.start\r\n{}", "blank CRLF line"),
-        ("no colon\r\n\r\n{}", "without a name"),
+        ("no colon\r\n\r\n{}", "not Name:value"),
+        # What two readers would read differently is refused, not chosen between:
+        ("Path:speech.config\r\nPath:speech.context\r\n\r\n{}", "Path twice"),
+        ("Path:speech.config\r\npath: speech.context\r\n\r\n{}", "path twice"),  # any case
+        ("\r\n\r\nPath:speech.context\r\n\r\n{}", "starts with a blank line"),
+        ("\r\nPath:speech.context\r\n\r\n{}", "blank line among its headers"),
+        ("Path:speech.config\nPath:speech.context\r\n\r\n{}", "control character"),  # a lone LF
+        ("Path:speech.config\rPath:speech.context\r\n\r\n{}", "control character"),  # a lone CR
+        (" Path:speech.context\r\n\r\n{}", "not Name:value"),  # a name with blanks around it
+        ("Path :speech.context\r\n\r\n{}", "not Name:value"),
+        ("X-RequestId:1\r\n\r\n{}", "without a Path"),
+        ("Pa\x00th:speech.context\r\n\r\n{}", "not Name:value"),
     ],
 )
 def test_malformed_text_is_a_protocol_error(data: str, words: str) -> None:
@@ -96,6 +109,8 @@ def test_malformed_text_is_a_protocol_error(data: str, words: str) -> None:
         (b"\x00", "shorter"),
         (b"\x00\x10Path:audio", "runs past"),
         (b"\x00\x02\xff\xfe", "not ASCII"),
+        (b"\x00\x17Path:audio\r\nPath:ssml\r\n", "Path twice"),
+        (b"\x00\x0fX-RequestId:1\r\n", "without a Path"),
     ],
 )
 def test_malformed_binary_is_a_protocol_error(frame: bytes, words: str) -> None:
@@ -118,6 +133,57 @@ def test_malformed_binary_is_a_protocol_error(frame: bytes, words: str) -> None:
 def test_the_path_header_is_found_by_the_header_rules(head: bytes, path: bytes) -> None:
     assert usp.peek_path(head) == path
     assert usp.peek_path(bytearray(head)) == path
+
+
+def read(piece: bytes, at: int, count: int) -> bytes:
+    return piece[at : at + count]
+
+
+def audio_bytes_and_header(message: bytes, cuts: tuple[int, ...]) -> tuple[int, bytes | None]:
+    """What one AudioReading reads of `message` delivered in pieces cut at `cuts`."""
+    reading, audio, header = usp.AudioReading(), 0, None
+    bounds = (0, *cuts, len(message))
+    for start, end in itertools.pairwise(bounds):
+        piece = message[start:end]
+        more, found = reading.feed(len(piece), functools.partial(read, piece))
+        audio, header = audio + more, header or found
+    more, short = reading.end()
+    return audio + more, header or short
+
+
+@pytest.mark.parametrize(
+    ("payload", "audio", "header"),
+    [
+        (usp.riff_header() + b"\1" * 3200, 3200, usp.riff_header()),
+        (b"\1" * 3200, 3200, None),
+        (b"", 0, None),  # end of audio: headers only
+        (b"RIF", 3, None),  # starts like a WAV header, but is not one
+        (b"RIFFxxxx", 0, b"RIFFxxxx"),  # too short a WAV header: the caller refuses it
+    ],
+    ids=["wav-header", "audio", "empty", "riff-prefix", "short-header"],
+)
+def test_an_audio_message_reads_the_same_however_it_is_split(
+    payload: bytes, audio: int, header: bytes | None
+) -> None:
+    """The one reading both data paths meter by: every split in two, and in three at every
+    pair of points around the USP header and the WAV header, reads the same."""
+    message = usp.encode_binary("audio", "ab" * 16, payload, extra={"X-StreamId": "1"})
+    head_end = 2 + int.from_bytes(message[:2], "big")
+    splits: list[tuple[int, ...]] = [(cut,) for cut in range(len(message) + 1)]
+    near = range(max(0, head_end - 3), min(len(message), head_end + 50) + 1)
+    splits += [(a, b) for a in [0, 1, 2, head_end - 1, *near] for b in near if a <= b]
+    for cuts in splits:
+        assert audio_bytes_and_header(message, cuts) == (audio, header), cuts
+
+
+@pytest.mark.parametrize(
+    ("message", "words"),
+    [(b"\x00", "shorter"), (b"\x00\x10Path:audio", "runs past")],
+)
+def test_an_audio_message_that_is_not_usp_is_refused_however_it_is_split(message: bytes, words: str) -> None:
+    for cut in range(len(message) + 1):
+        with pytest.raises(usp.ProtocolError, match=words):
+            audio_bytes_and_header(message, (cut,))
 
 
 def test_the_timestamp_is_utc_now_to_the_millisecond() -> None:

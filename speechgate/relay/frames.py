@@ -53,10 +53,10 @@ def parse_header(buffer: bytes | bytearray, offset: int, max_length: int) -> Hea
     opcode = first & 0x0F
     length = second & 0x7F
     start = offset + 2
-    if length == 126:
+    if length == 126:  # the usual audio frame: read without struct's call
         if available < 4:
             return None
-        (length,) = struct.unpack_from(">H", buffer, start)
+        length = buffer[start] << 8 | buffer[start + 1]
         start += 2
     elif length == 127:
         if available < 10:
@@ -82,11 +82,19 @@ def parse_header(buffer: bytes | bytearray, offset: int, max_length: int) -> Hea
 def peek(buffer: bytes | bytearray, header: Header, at: int, count: int) -> bytes:
     """`count` payload bytes from payload offset `at`, unmasked; fewer if the payload is shorter."""
     begin = header.start + at
-    chunk = bytes(buffer[begin : min(begin + count, header.end)])
-    if header.mask is None or not chunk:
-        return chunk
+    chunk = buffer[begin : min(begin + count, header.end)]
     mask = header.mask
-    return bytes(b ^ mask[(at + i) & 3] for i, b in enumerate(chunk))
+    if mask is None or not chunk:
+        return bytes(chunk)
+    size, turn = len(chunk), at & 3
+    if size <= 2:  # the USP header's length, the first byte of a payload: the splice's usual asks
+        return (
+            bytes([chunk[0] ^ mask[turn]])
+            if size == 1
+            else bytes([chunk[0] ^ mask[turn], chunk[1] ^ mask[(turn + 1) & 3]])
+        )
+    key = ((mask[turn:] + mask[:turn]) * (size // 4 + 1))[:size]
+    return (int.from_bytes(chunk, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
 
 
 def peek_u16(buffer: bytes | bytearray, header: Header) -> int | None:
@@ -97,6 +105,13 @@ def peek_u16(buffer: bytes | bytearray, header: Header) -> int | None:
     if mask is None:
         return buffer[at] << 8 | buffer[at + 1]
     return (buffer[at] ^ mask[0]) << 8 | (buffer[at + 1] ^ mask[1])
+
+
+def byte_at(buffer: bytes | bytearray, header: Header, at: int) -> int:
+    """The payload's byte at offset `at` (within the payload), unmasked."""
+    mask = header.mask
+    value = buffer[header.start + at]
+    return value if mask is None else value ^ mask[at & 3]
 
 
 def holds(buffer: bytes | bytearray, header: Header, at: int, prefix: bytes) -> bool:

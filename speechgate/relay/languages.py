@@ -9,9 +9,9 @@ translation targets, hold inside the protocol, not only in the query string.
   locale (`en-US-AvaNeural`, or the long form `Microsoft Server Speech Text to Speech Voice
   (en-US, AvaNeural)`).
 
-The relay reads these messages only for tokens that restrict languages and on universal v2; a
-message it cannot read is refused there (Azure would refuse it too), since what it cannot read it
-cannot check.
+The relay reads every `speech.context` on the Azure door (translation targets and their scope hold
+whatever languages a token allows), and SSML for tokens that restrict languages; a message it
+cannot read is refused (Azure would refuse it too), since what it cannot read it cannot check.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Asked:
 
     languages: list[str]
     targets: list[str]
-    voices: list[str]
+    voices: list[str]  # the voices' names
 
 
 def in_context(body: bytes) -> Asked:
@@ -79,9 +79,9 @@ def in_context(body: bytes) -> Asked:
     translation = doc.get("translation")
     targets = _listed(translation.get("targetLanguages", [])) if isinstance(translation, dict) else []
     synthesis = doc.get("synthesis")
-    voices: list[Any] = []
+    voices: list[str] = []  # their names: a locale is read from each only where the token needs it
     if isinstance(synthesis, dict) and isinstance(synthesis.get("defaultVoices"), dict):
-        voices = [_voice_locale(str(name)) for name in synthesis["defaultVoices"].values()]
+        voices = [str(name) for name in synthesis["defaultVoices"].values()]
     if not all(isinstance(x, str) for x in (*languages, *targets)):
         raise Unreadable("speech.context names a language that is not a string")
     return Asked(languages, targets, voices)
@@ -126,28 +126,14 @@ class Rules:
     query_targets: bool = False  # the query named translation targets (checked at the handshake)
     query_language: bool = False  # the query named the language (checked at the handshake)
 
-    @property
-    def reads(self) -> bool:
-        """Whether any message needs reading: a token restricting languages, or universal v2."""
-        return restricts(self.lang) or self.universal
-
-
-def message_refusal(rules: Rules, payload: bytes | bytearray) -> str | None:
-    """Why a whole text message from the app may not pass, or None."""
-    try:
-        message = usp.parse_text(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, usp.ProtocolError):
-        return "a text message that is not USP; what it asks for cannot be checked"
-    path = message.path.lower()
-    return refusal(rules, path, message.body) if path in CHECKED_PATHS else None
-
 
 def refusal(rules: Rules, path: str, body: bytes) -> str | None:
     """Why a message on `path` may not pass under `rules`, or None."""
     try:
         if path == usp.SSML:
-            return _not_allowed(rules.lang, in_ssml(body))
+            return _not_allowed(rules.lang, in_ssml(body)) if restricts(rules.lang) else None
         asked = in_context(body)
+        voices = [_voice_locale(name) for name in asked.voices] if restricts(rules.lang) else []
     except Unreadable as exc:
         return f"{exc}; what it asks for cannot be checked"
     if asked.targets:
@@ -159,7 +145,7 @@ def refusal(rules: Rules, path: str, body: bytes) -> str | None:
         return "this token lacks the speech:recognize scope"
     if restricts(rules.lang) and rules.universal and not rules.query_language and not asked.languages:
         return f"this token allows only {', '.join(rules.lang)}: say which language"
-    return _not_allowed(rules.lang, asked.languages + asked.voices) or _not_allowed(
+    return _not_allowed(rules.lang, asked.languages + voices) or _not_allowed(
         rules.lang, asked.targets, target=True
     )
 

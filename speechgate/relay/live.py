@@ -57,6 +57,7 @@ class Live:
     stream: Stream
     door: str  # "azure" or "plain"
     kid: str  # of the key that signed its token
+    rules: languages.Rules  # what the app's messages may ask for
     in_turn: bool = False
     drain_after_turn: bool = False
     upstream: ClientConnection | None = None
@@ -66,7 +67,7 @@ class Live:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     closer: asyncio.Task[None] | None = None
     drain_timer: asyncio.TimerHandle | None = None
-    rules: languages.Rules | None = None  # what the app's messages may ask for, when they need reading
+    audio: usp.AudioReading = field(default_factory=usp.AudioReading)  # the app's binary message
     placement: Placement | None = None  # its upstream of the pool and its slot there; None: no pool
 
     def turn_ended(self) -> None:
@@ -79,7 +80,7 @@ class Live:
 
     def wav_header(self, header: bytes | bytearray) -> bool:
         """The WAV header a turn's audio starts with: meter by its format, or end the stream
-        (1007, saying what to send) when the relay cannot. Both data paths of the Azure door."""
+        (1007, saying what to send) when the relay cannot."""
         try:
             self.stream.byte_rate = usp.wav_byte_rate(header)
         except usp.ProtocolError as exc:
@@ -88,29 +89,64 @@ class Live:
         self.turn_audio_at = time.perf_counter()
         return True
 
-    def app_text(self, path: bytes | bytearray, whole: Callable[[], bytes | bytearray | None]) -> bool:
-        """A text message from the app on the Azure door, by its Path and its whole payload
-        (None for a message in fragments), read only when needed: turns and continuations, and
-        the token's languages. False when the stream ends because of it."""
+    def app_binary(
+        self,
+        length: int,
+        read: Callable[[int, int], bytes],
+        fin: bool,
+        opened: float,
+        head: int = -1,
+        first: int = -1,
+    ) -> bool:
+        """A binary message from the app on the Azure door, or one fragment of it (`fin`: its last),
+        metered through the stream's one `AudioReading` on both data paths (`head`, `first`: what
+        the splice read of a whole message, see `AudioReading.whole`). False when the stream ends
+        because of it: a WAV header the relay cannot meter by, no USP message, a flood."""
+        reading = self.audio
+        try:
+            if head >= 0:
+                audio, header = reading.whole(length, read, head, first)
+            else:
+                audio, header = reading.feed(length, read)
+                if fin:
+                    more, short = reading.end()
+                    audio, header = audio + more, header or short
+        except usp.ProtocolError as exc:
+            self.end(1007, 1007, str(exc))
+            return False
+        if header is not None and not self.wav_header(header):  # before its audio counts
+            return False
+        if audio:
+            stream = self.stream
+            stream.add_audio(audio)
+            if stream.flooding(opened):
+                self.end(4000, 1008, "audio sent much faster than real time")
+                return False
+        return True
+
+    def app_text(self, payload: bytes | bytearray) -> usp.Message | None:
+        """A whole text message from the app on the Azure door, read once, strictly, for every rule:
+        turns and continuations, then what the token allows. The message, or None when the stream
+        ends because of it (a message that is not USP, or asks for what the token does not allow)."""
         stream = self.stream
-        if path in usp.TURN_STARTS:
+        try:
+            message = usp.parse_text(bytes(payload).decode("utf-8"))
+        except (UnicodeDecodeError, usp.ProtocolError) as exc:
+            unread = "a text message that is not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+            self.end(4000, 1008, f"{unread}; what it asks for cannot be checked")
+            return None
+        path = message.path.lower()
+        if path in usp.TURN_START_PATHS:
             self.in_turn = True
-            if path == usp.SPEECH_CONTEXT_BYTES:  # once a turn: read it whole for its continuation
-                payload = whole()
-                text = bytes(payload).decode("utf-8", "replace") if payload is not None else ""
-                stream.context(usp.continuation_s(text))
-        if self.rules is None:
-            return True
-        payload = whole()  # the message may ask for what the token does not allow: read it
+            if path == usp.SPEECH_CONTEXT:  # once a turn: its continuation, if any
+                stream.context(usp.continuation_s(message))
         reason = (
-            languages.message_refusal(self.rules, payload)
-            if payload is not None
-            else "a text message in fragments; what it asks for cannot be checked"
+            languages.refusal(self.rules, path, message.body) if path in languages.CHECKED_PATHS else None
         )
         if reason is not None:
             self.end(4000, 1008, reason)
-            return False
-        return True
+            return None
+        return message
 
     def drained(self) -> None:
         if self.drain_timer is not None:

@@ -236,8 +236,14 @@ class Relay:
     async def handler(self, connection: ServerConnection) -> None:
         pending = self._pending.pop(connection.id)
         stream = pending.stream()
-        live = Live(connection, stream, pending.endpoint.door, pending.kid, placement=pending.placement)
-        live.rules = pending.rules if pending.rules.reads else None
+        live = Live(
+            connection,
+            stream,
+            pending.endpoint.door,
+            pending.kid,
+            placement=pending.placement,
+            rules=pending.rules,
+        )
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
         opened = time.monotonic()

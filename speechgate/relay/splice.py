@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from speechgate.relay import frames, usp
@@ -31,6 +32,10 @@ CLOSE_TIMEOUT_S = 5.0
 PATH_WINDOW = 512  # the `Path:` header of a text message is within its first bytes
 _EMPTY = b""
 SAMPLE_MASK = 15  # the forward-time histogram observes 1 chunk in 16: timing each costs more than it tells
+
+
+def _unread(offset: int, count: int) -> bytes:
+    raise AssertionError("AudioReading.whole reads nothing of a message without a WAV header")
 
 
 def azure_closed(code: int, reason: str, in_turn: bool, upstream: str = "Azure Speech") -> tuple[int, str]:
@@ -69,6 +74,8 @@ class _Leg(asyncio.Protocol):
         self.buffer: bytes | bytearray = _EMPTY  # a frame's start, until the rest of it comes
         self.message_opcode = 0  # the opcode of a fragmented message in progress
         self.message_bytes = 0  # its size so far: bounded like a whole frame (max_size)
+        self.text = bytearray()  # a fragmented text message's payload so far, unmasked
+        self.held = bytearray()  # and its frames as received, forwarded once it is whole and allowed
         self.sent_close = False
         self.closed = False
         self.heard = 0  # the splice's chunk count when this side last sent anything
@@ -99,8 +106,10 @@ class _Leg(asyncio.Protocol):
                         other.forward(chunk[run:offset])
                     run = header.end
                     self.control(chunk, header)
-                elif not self.inspect(chunk, header):
-                    run = header.end  # dropped: the stream is closing
+                elif not self.inspect(chunk, header, offset):
+                    if offset > run:  # what came before it goes on (not once the stream is closing)
+                        other.forward(chunk[run:offset])
+                    run = header.end
                 offset = header.end
         except FrameError as exc:
             splice.fail(self, exc.code, str(exc))
@@ -137,15 +146,16 @@ class _Leg(asyncio.Protocol):
         if not self.sent_close and not self.closed:
             self.transport.write(data)
 
-    def inspect(self, chunk: bytes | bytearray, header: Header) -> bool:
-        """Meter and watch a data frame; False when it must not be forwarded."""
+    def inspect(self, chunk: bytes | bytearray, header: Header, at: int) -> bool:
+        """Meter and watch a data frame (at `at` in `chunk`); False when it is not to be forwarded
+        with the frames around it."""
         splice = self.splice
         if splice.closing:
             return False
         if self.from_app:
             if header.mask is None:
                 raise FrameError("frames from a client must be masked")
-            return splice.from_app(chunk, header, self)
+            return splice.from_app(chunk, header, self, at)
         if header.mask is not None:
             raise FrameError("frames from a server must not be masked")
         if header.opcode == TEXT:
@@ -224,41 +234,63 @@ class Splice:
 
     # --- what the legs see -----------------------------------------------------------------
 
-    def from_app(self, chunk: bytes | bytearray, header: Header, leg: _Leg) -> bool:
-        live, stream = self.live, self.live.stream
+    def from_app(self, chunk: bytes | bytearray, header: Header, leg: _Leg, at: int) -> bool:
+        """An app's data frame (starting at `at` in `chunk`), read through the stream's one reading
+        of each message (speechgate/relay/live.py: the message path reads the same way), however
+        the message is fragmented. False when the frame is not to be forwarded now: the stream
+        ends, or a text message is held until it is whole and allowed."""
+        live = self.live
         opcode = header.opcode
-        if opcode == frames.BINARY:
-            head = frames.peek_u16(chunk, header)  # the USP header's length
-            size = header.length - 2 - head if head is not None else 0
-            if size > 0:
-                at = header.length - size
-                if size >= 44 and frames.holds(chunk, header, at, b"RIFF"):
-                    if not live.wav_header(frames.peek(chunk, header, at, 44)):
-                        return False
-                    size -= 44
-                stream.add_audio(size)
-            if not header.fin:
-                leg.message_opcode, leg.message_bytes = opcode, header.length
-        elif opcode == CONTINUATION:
+        if opcode == CONTINUATION:
+            opcode = leg.message_opcode
+            if not opcode:
+                raise FrameError("a continuation frame outside a fragmented message")
             leg.message_bytes += header.length
             if leg.message_bytes > self.max_size:  # as websockets bounds a message on the other path
                 raise FrameError(f"message larger than {self.max_size} bytes over its fragments", 1009)
-            if leg.message_opcode == frames.BINARY:
-                stream.add_audio(header.length)
             if header.fin:
                 leg.message_opcode = 0
-        else:  # text: speech.config, speech.context, ssml, telemetry
-            path = usp.peek_path(frames.payload(chunk, header, PATH_WINDOW))  # only where `Path` can be
-            if live.drain_timer is not None and path == b"telemetry":
-                self.drain_after_flush = True  # the app's last word on its turn: close after it
+        elif leg.message_opcode:
+            raise FrameError("a new message before the last one's final fragment")
+        elif not header.fin:
+            leg.message_opcode, leg.message_bytes = opcode, header.length
+        if opcode == frames.BINARY:
+            if (
+                header.fin
+                and header.opcode == opcode
+                and (head := frames.peek_u16(chunk, header)) is not None
+            ):
+                # A whole message in one frame, the usual: its header length and first payload byte
+                # are all the reading needs of it, unless that byte may start a WAV header.
+                start = 2 + head
+                first = frames.byte_at(chunk, header, start) if start < header.length else -1
+                read = _unread if first != 0x52 else self._reader(chunk, header)  # "R": perhaps RIFF
+                return live.app_binary(header.length, read, True, self.opened, head, first)
+            return live.app_binary(header.length, self._reader(chunk, header), header.fin, self.opened)
+        # Text (speech.config, speech.context, ssml, telemetry): read whole, once. Fragments are
+        # held back, not forwarded, until the message is whole and allowed.
+        if not header.fin or leg.held:
+            leg.text += frames.payload(chunk, header)
+            leg.held += chunk[at : header.end]
             if not header.fin:
-                leg.message_opcode, leg.message_bytes = opcode, header.length
-            if not live.app_text(path, lambda: frames.payload(chunk, header) if header.fin else None):
                 return False
-        if stream.flooding(self.opened):
-            live.end(4000, 1008, "audio sent much faster than real time")
+            payload: bytes | bytearray = leg.text
+            held, leg.text, leg.held = leg.held, bytearray(), bytearray()
+        else:
+            payload, held = frames.payload(chunk, header), bytearray()
+        message = live.app_text(payload)
+        if message is None:
+            return False
+        if live.drain_timer is not None and message.path.lower() == "telemetry":
+            self.drain_after_flush = True  # the app's last word on its turn: close after it
+        if held:
+            leg.other.forward(held)
             return False
         return True
+
+    @staticmethod
+    def _reader(chunk: bytes | bytearray, header: Header) -> Callable[[int, int], bytes]:
+        return lambda offset, count: frames.peek(chunk, header, offset, count)
 
     def from_azure_text(self, chunk: bytes | bytearray, header: Header) -> None:
         live = self.live

@@ -15,7 +15,7 @@ import re
 import struct
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ HYPOTHESIS = "speech.hypothesis"
 PHRASE = "speech.phrase"
 TURN_END_BYTES = TURN_END.encode()
 SPEECH_CONTEXT_BYTES = SPEECH_CONTEXT.encode()
-TURN_STARTS = (SPEECH_CONTEXT_BYTES, SYNTHESIS_CONTEXT.encode())  # what the client sends to begin a turn
+TURN_START_PATHS = (SPEECH_CONTEXT, SYNTHESIS_CONTEXT)  # what the client sends to begin a turn
 RESULTS = (HYPOTHESIS.encode(), PHRASE.encode())
 
 
@@ -94,15 +94,35 @@ def timestamp() -> str:
     return f"{_second(now_ms // 1000)}{now_ms % 1000:03d}Z"
 
 
-def _parse_headers(block: str) -> dict[str, str]:
+# A header name is an HTTP token; a line holds no CR or LF of its own; values are trimmed of the
+# blanks around them (the SDKs write `Name:value` and `Name: value`). Anything else is refused,
+# not guessed at: the SDKs' own readers (split on any CR or LF, names trimmed, the last of a
+# repeated header kept) and ours would read such a message differently, and what the relay checks
+# must be what Azure acts on.
+_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")
+
+
+def _parse_headers(block: str, what: str) -> dict[str, str]:
     headers: dict[str, str] = {}
+    seen: set[str] = set()
+    if not block:
+        raise ProtocolError(f"{what} without headers (it starts with a blank line)")
     for line in block.split(CRLF):
-        if not line:
-            continue
         name, sep, value = line.partition(":")
-        if not sep or not name.strip():
-            raise ProtocolError(f"header line without a name: {line[:40]!r}")
-        headers[name.strip()] = value.strip()
+        if not line:
+            raise ProtocolError(f"{what} with a blank line among its headers")
+        if not sep or not _NAME.fullmatch(name):
+            raise ProtocolError(f"{what} with a header line that is not Name:value: {line[:40]!r}")
+        if not _VALUE.fullmatch(value):
+            raise ProtocolError(f"{what} with a control character (a lone CR or LF?) in header {name[:40]}")
+        lowered = name.lower()
+        if lowered in seen:
+            raise ProtocolError(f"{what} with header {name[:40]} twice")
+        seen.add(lowered)
+        headers[name] = value.strip(" \t")
+    if "path" not in seen:
+        raise ProtocolError(f"{what} without a Path header")
     return headers
 
 
@@ -114,7 +134,8 @@ def peek_path(head: bytes | bytearray) -> bytes | bytearray:
     case-insensitive and may have spaces around the colon (the JavaScript SDK writes
     `Path: speech.context`). For the relay's watch on turns and results (run on every text frame
     from Azure, hence the quick look for the usual spelling first), not for security checks,
-    which parse the whole message."""
+    which parse the whole message. Read only of Azure's messages: the app's are parsed whole and
+    strictly (`parse_text`, `AudioReading`), once, for every rule."""
     at = head.find(b"Path:")
     if at == 0 or (at > 0 and head[at - 1] == 10):  # at a line's start: the usual spelling
         end = head.find(b"\r", at)
@@ -126,10 +147,11 @@ def peek_path(head: bytes | bytearray) -> bytes | bytearray:
 
 
 def parse_text(text: str) -> Message:
+    """A text message, read strictly: one reading for every rule that looks at it."""
     head, sep, body = text.partition(CRLF + CRLF)
     if not sep:
         raise ProtocolError("text message without the blank CRLF line after its headers")
-    return Message(_parse_headers(head), body.encode("utf-8"))
+    return Message(_parse_headers(head, "text message"), body.encode("utf-8"))
 
 
 def encode_text(
@@ -152,12 +174,14 @@ def parse_binary(frame: bytes) -> Message:
         raise ProtocolError("binary message shorter than its 2-byte header length")
     (size,) = struct.unpack_from(">H", frame)
     if 2 + size > len(frame):
-        raise ProtocolError("binary message header length runs past its end")
+        raise ProtocolError(_PAST_ITS_END)
     try:
         head = frame[2 : 2 + size].decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("binary message headers are not ASCII") from None
-    return Message(_parse_headers(head), frame[2 + size :], binary=True)
+    if head.endswith(CRLF):
+        head = head[:-2]  # each line ends in CRLF, the last one too
+    return Message(_parse_headers(head, "binary message"), frame[2 + size :], binary=True)
 
 
 def audio_payload_size(frame: bytes) -> int:
@@ -165,6 +189,89 @@ def audio_payload_size(frame: bytes) -> int:
     if len(frame) < 2:
         return 0
     return max(0, len(frame) - 2 - ((frame[0] << 8) | frame[1]))
+
+
+_LENGTH, _PAYLOAD, _READ = 0, 1, 2
+_RIFF = b"RIFF"
+_PAST_ITS_END = "binary message header length runs past its end"
+WAV_HEADER_BYTES = 44
+
+
+class AudioReading:
+    """What the relay reads of one binary message from the app, however its bytes are split: where
+    its USP headers end (the 2-byte length), whether its payload starts with a WAV header (a
+    turn's first audio), and so how many of its bytes are audio. The one reading of both data
+    paths of the Azure door: the message path feeds a whole message, the splice each fragment,
+    and only the few bytes wanted are read (`read(at, count)`: the fragment's bytes from `at`,
+    unmasked). `end` finishes the message and readies the reading for the next."""
+
+    __slots__ = ("counted", "field", "payload_at", "seen", "state", "wav")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen = 0  # bytes of the message fed so far
+        self.counted = 0  # of them, counted as audio
+        self.field = b""  # the bytes being read: the header length, then the payload's start
+        self.payload_at = 0
+        self.state = _LENGTH
+        self.wav = False  # the payload starts with a WAV header: its 44 bytes are no audio
+
+    def feed(self, length: int, read: Callable[[int, int], bytes]) -> tuple[int, bytes | None]:
+        """One fragment of `length` bytes: how many more bytes are now known to be audio, and the
+        WAV header when it has just been read (to meter by it before those bytes count)."""
+        start = self.seen
+        end = self.seen = start + length
+        if self.state == _READ:  # the usual case: the rest of a message whose start was read
+            self.counted += length
+            return length, None
+        header: bytes | None = None
+        while self.state != _READ:
+            at = len(self.field) if self.state == _LENGTH else self.payload_at + len(self.field)
+            if at >= end:
+                return 0, None
+            want = 2 if self.state == _LENGTH else 1 if not self.field else 4 if len(self.field) < 4 else 44
+            self.field += read(at - start, min(want - len(self.field), end - at))
+            if self.state == _LENGTH:
+                if len(self.field) == 2:
+                    self.payload_at = 2 + int.from_bytes(self.field, "big")
+                    self.field, self.state = b"", _PAYLOAD
+            elif not _RIFF.startswith(self.field[:4]):
+                self.state = _READ  # audio, not a WAV header
+            elif len(self.field) == WAV_HEADER_BYTES:
+                self.wav, self.state, header = True, _READ, self.field
+        audio = end - self.payload_at - (WAV_HEADER_BYTES if self.wav else 0) - self.counted
+        self.counted += audio
+        return audio, header
+
+    def end(self) -> tuple[int, bytes | None]:
+        """The message is complete: the audio bytes not yet counted, and the start of a WAV header
+        too short to be one (refused as any bad WAV header is); a ProtocolError when the message is
+        not USP's binary message."""
+        state, field, seen, payload_at = self.state, self.field, self.seen, self.payload_at
+        self.reset()
+        if state == _LENGTH:
+            raise ProtocolError("binary message shorter than its 2-byte header length")
+        if seen < payload_at:
+            raise ProtocolError(_PAST_ITS_END)
+        if state == _PAYLOAD and len(field) >= 4:
+            return 0, field  # RIFF, then the message ended before a whole WAV header
+        return (len(field), None) if state == _PAYLOAD else (0, None)
+
+    def whole(
+        self, length: int, read: Callable[[int, int], bytes], head: int, first: int
+    ) -> tuple[int, bytes | None]:
+        """`feed` then `end` for a whole message in one piece, given what the caller reads of it
+        cheaply: its USP header length `head` and its payload's first byte `first` (-1: none).
+        The splice's usual audio message, with no WAV header, is settled from these alone."""
+        if first != 0x52 and self.state == _LENGTH and not self.seen:  # not "R": no WAV header
+            if length < 2 + head:
+                raise ProtocolError(_PAST_ITS_END)
+            return length - 2 - head, None
+        audio, header = self.feed(length, read)
+        more, short = self.end()
+        return audio + more, header or short
 
 
 def encode_binary(
@@ -226,12 +333,12 @@ def riff_byte_rate(payload: bytes) -> int | None:
     return None
 
 
-def continuation_s(text: str) -> float | None:
+def continuation_s(message: Message) -> float | None:
     """Where a speech.context's continuation says its audio starts on the session's time line
     (`continuation.audio.streams.1.offset`, ticks; a continuation without one starts at 0, as
     the SDKs send before the first phrase), in seconds; None when it is no continuation."""
     try:
-        continuation = parse_text(text).json()["continuation"]
+        continuation = message.json()["continuation"]
         offset = continuation.get("audio", {}).get("streams", {}).get("1", {}).get("offset", 0)
         seconds = int(offset) / (TICKS_PER_MS * 1000)
     except (ProtocolError, ValueError, KeyError, TypeError, AttributeError):

@@ -71,6 +71,7 @@ class FakeSpeech:
     synthesis_sent: int = 0
     wav_rates: list[int] = field(default_factory=list)  # the sample rate of each WAV header heard
     contexts: list[Any] = field(default_factory=list)  # each speech.context body
+    texts: list[str] = field(default_factory=list)  # every text message received, as received
     voices: list[dict[str, str]] = field(default_factory=lambda: list(VOICES))  # GET …/voices/list
     extra_keys: set[str] = field(default_factory=set)  # accepted too: a resource's second key
     max_streams: int | None = None  # live connections beyond this are refused with 429, as Azure does
@@ -131,6 +132,7 @@ class FakeSpeech:
         started = False
         async for message in ws:
             if isinstance(message, str):
+                self.texts.append(message)
                 msg = usp.parse_text(message)
                 if msg.path == "speech.context":
                     context = msg.json()

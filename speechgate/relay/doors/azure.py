@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import Any
 
@@ -37,7 +38,7 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
         live.end(4000, 1013, f"{relay.upstream_name} unavailable: {exc}")
         return
     live.upstream = upstream
-    stream, client = live.stream, live.connection
+    client = live.connection
     if relay.settings.splice and can_take_over(client) and can_take_over(upstream):
         # No await from the check to the takeover: no data can slip in between.
         live.splice = Splice(relay, live, client, upstream)
@@ -53,26 +54,21 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
     async def app_to_azure() -> None:
         count = 0
         async for message in client:
-            if type(message) is bytes:
-                size = usp.audio_payload_size(message)
-                if size:
-                    start = len(message) - size
-                    if message[start : start + 4] == b"RIFF":  # the first frame of a turn: a WAV header
-                        if not live.wav_header(message[start:]):
-                            return
-                        size = max(0, size - 44)
-                    stream.add_audio(size)
-                    if stream.flooding(opened):
-                        live.end(4000, 1008, "audio sent much faster than real time")
-                        return
-            elif isinstance(message, str) and not live.app_text(path_of(message), message.encode):
-                return
+            if isinstance(message, bytes):
+                if not live.app_binary(len(message), functools.partial(_read, message), True, opened):
+                    return
+                telemetry = False
+            else:
+                read = live.app_text(message.encode())
+                if read is None:
+                    return
+                telemetry = read.path.lower() == "telemetry"
             count += 1
             if count & SAMPLE_MASK:
                 await upstream.send(message)
             else:
                 await timed(relay, "up", upstream.send(message))
-            if live.drain_timer is not None and isinstance(message, str) and path_of(message) == b"telemetry":
+            if live.drain_timer is not None and telemetry:
                 live.drained()  # the app's last word on its turn has gone to Azure
 
     async def azure_to_app() -> None:
@@ -89,6 +85,10 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
                     live.turn_ended()
 
     await _pump(relay, live, app_to_azure(), azure_to_app(), upstream)
+
+
+def _read(message: bytes, at: int, count: int) -> bytes:
+    return message[at : at + count]
 
 
 async def _pump(relay: Context, live: Live, outgoing: Any, incoming: Any, upstream: ClientConnection) -> None:
