@@ -115,7 +115,8 @@ def start_service(prefix: str, redis_url: str) -> Iterator[Any]:
         settings = replace(Settings(redis_prefix=prefix), **overrides)
         redis_client = connect(settings.redis_url) if settings.redis_url else None
         app = create_app(settings, store, redis_client)
-        server = ServerThread(app, **server_options(settings)).__enter__()
+        listen = {"port": settings.port} if "port" in overrides else {}  # else any free port
+        server = ServerThread(app, **server_options(settings), **listen).__enter__()
         service = TokenService(server, httpx.Client(base_url=server.url), store, hash_key, settings, app)
         running.append(service)
         return service

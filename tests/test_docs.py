@@ -44,6 +44,7 @@ SAMPLES = {  # a value for each parameter, and how the document writes it
     "window_s": (222222, "<window>"),
     "rate": ("sg:rl:{CLIENTX}:KINDX:111111/222222:WHOX", "<rate>"),
     "name": ("UPSTREAMX", "<upstream>"),
+    "what": ("CALLSX", "<calls>"),
 }
 
 

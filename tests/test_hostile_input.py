@@ -275,25 +275,42 @@ def test_a_header_sent_twice_is_no_server_error(stack: Stack) -> None:
 # --- the token service's HTTP bounds (speechgate/token_service/http.py), on the production command ---------
 
 
-@pytest.fixture(scope="module")
-def token_service_command(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[int]:
-    """`speechgate token-service` as production runs it, with 1 s timeouts and 4 connections."""
+@contextlib.contextmanager
+def production_token_service(workdir: Path, redis_url: str, **settings: str) -> Iterator[tuple[int, Process]]:
+    """`speechgate token-service` as production runs it, with these SPEECHGATE_ settings."""
     port = free_port()
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
-        "SPEECHGATE_STORE_DIR": str(tmp_path_factory.mktemp("store")),
+        "SPEECHGATE_STORE_DIR": str(workdir),
         "SPEECHGATE_REDIS_PREFIX": f"test:{port}:",
-        "SPEECHGATE_HTTP_TIMEOUT_S": "1",
-        "SPEECHGATE_MAX_CONNECTIONS": "4",
+        **{f"SPEECHGATE_{name.upper()}": value for name, value in settings.items()},
     }
     subprocess.run([SPEECHGATE, "keys", "init"], env=env, check=True, capture_output=True, timeout=60)
-    with Process([SPEECHGATE, "token-service", "--port", str(port)], "Uvicorn running on", env=env):
-        yield port
+    with Process(
+        [SPEECHGATE, "token-service", "--port", str(port)], "Uvicorn running on", env=env
+    ) as process:
+        yield port, process
     client = redis.Redis.from_url(redis_url)  # leave nothing behind
     for key in client.scan_iter(match=f"test:{port}:*", count=1000):
         client.delete(key)
     client.close()
+
+
+@pytest.fixture(scope="module")
+def token_service_process(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> Iterator[tuple[int, Process]]:
+    """With 1 s timeouts and 4 connections."""
+    with production_token_service(
+        tmp_path_factory.mktemp("store"), redis_url, http_timeout_s="1", max_connections="4"
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def token_service_command(token_service_process: tuple[int, Process]) -> int:
+    return token_service_process[0]
 
 
 def _exchange(port: int, data: bytes, then_read: bool = True) -> tuple[bytes, float]:
@@ -334,13 +351,84 @@ def test_a_request_that_does_not_arrive_in_time_gets_408_and_is_closed(
     assert 0.9 < took < 3
 
 
-def test_connections_beyond_the_process_limit_get_503(token_service_command: int) -> None:
+def test_connections_beyond_the_process_limit_get_503_but_probes_are_answered(
+    token_service_command: int,
+) -> None:
+    """Idle connections once made every /healthz a 503: a liveness probe would have had a healthy
+    pod restarted by anyone holding connections open."""
     port = token_service_command
     held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
     try:
-        answer, _ = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer, _ = _exchange(port, b"POST /v1/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503 ")
+        for probe in (b"/healthz", b"/readyz"):
+            request = b"GET " + probe + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            answer, _ = _exchange(port, request)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
     finally:
         for sock in held:
             sock.close()
-    assert wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200)
+    assert wait_until(lambda: httpx.post(f"http://127.0.0.1:{port}/v1/token").status_code != 503)
+
+
+def test_one_address_holds_no_more_than_its_share_of_connections(tmp_path: Path, redis_url: str) -> None:
+    with production_token_service(tmp_path, redis_url, max_connections_per_address="3") as (port, _):
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            answer, took = _exchange(port, b"")  # the fourth is answered at once, before it asks
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"more than 3 connections from one address" in answer
+            assert took < 5
+        finally:
+            for sock in held:
+                sock.close()
+        assert wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200)
+
+
+def test_a_huge_header_in_one_write_with_its_whole_request_gets_431(token_service_command: int) -> None:
+    """The bound once held only across reads: 100 KB of header in the same write as the rest of
+    the request reached the app and got 200."""
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\nConnection: close\r\n\r\n"
+    many = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+        + b"X-Many: aaaaaaaaaa\r\n" * 5000
+        + b"Connection: close\r\n\r\n"
+    )
+    for request in (big, many):
+        answer, _ = _exchange(token_service_command, request)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+
+
+def _metric(port: int, status: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("speechgate_http_requests_total{") and f'status="{status}"' in line
+    )
+
+
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        (b"POST /v1/token HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ngrant_type=cl", "499"),
+        (b"POST /v1/token HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n", "400"),
+        (b"POST /v1/revoke HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ntoken=", "408"),
+    ],
+    ids=["hang-up-mid-body", "bad-chunked-body", "body-timeout"],
+)
+def test_a_body_that_never_comes_whole_is_the_clients_error_in_one_line(
+    token_service_process: tuple[int, Process], sent: bytes, status: str
+) -> None:
+    """Each was once a 500 with two long tracebacks, counted in the 5xx metric the alerts watch."""
+    port, process = token_service_process
+    errors_before, seen_before = _metric(port, "500"), _metric(port, status)
+    lines_before = len(process.output)
+    answer, _ = _exchange(port, sent, then_read=status != "499")  # 499: the client hangs up at once
+    if status != "499":
+        assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert wait_until(lambda: _metric(port, status) == seen_before + 1)
+    assert _metric(port, "500") == errors_before
+    written = "".join(process.output[lines_before:])
+    assert "Traceback" not in written
+    assert "unhandled error" not in written

@@ -169,6 +169,7 @@ def test_the_wheel_installs_one_top_level_package_with_its_resources(tmp_path: P
     resources = {name for name in names if not name.endswith(".py") and "dist-info" not in name}
     assert resources == {
         "speechgate/devtools/demo.html",
+        "speechgate/core/lua/revoke_jti.lua",
         "speechgate/relay/lua/admit.lua",
         "speechgate/relay/lua/route.lua",
         "speechgate/relay/lua/beat.lua",

@@ -84,3 +84,41 @@ def test_revocation_while_redis_is_down_is_a_retryable_503(tmp_path: Path, start
         assert response.headers["retry-after"] == "1"
     finally:
         own.stop()
+
+
+def test_revoking_a_token_again_is_acknowledged_without_announcing_it_again(
+    service: TokenService, sync_redis: redis.Redis
+) -> None:
+    client_id, secret = service.add_client()
+    token = service.token(client_id, secret).json()["access_token"]
+    channel = Keyspace(service.settings.redis_prefix).events
+    pubsub = sync_redis.pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe(channel)
+    assert pubsub.get_message(timeout=5) is not None  # subscribed
+    for _ in range(5):
+        response = service.http.post("/v1/revoke", auth=(client_id, secret), data={"token": token})
+        assert response.status_code == 200
+    sync_redis.publish(channel, "end")  # everything published before it has been delivered
+    heard = []
+    while (message := pubsub.get_message(timeout=5)) is not None and message["data"] not in ("end", b"end"):
+        heard.append(json.loads(message["data"]))
+    pubsub.close()
+    assert len(heard) == 1  # 20,000 revocations of one token once made every relay read 20,000
+
+
+def test_revocations_are_rate_limited_on_counters_of_their_own(service: TokenService) -> None:
+    """A client revoking in a loop is slowed as a client asking for tokens is, and revocations
+    do not eat into its token budget (nor do tokens into its revocations)."""
+    client_id, secret = service.add_client(rate_limits={"client": "3/minute", "subject": "", "ip": ""})
+    tokens = [service.token(client_id, secret) for _ in range(3)]
+    assert [r.status_code for r in tokens] == [200, 200, 200]
+    answers = [
+        service.http.post(
+            "/v1/revoke", auth=(client_id, secret), data={"token": tokens[0].json()["access_token"]}
+        )
+        for _ in range(4)
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert answers[-1].json()["error"] == "slow_down"
+    assert int(answers[-1].headers["retry-after"]) >= 1
+    assert service.token(client_id, secret).status_code == 429  # its own 3 tokens, as before

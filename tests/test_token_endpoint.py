@@ -18,6 +18,7 @@ import pytest
 from speechgate.core.clients import secret_name
 from speechgate.core.logs import JsonFormatter
 from speechgate.token_service.oauth import OAuthError
+from speechgate.token_service.service import UNKNOWN_CLIENT
 from tests.support.services import TokenService
 
 TE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -153,7 +154,7 @@ CASES: dict[str, tuple[Any, int, str, str]] = {
         lambda c, s: {"auth": (c, s + "x"), "data": {"grant_type": "client_credentials"}},
         401,
         "invalid_client",
-        "wrong client secret",
+        "wrong or missing client_secret",
     ),
     "unknown client": (
         lambda c, s: {"auth": ("no-such-client", s), "data": {"grant_type": "client_credentials"}},
@@ -177,7 +178,7 @@ CASES: dict[str, tuple[Any, int, str, str]] = {
         lambda c, s: {"data": {"grant_type": "client_credentials", "client_id": c}},
         401,
         "invalid_client",
-        "must authenticate",
+        "wrong or missing client_secret",
     ),
     "basic not base64": (
         lambda c, s: {
@@ -408,14 +409,14 @@ def test_client_whose_store_version_is_disabled_is_refused(service: TokenService
     response = service.token(client_id, secret)
     assert response.status_code == 401
     # Its secret cannot be read to be checked, so it is answered as an unknown client is.
-    assert response.json()["error_description"] == "unknown client or wrong client secret"
+    assert response.json()["error_description"] == UNKNOWN_CLIENT
+
+
+IDP_FIELDS = {"issuer": "https://idp.example", "jwks_uri": "https://idp.example/jwks", "audience": "app"}
 
 
 def test_public_client_may_not_use_client_credentials(service: TokenService) -> None:
-    client_id, _ = service.add_client(
-        public=True,
-        idp={"issuer": "https://idp.example", "jwks_uri": "https://idp.example/jwks", "audience": "app"},
-    )
+    client_id, _ = service.add_client(public=True, idp=IDP_FIELDS)
     response = service.http.post(
         "/v1/token", data={"grant_type": "client_credentials", "client_id": client_id}
     )
@@ -576,11 +577,19 @@ def test_unknown_client_and_wrong_secret_are_told_and_timed_alike(service: Token
         await service.store.update(secret_name(disabled), versions[-1].version, enabled=False)
 
     asyncio.run(disable())
+    public, _ = service.add_client(public=True, idp=IDP_FIELDS)
     answers = {
         service.token(client, "wrong-" + secret).json()["error_description"]
-        for client in (known, "speechgate-nobody", disabled)
+        for client in (known, "speechgate-nobody", disabled, public)
     }
-    assert answers == {"unknown client or wrong client secret"}
+    # With no secret at all: a known confidential client once got "must authenticate with its
+    # client_secret", an unknown one "unknown client": the id's existence, told.
+    for client in (known, "speechgate-nobody", disabled):
+        form = {"grant_type": "client_credentials", "client_id": client}
+        answer = service.http.post("/v1/token", data=form)
+        assert answer.status_code == 401
+        answers.add(answer.json()["error_description"])
+    assert answers == {UNKNOWN_CLIENT}
 
     core = service.app.state.service
 

@@ -325,3 +325,20 @@ def test_an_oversized_jwks_is_refused_without_being_read_whole(
     receive = int(Path("/proc/sys/net/ipv4/tcp_rmem").read_text().split()[2])
     send = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
     assert fake.served_bytes < receive + send + 4 * 2**20
+
+
+@pytest.mark.parametrize("actor", ["garbage", "actor_token_type"])
+def test_an_actor_token_is_refused_never_ignored(
+    service: TokenService, idp: tuple[FakeIdp, str], actor: str
+) -> None:
+    """A garbage `actor_token` was once accepted and ignored: the token issued said nothing of an
+    actor. Delegation is not offered, so the request is refused and says so."""
+    fake, uri = idp
+    client_id = public_client(service, uri)
+    extra = {"actor_token": "garbage"} if actor == "garbage" else {"actor_token_type": ID_TOKEN}
+    response = exchange(service, client_id, fake.id_token("ec-1", sub="alice@example"), **extra)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "invalid_request",
+        "error_description": "actor_token is not supported: send the user's subject_token alone",
+    }

@@ -117,6 +117,12 @@ def sign(claims: AccessClaims, key: SigningKey) -> str:
     return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
+def token_kid(token: str) -> str:
+    """The `kid` of a token `verify` has passed (so its header is known to be well formed)."""
+    header, _ = jose.split(token)
+    return str(header.get("kid", ""))
+
+
 def verify(
     token: str,
     keys: Mapping[str, ec.EllipticCurvePublicKey],

@@ -21,8 +21,13 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def encode(event: dict[str, Any]) -> str:
+    """An event as published on the channel (a script may publish it too)."""
+    return json.dumps(event, separators=(",", ":"))
+
+
 async def publish(redis: Redis, keyspace: Keyspace, event: dict[str, Any]) -> None:
-    await redis.publish(keyspace.events, json.dumps(event, separators=(",", ":")))
+    await redis.publish(keyspace.events, encode(event))
 
 
 class EventListener:

@@ -111,6 +111,11 @@ class Keyspace:
     def audio_client(self, client_id: str, day: str) -> str:
         return f"{self.prefix}audio:{{{client_id}}}:{day}:all"
 
+    def call_stats(self, client_id: str, what: str, minute: int) -> str:
+        """Hash of the calls of another endpoint (`what`: revocations, introspections) accepted
+        (`issued`) and refused by the limits in one minute."""
+        return f"{self.prefix}stats:{{{client_id}}}:{what}:{minute}"
+
     def stats(self, client_id: str, minute: int) -> str:
         """Hash of tokens issued and refused in one minute (epoch minutes): `issued`, `refused`,
         and `issued:<subject>`, `refused:<subject>`."""

@@ -8,7 +8,8 @@ Each entry lives until the last token it covers can no longer be used (`exp + ma
 since a stream opened just before `exp` may run that long), then Redis forgets it.
 - every token a signing key signed: its kid in the set `revoked:kids`, kept for good (a leaked key
   can sign tokens with any `exp`).
-Each revocation is also published so relays close live streams at once.
+Each revocation is also published so relays close live streams at once; a token revoked again is
+acknowledged with no second publish.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from speechgate.core import events
 from speechgate.core.claims import AccessClaims
 from speechgate.core.events import publish
 from speechgate.core.keyspace import Keyspace
-from speechgate.core.redisconn import Redis
+from speechgate.core.redisconn import Redis, lua
 
 SIGNING_KEY_REVOKED = "signing key revoked"
 
 
 class Revocations(Protocol):
-    async def revoke_jti(self, jti: str, until: int) -> None: ...
+    async def revoke_jti(self, jti: str, until: int) -> bool:
+        """Revoke one token; False when it was revoked already (nothing is published again)."""
+        ...
 
     async def revoked(self, claims: AccessClaims, kid: str) -> str | None: ...
 
@@ -35,11 +39,14 @@ class RedisRevocations:
     def __init__(self, redis: Redis, keyspace: Keyspace) -> None:
         self.redis = redis
         self.keyspace = keyspace
+        self._revoke_jti = redis.register_script(lua(__package__, "revoke_jti.lua"))
 
-    async def revoke_jti(self, jti: str, until: int) -> None:
-        # Separate commands, not a pipeline: Redis Cluster refuses PUBLISH inside one.
-        await self.redis.set(self.keyspace.revoked_jti(jti), "1", exat=until)
-        await publish(self.redis, self.keyspace, {"type": "revoke", "jti": jti})
+    async def revoke_jti(self, jti: str, until: int) -> bool:
+        event = events.encode({"type": "revoke", "jti": jti})
+        done = await self._revoke_jti(
+            keys=[self.keyspace.revoked_jti(jti)], args=[until, self.keyspace.events, event]
+        )
+        return bool(done)
 
     async def revoke_subject(self, client_id: str, subject: str, ttl_s: int) -> None:
         now = int(time.time())
@@ -88,12 +95,15 @@ class MemoryRevocations:
     def subscribe(self, handler: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         self._subscribers.append(handler)
 
-    async def revoke_jti(self, jti: str, until: int) -> None:
+    async def revoke_jti(self, jti: str, until: int) -> bool:
         now = time.time()
         self._until = {k: v for k, v in self._until.items() if v > now}
+        if jti in self._until:
+            return False
         self._until[jti] = until
         for handler in self._subscribers:
             await handler({"type": "revoke", "jti": jti})
+        return True
 
     async def revoked(self, claims: AccessClaims, kid: str) -> str | None:
         return "token revoked" if self._until.get(claims.jti, 0) > time.time() else None

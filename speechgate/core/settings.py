@@ -38,6 +38,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024
     http_timeout_s: float = 10.0  # for a request's headers, and again for its body (408 after)
     max_connections: int = 2048  # per token-service process; 503 beyond
+    max_connections_per_address: int = 256  # of those, from one address (trusted proxies aside); 0: off
     client_cache_s: float = 30.0
     key_refresh_s: float = 60.0
     idp_jwks_min_refresh_s: float = 10.0
@@ -90,6 +91,10 @@ class Settings:
             raise SettingsError("SPEECHGATE_HTTP_TIMEOUT_S must be more than 0 and at most 300 (e.g. 10)")
         if self.max_connections < 1:
             raise SettingsError("SPEECHGATE_MAX_CONNECTIONS must be at least 1 (e.g. 2048)")
+        if self.max_connections_per_address < 0:
+            raise SettingsError(
+                "SPEECHGATE_MAX_CONNECTIONS_PER_ADDRESS must be 0 (no bound) or more (e.g. 256)"
+            )
         if self.key_vault_url is not None and not self.key_vault_url.startswith("https://"):
             raise SettingsError("SPEECHGATE_KEY_VAULT_URL must be an https:// URL")
         if not self.issuer.startswith(("https://", "http://")):
@@ -125,6 +130,7 @@ ENV_NAMES: dict[str, str] = {
     "max_body_bytes": "SPEECHGATE_MAX_BODY_BYTES",
     "http_timeout_s": "SPEECHGATE_HTTP_TIMEOUT_S",
     "max_connections": "SPEECHGATE_MAX_CONNECTIONS",
+    "max_connections_per_address": "SPEECHGATE_MAX_CONNECTIONS_PER_ADDRESS",
     "client_cache_s": "SPEECHGATE_CLIENT_CACHE_S",
     "key_refresh_s": "SPEECHGATE_KEY_REFRESH_S",
     "idp_jwks_min_refresh_s": "SPEECHGATE_IDP_JWKS_MIN_REFRESH_S",

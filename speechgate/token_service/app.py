@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -31,7 +31,7 @@ from speechgate.core.revocation import Revocations
 from speechgate.core.settings import Settings
 from speechgate.core.store import SecretStore
 from speechgate.token_service import grants, oauth
-from speechgate.token_service.http import BoundedHttpToolsProtocol
+from speechgate.token_service.http import CLIENT_GONE, ENDED, BoundedHttpToolsProtocol
 from speechgate.token_service.metrics import TokenMetrics
 from speechgate.token_service.oauth import OAuthError, invalid_request
 from speechgate.token_service.openapi import openapi_document
@@ -86,19 +86,28 @@ async def token(request: Request) -> Response:
         service.metrics.latency.observe(time.perf_counter() - started)
 
 
-async def revoke(request: Request) -> Response:
+async def _client_call(request: Request, call: str, done: str) -> Response:
+    """A client-authenticated form POST other than the token endpoint: TokenService.<call>."""
     service = _service(request)
     try:
         params = oauth.parse_body(
             request.headers.get("content-type"), await _read_body(request, service.settings.max_body_bytes)
         )
-        response = await service.revoke(request, params)
-        request.state.outcome = "revoked"
+        response: Response = await getattr(service, call)(request, params)
+        request.state.outcome = done
         return response
     except OAuthError as exc:
         request.state.outcome = exc.error
-        log.info("revocation refused: %s: %s", exc.error, exc.description)
+        log.info("%s refused: %s: %s", call, exc.error, exc.description)
         return _error(exc)
+
+
+async def revoke(request: Request) -> Response:
+    return await _client_call(request, "revoke", "revoked")
+
+
+async def introspect(request: Request) -> Response:
+    return await _client_call(request, "introspect", "introspected")
 
 
 async def jwks(request: Request) -> Response:
@@ -106,6 +115,18 @@ async def jwks(request: Request) -> Response:
     assert keyring is not None  # the lifespan does not start without one
     return Response(
         keyring.jwks_json, media_type="application/json", headers={"Cache-Control": "public, max-age=60"}
+    )
+
+
+async def openid_configuration(request: Request) -> Response:
+    """Not an OpenID provider (no ID tokens, no userinfo): said plainly, with where to look."""
+    return JSONResponse(
+        {
+            "error": "not_found",
+            "error_description": "this is an OAuth 2.0 authorization server, not an OpenID provider: "
+            "its metadata is at /.well-known/oauth-authorization-server (RFC 8414)",
+        },
+        status_code=404,
     )
 
 
@@ -160,6 +181,18 @@ async def http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+_ENDED_OUTCOMES = {400: "bad_body", 408: "body_timeout", 431: "head_too_large", 503: "too_many_connections"}
+
+
+async def request_ended(request: Request, exc: Exception) -> Response:
+    """A request whose body never came whole: the client's doing, not a server error. The HTTP
+    protocol has answered it (408 for a timeout, 400 for a body it could not parse) or the client
+    is gone (499, nothing is sent); the access log's one line says which."""
+    status = int(request.scope.get(ENDED, CLIENT_GONE))
+    request.state.outcome = _ENDED_OUTCOMES.get(status, "client_gone")
+    return Response(status_code=status)
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(
@@ -172,8 +205,10 @@ async def server_error(request: Request, exc: Exception) -> Response:
 ROUTES = (
     Route("/v1/token", token, methods=["POST"]),
     Route("/v1/revoke", revoke, methods=["POST"]),
+    Route("/v1/introspect", introspect, methods=["POST"]),
     Route("/.well-known/jwks.json", jwks, methods=["GET"]),
     Route("/.well-known/oauth-authorization-server", metadata, methods=["GET"]),
+    Route("/.well-known/openid-configuration", openid_configuration, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
@@ -220,7 +255,11 @@ def create_app(
 
     app = Starlette(
         routes=list(ROUTES),
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={
+            HTTPException: http_error,
+            ClientDisconnect: request_ended,
+            Exception: server_error,
+        },
         lifespan=lifespan,
         middleware=[Middleware(AccessLog, on_done=token_metrics.count_request)],
     )
@@ -235,7 +274,15 @@ def server_options(settings: Settings) -> dict[str, Any]:
     software name in a `server` header, and `X-Forwarded-For` believed only from the proxies
     `SPEECHGATE_FORWARDED_ALLOW_IPS` names (none by default: the per-address limit would
     otherwise be keyed on a value any caller sets); the bounds of speechgate/token_service/http.py."""
-    bounds = {"head_timeout_s": settings.http_timeout_s, "body_timeout_s": settings.http_timeout_s}
+    trusted = {ip.strip() for ip in settings.forwarded_allow_ips.split(",") if ip.strip()}
+    bounds = {
+        "head_timeout_s": settings.http_timeout_s,
+        "body_timeout_s": settings.http_timeout_s,
+        # One count per server; a proxy trusted with "*" trusts every address, and so bounds none.
+        "max_per_address": 0 if "*" in trusted else settings.max_connections_per_address,
+        "trusted": frozenset(trusted),
+        "per_address": {},
+    }
     return {
         "http": type("BoundedHttp", (BoundedHttpToolsProtocol,), bounds),
         "limit_concurrency": settings.max_connections,

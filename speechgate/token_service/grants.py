@@ -75,6 +75,10 @@ def subject_token(policy: ClientPolicy, params: dict[str, str], settings: Settin
         raise OAuthError("unauthorized_client", "this client has no identity provider for token exchange")
     if "subject" in params:
         raise invalid_request("subject is taken from the subject_token in a token exchange")
+    if "actor_token" in params or "actor_token_type" in params:
+        # Delegation (RFC 8693 §4.1, an `act` claim) is not offered; ignoring the actor would
+        # issue a token that does not say who acts.
+        raise invalid_request("actor_token is not supported: send the user's subject_token alone")
     token = require(params, "subject_token")
     token_type = require(params, "subject_token_type")
     if token_type not in oauth.SUBJECT_TOKEN_TYPES:
@@ -145,6 +149,27 @@ def ratelimit_headers(checks: Sequence[Check], decision: Decision) -> dict[str, 
     return {"RateLimit-Policy": policy, "RateLimit": state}
 
 
+def introspection(claims: AccessClaims) -> dict[str, Any]:
+    """RFC 7662's answer for an active token: what it carries, under the names RFC 7662 and
+    RFC 9068 give them, and the speechgate claims a resource server may hold it to."""
+    return {
+        "active": True,
+        "scope": claims.scope,
+        "client_id": claims.client_id,
+        "sub": claims.sub,
+        "token_type": "Bearer",
+        "exp": claims.exp,
+        "iat": claims.iat,
+        "nbf": claims.nbf,
+        "iss": claims.iss,
+        "aud": claims.aud,
+        "jti": claims.jti,
+        "lang": list(claims.lang),
+        "max_session_s": claims.max_session_s,
+        "single_use": claims.single_use,
+    }
+
+
 def metadata(settings: Settings) -> dict[str, Any]:
     """RFC 8414 authorization server metadata."""
     base = settings.issuer.rstrip("/")
@@ -153,10 +178,18 @@ def metadata(settings: Settings) -> dict[str, Any]:
         "token_endpoint": f"{base}/v1/token",
         "jwks_uri": f"{base}/.well-known/jwks.json",
         "revocation_endpoint": f"{base}/v1/revoke",
+        "introspection_endpoint": f"{base}/v1/introspect",
         "grant_types_supported": list(GRANTS),
-        "response_types_supported": [],
+        # RFC 8414 requires the list. No authorization endpoint: no response type returns a
+        # credential, which is what "none" says (OAuth 2.0 Multiple Response Type Encoding).
+        "response_types_supported": ["none"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "introspection_endpoint_auth_methods_supported": [
+            "client_secret_basic",
+            "client_secret_post",
+            "none",
+        ],
         "scopes_supported": list(SCOPES),
         "service_documentation": f"{base}/openapi.json",
     }

@@ -61,6 +61,22 @@ def _error_responses(*codes: str) -> dict[str, Any]:
     return {code: {"description": "error (RFC 6749 §5.2)", "content": ref} for code in codes}
 
 
+# What /v1/revoke and /v1/introspect take: a token, and the hint RFC 7009 and RFC 7662 allow.
+_TOKEN_FORM: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/x-www-form-urlencoded": {
+            "schema": {
+                "type": "object",
+                "required": ["token"],
+                "properties": {"token": {"type": "string"}, "token_type_hint": {"type": "string"}},
+                "additionalProperties": {"type": "string"},
+            }
+        }
+    },
+}
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     form = {
         "application/x-www-form-urlencoded": {"schema": {"$ref": "#/components/schemas/TokenRequest"}},
@@ -89,25 +105,25 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/v1/revoke": {
                 "post": {
                     "summary": "Revoke an access token (RFC 7009)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/x-www-form-urlencoded": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["token"],
-                                    "properties": {
-                                        "token": {"type": "string"},
-                                        "token_type_hint": {"type": "string"},
-                                    },
-                                    "additionalProperties": {"type": "string"},
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _TOKEN_FORM,
                     "responses": {
                         "200": {"description": "revoked, or not a valid token"},
                         **_error_responses("400", "401", "503"),
+                    },
+                }
+            },
+            "/v1/introspect": {
+                "post": {
+                    "summary": "Introspect an access token (RFC 7662): of the tokens issued to the caller",
+                    "requestBody": _TOKEN_FORM,
+                    "responses": {
+                        "200": {
+                            "description": "whether the token is active, and what it carries if it is",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/Introspection"}}
+                            },
+                        },
+                        **_error_responses("400", "401", "413", "415", "429", "503"),
                     },
                 }
             },
@@ -145,6 +161,26 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "scope": {"type": "string"},
                         "relay_url": {"type": "string"},
                         "issued_token_type": {"type": "string"},
+                    },
+                },
+                "Introspection": {
+                    "type": "object",
+                    "required": ["active"],
+                    "properties": {
+                        "active": {"type": "boolean"},
+                        "scope": {"type": "string"},
+                        "client_id": {"type": "string"},
+                        "sub": {"type": "string"},
+                        "token_type": {"type": "string", "enum": ["Bearer"]},
+                        "exp": {"type": "integer"},
+                        "iat": {"type": "integer"},
+                        "nbf": {"type": "integer"},
+                        "iss": {"type": "string"},
+                        "aud": {"type": "string"},
+                        "jti": {"type": "string"},
+                        "lang": {"type": "array", "items": {"type": "string"}},
+                        "max_session_s": {"type": "integer"},
+                        "single_use": {"type": "boolean"},
                     },
                 },
             }

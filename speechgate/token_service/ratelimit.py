@@ -63,6 +63,9 @@ def parse(text: str) -> tuple[limits.RateLimitItem, ...]:
     return tuple(limits.parse_many(text)) if text else ()
 
 
+TOKENS, REVOCATIONS, INTROSPECTIONS = "tokens", "revocations", "introspections"  # what a hit counts
+
+
 def checks_for(
     client_id: str, subject: str, address: str, client: str, per_subject: str, per_ip: str
 ) -> list[Check]:
@@ -73,7 +76,9 @@ def checks_for(
 
 
 class Limiter(Protocol):
-    async def hit(self, client_id: str, subject: str, checks: Sequence[Check]) -> Decision: ...
+    async def hit(
+        self, client_id: str, subject: str, checks: Sequence[Check], counted: str = TOKENS
+    ) -> Decision: ...
 
 
 class RedisLimiter:
@@ -82,13 +87,22 @@ class RedisLimiter:
         self._script = ScriptRunner(redis, lua(__package__, "rate_hit.lua"))
         self._read = ScriptRunner(redis, lua(__package__, "rate_read.lua"))
 
-    async def hit(self, client_id: str, subject: str, checks: Sequence[Check]) -> Decision:
+    async def hit(
+        self, client_id: str, subject: str, checks: Sequence[Check], counted: str = TOKENS
+    ) -> Decision:
+        """`counted`: what the request is counted as in the per-minute stats (`quotas` reads
+        the tokens'): TOKENS, REVOCATIONS or INTROSPECTIONS."""
         keys: list[str] = []
         args: list[int | str] = []
         for check in checks:
             keys += self._windows(client_id, check)
             args += (check.amount, check.window_s)
-        keys.append(self.keyspace.stats(client_id, int(time.time() // 60)))
+        minute = int(time.time() // 60)
+        keys.append(
+            self.keyspace.stats(client_id, minute)
+            if counted == TOKENS
+            else self.keyspace.call_stats(client_id, counted, minute)
+        )
         args.append(subject)
         values = [int(v) for v in await self._script(keys, args)]
         return Decision(
@@ -120,7 +134,9 @@ class LocalLimiter:
     def __init__(self) -> None:
         self._strategy = SlidingWindowCounterRateLimiter(MemoryStorage())
 
-    async def hit(self, client_id: str, subject: str, checks: Sequence[Check]) -> Decision:
+    async def hit(
+        self, client_id: str, subject: str, checks: Sequence[Check], counted: str = TOKENS
+    ) -> Decision:
         strategy = self._strategy
         passed = [await strategy.test(c.item, client_id, c.policy, c.ident) for c in checks]
         if all(passed):
@@ -151,10 +167,12 @@ class FailoverLimiter:
         if self.redis is not None:
             await self.redis.aclose()
 
-    async def hit(self, client_id: str, subject: str, checks: Sequence[Check]) -> Decision:
+    async def hit(
+        self, client_id: str, subject: str, checks: Sequence[Check], counted: str = TOKENS
+    ) -> Decision:
         if self.redis is not None and self.health.up:
             try:
-                return await self.redis.hit(client_id, subject, checks)
+                return await self.redis.hit(client_id, subject, checks, counted)
             except REDIS_ERRORS as exc:
                 self.health.mark_down(exc)
-        return await self.local.hit(client_id, subject, checks)
+        return await self.local.hit(client_id, subject, checks, counted)

@@ -9,14 +9,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from speechgate.core.claims import InvalidToken, sign, verify
+from speechgate.core.claims import AccessClaims, InvalidToken, sign, token_kid, verify
 from speechgate.core.clients import ClientPolicy, ClientRegistry, check_secret, ensure_hash_key
 from speechgate.core.events import EventListener
 from speechgate.core.idp import IdpUnavailable, JwksCache, SubjectTokenError, verify_subject_token
@@ -30,10 +30,17 @@ from speechgate.core.store import SecretStore, StoreError
 from speechgate.token_service import grants, oauth
 from speechgate.token_service.metrics import TokenMetrics
 from speechgate.token_service.oauth import OAuthError, invalid_client, require
-from speechgate.token_service.ratelimit import FailoverLimiter, checks_for
+from speechgate.token_service.ratelimit import (
+    INTROSPECTIONS,
+    REVOCATIONS,
+    TOKENS,
+    FailoverLimiter,
+    checks_for,
+)
 
 log = logging.getLogger("speechgate.token")
 
+UNKNOWN_CLIENT = "unknown client, or a wrong or missing client_secret (a public client sends none)"
 # Stands in for a client that does not exist: its secret is checked, and never matches.
 _NOBODY = ClientPolicy(client_id="speechgate-nobody", secret_hash="hmac-sha256:" + "0" * 64)
 
@@ -74,19 +81,14 @@ class TokenService:
                 503,
                 {"Retry-After": "5"},
             ) from None
-        if not isinstance(policy, ClientPolicy):
-            # No such client, or one disabled in the store (whose secret cannot be read): the
-            # same answer as a wrong secret, after the same keyed hash, so that neither the
-            # message nor the time tells whether the id exists.
-            check_secret(self.hash_key, _NOBODY, secret or "")
-            raise invalid_client("unknown client or wrong client secret")
-        if policy.public:
-            if secret:
-                raise invalid_client("this is a public client: send no client_secret")
-        elif not secret:
-            raise invalid_client("this client must authenticate with its client_secret")
-        elif not check_secret(self.hash_key, policy, secret):
-            raise invalid_client("unknown client or wrong client secret")
+        # One answer after the same keyed hash whatever is wrong (no such client, a disabled one
+        # whose secret cannot be read, a secret missing or wrong, a secret sent by a public
+        # client), so that neither the message nor the time tells whether the id exists.
+        confidential = policy if isinstance(policy, ClientPolicy) and not policy.public else None
+        matches = check_secret(self.hash_key, confidential or _NOBODY, secret or "")
+        allowed = (matches and bool(secret)) if confidential is not None else not secret
+        if not isinstance(policy, ClientPolicy) or not allowed:
+            raise invalid_client(UNKNOWN_CLIENT)
         if not policy.enabled:
             raise invalid_client("this client is disabled")
         return policy
@@ -106,17 +108,7 @@ class TokenService:
             )
         asked = grants.requested(policy, params)
 
-        address = request.client.host if request.client else "unknown"
-        limits_ = policy.rate_limits
-        checks = checks_for(policy.client_id, subject, address, limits_.client, limits_.subject, limits_.ip)
-        decision = await self.limiter.hit(policy.client_id, subject, checks)
-        headers = {**oauth.NO_STORE, **grants.ratelimit_headers(checks, decision)}
-        if not decision.allowed:
-            headers["Retry-After"] = str(decision.retry_after_s)
-            raise OAuthError(
-                "slow_down", f"rate limit reached; retry in {decision.retry_after_s} s", 429, headers
-            )
-
+        headers = await self._limit(request, policy, TOKENS, subject)
         assert self.keyring is not None
         now = int(time.time())
         claims = grants.claims_for(self.settings, policy, subject, asked, now)
@@ -131,6 +123,34 @@ class TokenService:
             body["issued_token_type"] = oauth.ISSUED_TOKEN_TYPE
         self.metrics.issued.labels(policy.client_id, grants.grant_label(grant)).inc()
         return JSONResponse(body, headers=headers)
+
+    async def _limit(
+        self, request: Request, policy: ClientPolicy, counted: str, subject: str = ""
+    ) -> dict[str, str]:
+        """The client's rate limits for a token (per client, subject and address), or for a call
+        of another endpoint (per client and address, on counters of that endpoint's own: a loop
+        of revocations must not use up the tokens, nor tokens the revocations). The headers that
+        say where the request stands, or a 429 `slow_down` with Retry-After."""
+        address = request.client.host if request.client else "unknown"
+        limits_ = policy.rate_limits
+        if counted == TOKENS:
+            checks = checks_for(
+                policy.client_id, subject, address, limits_.client, limits_.subject, limits_.ip
+            )
+        else:
+            subject = counted
+            checks = [
+                replace(check, policy=f"{counted}-{check.policy}")
+                for check in checks_for(policy.client_id, subject, address, limits_.client, "", limits_.ip)
+            ]
+        decision = await self.limiter.hit(policy.client_id, subject, checks, counted)
+        headers = {**oauth.NO_STORE, **grants.ratelimit_headers(checks, decision)}
+        if not decision.allowed:
+            headers["Retry-After"] = str(decision.retry_after_s)
+            raise OAuthError(
+                "slow_down", f"rate limit reached; retry in {decision.retry_after_s} s", 429, headers
+            )
+        return headers
 
     async def _verified_subject(self, policy: ClientPolicy, token: str) -> str:
         assert policy.idp is not None  # grants.subject_token makes sure
@@ -157,34 +177,67 @@ class TokenService:
     async def revoke(self, request: Request, params: dict[str, str]) -> Response:
         client_id, secret = oauth.client_credentials(request.headers.get("authorization"), params)
         policy = await self.authenticate(client_id, secret)
-        token = require(params, "token")
-        assert self.keyring is not None
-        try:
-            claims = verify(
-                token,
-                self.keyring.public_keys(),
-                issuer=self.settings.issuer,
-                audience=self.settings.audience,
-                check_exp=False,
-            )
-        except InvalidToken:
+        request.state.client_id = policy.client_id
+        await self._limit(request, policy, REVOCATIONS)  # each once cost a publish to every relay
+        claims = self._ours(require(params, "token"), check_exp=False)
+        if claims is None:
             return Response(status_code=200, headers=oauth.NO_STORE)  # RFC 7009 §2.2: not an error
         if claims.client_id != policy.client_id:
             raise OAuthError("unauthorized_client", "the token was issued to another client")
         if claims.usable_until > time.time():
             try:
-                await self.revocations.revoke_jti(claims.jti, claims.usable_until)
+                first = await self.revocations.revoke_jti(claims.jti, claims.usable_until)
             except REDIS_ERRORS as exc:
-                self.health.mark_down(exc)
-                raise OAuthError(
-                    "temporarily_unavailable",
-                    "revocation store unavailable; retry later",
-                    503,
-                    {"Retry-After": "1"},
-                ) from None
-            self.metrics.revoked.inc()
-            log.info("token revoked: client=%s jti=%s", claims.client_id, claims.jti)
+                raise self._store_down(exc, "") from None
+            if first:  # revoked again: acknowledged as RFC 7009 asks, with nothing more to do
+                self.metrics.revoked.inc()
+                log.info("token revoked: client=%s jti=%s", claims.client_id, claims.jti)
         return Response(status_code=200, headers=oauth.NO_STORE)
+
+    def _ours(self, token: str, check_exp: bool = True) -> AccessClaims | None:
+        """The claims of one of our tokens, or None for anything else."""
+        assert self.keyring is not None
+        try:
+            return verify(
+                token,
+                self.keyring.public_keys(),
+                issuer=self.settings.issuer,
+                audience=self.settings.audience,
+                check_exp=check_exp,
+            )
+        except InvalidToken:
+            return None
+
+    def _store_down(self, exc: BaseException, what: str) -> OAuthError:
+        self.health.mark_down(exc)
+        return OAuthError(
+            "temporarily_unavailable",
+            f"revocation store unavailable; {what}retry later",
+            503,
+            {"Retry-After": "1"},
+        )
+
+    # --- introspection (RFC 7662) ---------------------------------------------------------
+
+    async def introspect(self, request: Request, params: dict[str, str]) -> Response:
+        """Whether a token is active now (signed by a key of ours, for us, not expired, not
+        revoked) and what it carries. A client learns this of the tokens issued to it only: of
+        any other token the answer is `{"active": false}`, as for a token that is not one."""
+        client_id, secret = oauth.client_credentials(request.headers.get("authorization"), params)
+        policy = await self.authenticate(client_id, secret)
+        request.state.client_id = policy.client_id
+        headers = await self._limit(request, policy, INTROSPECTIONS)
+        token = require(params, "token")
+        claims = self._ours(token)
+        if claims is None or claims.client_id != policy.client_id:
+            return JSONResponse({"active": False}, headers=headers)
+        try:
+            revoked = await self.revocations.revoked(claims, token_kid(token))
+        except REDIS_ERRORS as exc:
+            raise self._store_down(exc, "whether the token is revoked cannot be told; ") from None
+        if revoked is not None:
+            return JSONResponse({"active": False}, headers=headers)
+        return JSONResponse(grants.introspection(claims), headers=headers)
 
     # --- background work ------------------------------------------------------------------
 
