@@ -1,9 +1,11 @@
-"""The OAuth contract as a standard client library sees it: authlib (not a client of ours)
+"""The OAuth contract as standard client libraries see it: authlib and oauth4webapi (none of ours)
 discovers the token service from its RFC 8414 metadata, validates that metadata, gets a token by
 client credentials, introspects it (RFC 7662), revokes it (RFC 7009) and introspects it again."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from typing import Any
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 from authlib.integrations.httpx_client import OAuth2Client
 from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 
+from tests.support.js_sdk import JS
 from tests.support.processes import free_port
 from tests.support.services import TokenService
 
@@ -84,3 +87,23 @@ def test_openid_discovery_is_told_where_the_oauth_metadata_is(
     answer = httpx.get(f"{service.url}/.well-known/openid-configuration")
     assert answer.status_code == 404
     assert "/.well-known/oauth-authorization-server" in answer.json()["error_description"]
+
+
+def test_oauth4webapi_discovers_gets_introspects_and_revokes(
+    discovered: tuple[TokenService, dict[str, Any]], node: str
+) -> None:
+    """The npm package openid-client is built on, as an app backend on Node uses it."""
+    service, _ = discovered
+    client_id, secret = service.add_client()
+    done = subprocess.run(
+        [node, str(JS / "oauth.mjs"), service.settings.issuer, client_id, secret],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["token_type"].lower() == "bearer"
+    assert out["before"] == {"active": True, "client_id": client_id, "sub": client_id, "scope": out["scope"]}
+    assert out["after"] == {"active": False}

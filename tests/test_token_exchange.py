@@ -10,12 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 from speechgate.core.clients import ClientPolicy, PolicyError
 from tests.fakes.idp import AUDIENCE, ISSUER, FakeIdp, b64, unsigned_token
+from tests.support.processes import wait_until
 from tests.support.servers import ServerThread
 from tests.support.services import TokenService
 
@@ -237,8 +239,42 @@ def test_cached_keys_are_kept_while_the_idp_is_down(start_service: Any, idp: tup
     assert exchange(service, client_id, fake.id_token("rsa-1")).status_code == 200
     fake.failing = True
     response = exchange(service, client_id, fake.id_token("rsa-1"))
-    assert response.status_code == 200, response.text
-    assert fake.fetches >= 2  # it did try, and kept the stale keys
+    assert response.status_code == 200, response.text  # answered from the cached keys
+    assert wait_until(lambda: fake.fetches >= 2)  # it did try again (meanwhile), and kept them
+
+
+def test_an_idp_that_trickles_its_jwks_costs_one_fetch_and_holds_no_request_past_the_deadline(
+    start_service: Any, idp: tuple[FakeIdp, str]
+) -> None:
+    """A JWKS sent a byte at a time once held a token exchange 64 s, and every request for that
+    client piled up behind it. Now: one fetch in flight, under one deadline; requests the cached
+    keys answer are answered meanwhile."""
+    fake, uri = idp
+    service = start_service(idp_jwks_min_refresh_s=0.0, idp_jwks_timeout_s=4.0)
+    client_id = public_client(service, uri)
+    assert exchange(service, client_id, fake.id_token("rsa-1")).status_code == 200
+    fetches = fake.fetches
+    fake.add_rsa_key("rsa-2")  # the IdP rotates, and stalls: a byte every 0.2 s, ~20 minutes a JWKS
+    fake.trickle_s = 0.2
+
+    def ask(kid: str) -> httpx.Response:
+        form = {"grant_type": TE, "client_id": client_id, "subject_token": fake.id_token(kid)}
+        return httpx.post(
+            f"{service.url}/v1/token", data={**form, "subject_token_type": ID_TOKEN}, timeout=60
+        )
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        new = [pool.submit(ask, "rsa-2") for _ in range(4)]
+        assert wait_until(lambda: fake.fetches == fetches + 1)  # the fetch is under way
+        old = [pool.submit(ask, "rsa-1") for _ in range(4)]
+        old_answers, new_answers = [f.result() for f in old], [f.result() for f in new]
+    took = time.monotonic() - started
+    assert [r.status_code for r in old_answers] == [200] * 4  # the cached key, without waiting
+    assert all(r.elapsed.total_seconds() < 3.0 for r in old_answers)
+    assert [r.status_code for r in new_answers] == [400] * 4  # the fetch gave nothing: unknown key
+    assert fake.fetches == fetches + 1  # one fetch for all of them
+    assert took < 30  # the deadline (4 s), not the trickle's 20 minutes
 
 
 def test_idp_unreachable_with_nothing_cached_is_a_retryable_503(

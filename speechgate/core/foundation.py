@@ -53,5 +53,10 @@ def build(
         clients=ClientRegistry(store, ttl=settings.client_cache_s),
         health=RedisHealth(redis, on_change=lambda up: redis_up.set(1 if up else 0)),
         revocations=revocations or revocations_for(redis, keyspace),
-        jwks_cache=JwksCache(client, settings.idp_jwks_min_refresh_s, settings.idp_jwks_max_age_s),
+        jwks_cache=JwksCache(
+            client,
+            settings.idp_jwks_min_refresh_s,
+            settings.idp_jwks_max_age_s,
+            deadline_s=settings.idp_jwks_timeout_s,
+        ),
     )

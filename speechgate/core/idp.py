@@ -2,7 +2,10 @@
 
 The IdP's signing keys come from its JWKS, cached per URI. An unknown `kid` triggers a refetch
 (the IdP rotated) at most once per `min_refresh_s`; when the JWKS cannot be fetched the keys we
-already hold are kept (stale-if-error), so an IdP outage does not become ours.
+already hold are kept (stale-if-error), so an IdP outage does not become ours. One fetch per IdP is
+in flight at a time, under one deadline for the whole document (an IdP that trickles its bytes
+once held a token exchange 64 s); meanwhile requests the cached keys answer are answered from
+them, and only those the fetch may answer (an unknown `kid`, nothing cached) wait for it.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class _KeySet:
     keys: dict[str, jwt.PyJWK] = field(default_factory=dict)
     fetched: float = float("-inf")  # last successful fetch
     attempted: float = float("-inf")  # last attempt, successful or not
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    fetching: asyncio.Future[None] | None = None  # the fetch in flight
 
 
 class JwksCache:
@@ -50,27 +53,28 @@ class JwksCache:
         min_refresh_s: float = 10.0,
         max_age_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
+        deadline_s: float = 5.0,
     ) -> None:
         self.http = http
         self.min_refresh_s = min_refresh_s
         self.max_age_s = max_age_s
         self.clock = clock
+        self.deadline_s = deadline_s  # for one fetch, from its first byte asked to its last read
         self._sets: dict[str, _KeySet] = {}
 
     async def key(self, jwks_uri: str, kid: str | None) -> jwt.PyJWK | None:
         entry = self._sets.setdefault(jwks_uri, _KeySet())
-        if entry.lock.locked():  # a fetch is in flight: use its result rather than racing it
-            async with entry.lock:
-                pass
-        if self._needs_fetch(entry, kid):
-            async with entry.lock:
-                if self._needs_fetch(entry, kid):  # another request may have fetched meanwhile
-                    await self._fetch(jwks_uri, entry)
+        if entry.fetching is None and self._needs_fetch(entry, kid):
+            entry.attempted = self.clock()
+            fetching = entry.fetching = asyncio.ensure_future(self._fetch(jwks_uri, entry))
+            fetching.add_done_callback(lambda done: _fetched(entry, done))
+        if entry.fetching is not None and _lookup(entry, kid) is None:
+            # Only the fetch may answer this one; its deadline bounds the wait. Shielded: the fetch
+            # is everyone's, and one caller giving up must not end it for the others.
+            await asyncio.shield(entry.fetching)
         if not entry.keys and entry.fetched == float("-inf"):
             raise IdpUnavailable(f"identity provider keys unavailable from {jwks_uri}")
-        if kid is None:
-            return next(iter(entry.keys.values())) if len(entry.keys) == 1 else None
-        return entry.keys.get(kid)
+        return _lookup(entry, kid)
 
     def expire(self, jwks_uri: str) -> None:
         """Fetch this JWKS at the next lookup, floor or not: its owner said it changed. What is
@@ -98,19 +102,34 @@ class JwksCache:
         return bytes(body)
 
     async def _fetch(self, jwks_uri: str, entry: _KeySet) -> None:
-        entry.attempted = self.clock()
         try:
-            keys = _parse_jwks(jose.loads_strict(await self._download(jwks_uri)))
-        except (httpx.HTTPError, ValueError) as exc:
+            async with asyncio.timeout(self.deadline_s):
+                body = await self._download(jwks_uri)
+            keys = _parse_jwks(jose.loads_strict(body))
+        except (httpx.HTTPError, ValueError, TimeoutError) as exc:
             log.warning(
                 "JWKS fetch from %s failed (%s); keeping %d cached keys",
                 jwks_uri,
-                type(exc).__name__,
+                f"no answer within {self.deadline_s:g} s"
+                if isinstance(exc, TimeoutError)
+                else type(exc).__name__,
                 len(entry.keys),
             )
             return
         entry.keys = keys
         entry.fetched = entry.attempted
+
+
+def _fetched(entry: _KeySet, done: asyncio.Future[None]) -> None:
+    if entry.fetching is done:
+        entry.fetching = None
+
+
+def _lookup(entry: _KeySet, kid: str | None) -> jwt.PyJWK | None:
+    """The cached key for `kid`; without a kid, the set's only key."""
+    if kid is None:
+        return next(iter(entry.keys.values())) if len(entry.keys) == 1 else None
+    return entry.keys.get(kid)
 
 
 def _parse_jwks(doc: Any) -> dict[str, jwt.PyJWK]:

@@ -43,6 +43,7 @@ class Settings:
     key_refresh_s: float = 60.0
     idp_jwks_min_refresh_s: float = 10.0
     idp_jwks_max_age_s: float = 3600.0
+    idp_jwks_timeout_s: float = 5.0  # for one JWKS fetch as a whole (an IdP may trickle its bytes)
     idp_leeway_s: int = 30
     # Proxies whose X-Forwarded-For we believe (uvicorn's --forwarded-allow-ips).
     forwarded_allow_ips: str = ""  # proxies whose X-Forwarded-For is believed; none by default
@@ -91,6 +92,8 @@ class Settings:
             raise SettingsError("SPEECHGATE_HTTP_TIMEOUT_S must be more than 0 and at most 300 (e.g. 10)")
         if self.max_connections < 1:
             raise SettingsError("SPEECHGATE_MAX_CONNECTIONS must be at least 1 (e.g. 2048)")
+        if not 0 < self.idp_jwks_timeout_s <= 60:
+            raise SettingsError("SPEECHGATE_IDP_JWKS_TIMEOUT_S must be more than 0 and at most 60 (e.g. 5)")
         if self.max_connections_per_address < 0:
             raise SettingsError(
                 "SPEECHGATE_MAX_CONNECTIONS_PER_ADDRESS must be 0 (no bound) or more (e.g. 256)"
@@ -135,6 +138,7 @@ ENV_NAMES: dict[str, str] = {
     "key_refresh_s": "SPEECHGATE_KEY_REFRESH_S",
     "idp_jwks_min_refresh_s": "SPEECHGATE_IDP_JWKS_MIN_REFRESH_S",
     "idp_jwks_max_age_s": "SPEECHGATE_IDP_JWKS_MAX_AGE_S",
+    "idp_jwks_timeout_s": "SPEECHGATE_IDP_JWKS_TIMEOUT_S",
     "idp_leeway_s": "SPEECHGATE_IDP_LEEWAY_S",
     "forwarded_allow_ips": "SPEECHGATE_FORWARDED_ALLOW_IPS",
     "log_level": "SPEECHGATE_LOG_LEVEL",

@@ -3,6 +3,7 @@ plus the signing keys to mint its ID tokens. Its behaviour is switchable: rotate
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -29,6 +30,7 @@ class FakeIdp:
     fetches: int = 0
     flood_bytes: int = 0  # serve a JWKS this large, made as it is read (a hostile or broken IdP)
     served_bytes: int = 0
+    trickle_s: float = 0.0  # serve the JWKS a byte at a time, this far apart (a stalling IdP)
 
     def add_rsa_key(self, kid: str) -> None:
         self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -64,6 +66,13 @@ class FakeIdp:
             yield chunk
         yield b"]}"
 
+    async def _trickle(self, request: Request) -> AsyncIterator[bytes]:
+        for byte in json.dumps(self.jwks()).encode():
+            if await request.is_disconnected():
+                return
+            yield bytes([byte])
+            await asyncio.sleep(self.trickle_s)  # the stall this fake plays, not a synchronisation
+
     def app(self) -> Starlette:
         async def jwks(request: Request) -> Response:
             self.fetches += 1
@@ -71,6 +80,8 @@ class FakeIdp:
                 return Response("unavailable", status_code=503)
             if self.flood_bytes:
                 return StreamingResponse(self._flood(request), media_type="application/json")
+            if self.trickle_s:
+                return StreamingResponse(self._trickle(request), media_type="application/json")
             return JSONResponse(self.jwks())
 
         return Starlette(routes=[Route("/jwks", jwks)])

@@ -22,7 +22,8 @@ def node() -> str:
     binary = shutil.which("node")
     if binary is None or shutil.which("npm") is None:
         pytest.fail("these tests need Node.js and npm (.ci/run installs them)")
-    if not (JS / "node_modules" / "microsoft-cognitiveservices-speech-sdk").exists():
+    wanted = ("microsoft-cognitiveservices-speech-sdk", "oauth4webapi")  # tests/js/package.json's
+    if not all((JS / "node_modules" / name).exists() for name in wanted):
         subprocess.run(
             ["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True, timeout=300
         )
