@@ -169,7 +169,7 @@ def test_alerting_rules_pass_promtool_check_and_their_unit_tests(promtool: str) 
         [promtool, "check", "rules", "alerts.yaml"], cwd=rules, capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 10 rules found" in check.stdout
+    assert "SUCCESS: 11 rules found" in check.stdout
     tested = subprocess.run(
         [promtool, "test", "rules", "alerts.test.yaml"],
         cwd=rules,
@@ -184,6 +184,7 @@ def test_the_alerts_cover_what_sres_must_hear_about() -> None:
     rules = documents(DEPLOY / "prometheus" / "alerts.yaml")[0]["groups"][0]["rules"]
     assert {r["alert"] for r in rules} == {
         "SpeechgateRedisDown",
+        "SpeechgateEventsNotSubscribed",
         "SpeechgateKeyStoreStale",
         "SpeechgateUpstreamFailures",
         "SpeechgateHigh5xxRate",

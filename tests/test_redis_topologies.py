@@ -4,6 +4,7 @@ a password (Azure Cache for Redis's shape) of the test's own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import socket
@@ -12,17 +13,23 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
 import trustme
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from speechgate.core.events import EventListener, publish
 from speechgate.core.keyspace import Keyspace
 from speechgate.core.redisconn import connect
 from speechgate.core.revocation import RedisRevocations
 from speechgate.token_service.ratelimit import RedisLimiter, checks_for
 from tests.support.claims import access_claims
 from tests.support.processes import Process, RedisServer, free_port, wait_until
+from tests.support.relays import Stack
 
 
 def _bindable(port: int) -> bool:
@@ -219,3 +226,76 @@ def test_tls_redis_refuses_what_it_should(tls_redis: tuple[int, Path], uri: str,
 
     with pytest.raises((redis.RedisError, OSError), match=error):
         asyncio.run(ping())
+
+
+def test_events_reach_a_fresh_listener_on_a_redis_cluster(cluster_uri: str) -> None:
+    """The listener once subscribed before the cluster client had learned the slots: a KeyError,
+    which ended its task without a word; no service heard a revocation or a quota change."""
+
+    async def run() -> dict[str, object]:
+        keyspace = Keyspace(f"sgtest-events-{random.randrange(10**6)}:")
+        listening, publisher = connect(cluster_uri), connect(cluster_uri)  # fresh: no slots known
+        heard: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+        listener = EventListener(listening, keyspace, heard.put, retry_s=0.1)
+        listener.start()
+        try:
+            await asyncio.wait_for(listener.subscribed.wait(), 20)
+            await publish(publisher, keyspace, {"type": "revoke", "jti": "on-a-cluster"})
+            return await asyncio.wait_for(heard.get(), 20)
+        finally:
+            await listener.close()
+            await listening.aclose()
+            await publisher.aclose()
+
+    assert asyncio.run(run()) == {"type": "revoke", "jti": "on-a-cluster"}
+
+
+@pytest.fixture
+def cluster_stack(cluster_uri: str, stack_factory: Any) -> Stack:
+    """A token service, a fake Azure and a relay, all on the Redis Cluster."""
+    stack: Stack = stack_factory(redis_url=cluster_uri, service_redis_url=cluster_uri)
+    return stack
+
+
+async def test_a_relay_on_a_redis_cluster_hears_revocations_and_quota_changes(
+    cluster_uri: str, cluster_stack: Stack
+) -> None:
+    """On a cluster the relay once heard no event: a revoked subject's live stream ran to its end,
+    and a lowered stream limit reached it only when its client cache expired."""
+    stack = cluster_stack
+    client_id, secret = await asyncio.to_thread(stack.service.add_client, max_streams_per_subject=5)
+    ready = f"http://127.0.0.1:{stack.relay.port}/readyz"
+    assert await asyncio.to_thread(
+        wait_until, lambda: httpx.get(ready).json()["checks"].get("events") == "ok", 20
+    )
+    admin = connect(cluster_uri)
+    keyspace = Keyspace(stack.service.settings.redis_prefix)
+    try:
+        alice = await asyncio.to_thread(stack.token, (client_id, secret), subject="alice")
+        async with ws_connect(f"{stack.relay.url}/v1/listen?language=en-US&access_token={alice}") as ws:
+            started = time.monotonic()
+            await RedisRevocations(admin, keyspace).revoke_subject(client_id, "alice", 600)
+            with contextlib.suppress(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 1008
+        assert time.monotonic() - started < 5  # within a second, and a loaded machine's margin
+
+        bob = [await asyncio.to_thread(stack.token, (client_id, secret), subject="bob") for _ in range(2)]
+        async with ws_connect(f"{stack.relay.url}/v1/listen?language=en-US&access_token={bob[0]}"):
+            await asyncio.to_thread(stack.service.add_client, client_id, max_streams_per_subject=1)
+            await publish(admin, keyspace, {"type": "reload", "what": "client"})  # what `quotas set` does
+
+            async def refused() -> bool:
+                try:
+                    async with ws_connect(
+                        f"{stack.relay.url}/v1/listen?language=en-US&access_token={bob[1]}"
+                    ):
+                        return False
+                except InvalidStatus as exc:
+                    return exc.response.status_code == 429
+
+            deadline = time.monotonic() + 5
+            while not await refused():
+                assert time.monotonic() < deadline, "the lower limit did not reach the relay"
+    finally:
+        await admin.aclose()

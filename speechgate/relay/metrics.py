@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from speechgate.core.events import events_gauge
 from speechgate.core.redisconn import redis_up_gauge
 
 
@@ -50,6 +51,7 @@ class RelayMetrics:
             registry=registry,
         )
         self.redis_up = redis_up_gauge(registry)
+        self.events_subscribed = events_gauge(registry)
         self.quota_use = Gauge(
             "speechgate_quota_use_ratio",
             "Share of a client's daily audio quota used today (1 = used up)",

@@ -33,7 +33,7 @@ from websockets.typing import Subprotocol
 
 from speechgate.core import foundation
 from speechgate.core.clients import ClientPolicy
-from speechgate.core.events import EventListener
+from speechgate.core.events import NOT_LISTENING, EventListener
 from speechgate.core.redisconn import REDIS_ERRORS, Redis
 from speechgate.core.revocation import SIGNING_KEY_REVOKED, Revocations
 from speechgate.core.settings import Settings
@@ -140,7 +140,11 @@ class Relay:
         self.unsettled: list[Stream] = []  # ended streams whose last state Redis has yet to get
         self.draining = False
         self._pending: dict[uuid.UUID, Pending] = {}
-        self._listener = EventListener(redis, self.keyspace, self.on_event) if redis else None
+        self._listener = (
+            EventListener(redis, self.keyspace, self.on_event, gauge=self.metrics.events_subscribed)
+            if redis
+            else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._releasing: set[asyncio.Future[None]] = set()
 
@@ -161,11 +165,15 @@ class Relay:
         if path == "/healthz":
             return json_response(connection, 200, {"status": "ok"})
         if path == "/readyz":
-            degraded = self.redis is not None and not self.health.up
+            checks = {}
+            if self.redis is not None:
+                checks["redis"] = "ok" if self.health.up else "unreachable: per-process limits"
+            if self._listener is not None:
+                checks["events"] = "ok" if self._listener.subscribed.is_set() else NOT_LISTENING
+            degraded = any(state != "ok" for state in checks.values())
+            status = "draining" if self.draining else "degraded" if degraded else "ready"
             return json_response(
-                connection,
-                503 if self.draining else 200,
-                {"status": "draining" if self.draining else "degraded" if degraded else "ready"},
+                connection, 503 if self.draining else 200, {"status": status, "checks": checks}
             )
         if path == "/metrics":
             return respond(

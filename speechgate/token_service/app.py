@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from speechgate.core import foundation
+from speechgate.core.events import NOT_LISTENING
 from speechgate.core.logs import AccessLog
 from speechgate.core.redisconn import REDIS_ERRORS, Redis
 from speechgate.core.revocation import Revocations
@@ -153,9 +154,13 @@ async def readyz(request: Request) -> Response:
         checks["redis"] = "ok" if service.health.up else "unreachable: per-process limits"
     stale_s = int(time.time() - service.store_ok_at)
     checks["key_store"] = "ok" if service.store_ok else f"unreachable: serving keys read {stale_s} s ago"
+    if service.listener is not None:
+        checks["events"] = "ok" if service.listener.subscribed.is_set() else NOT_LISTENING
     if service.keyring is None:
         return JSONResponse({"status": "not ready", "checks": checks}, status_code=503)
-    degraded = not service.store_ok or (redis is not None and not service.health.up)
+    degraded = not service.store_ok or any(
+        state != "ok" for name, state in checks.items() if name != "redis" or redis is not None
+    )
     # Degraded still answers 200: every replica shares Redis, and taking them all out of the
     # load balancer when it fails would turn a fallback into an outage.
     return JSONResponse({"status": "degraded" if degraded else "ready", "checks": checks})

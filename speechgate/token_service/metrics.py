@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from speechgate.core.events import events_gauge
 from speechgate.core.redisconn import redis_up_gauge
 
 
@@ -36,6 +37,7 @@ class TokenMetrics:
             registry=registry,
         )
         self.redis_up = redis_up_gauge(registry)
+        self.events_subscribed = events_gauge(registry)
         self.store_up = Gauge(
             "speechgate_key_store_up", "1 when the last read of the key store succeeded", registry=registry
         )

@@ -285,7 +285,12 @@ class TokenService:
         self.hash_key = await ensure_hash_key(self.store)
         self.tasks.append(asyncio.create_task(self._refresh_forever()))
         if self.redis is not None:
-            self.listener = EventListener(self.redis, Keyspace(self.settings.redis_prefix), self.on_event)
+            self.listener = EventListener(
+                self.redis,
+                Keyspace(self.settings.redis_prefix),
+                self.on_event,
+                gauge=self.metrics.events_subscribed,
+            )
             self.listener.start()
 
     async def stop(self) -> None:

@@ -132,8 +132,11 @@ def stack_factory(start_service: Any, tmp_path: Path, redis_url: str) -> Iterato
     """`stack_factory(**settings)`: a token service, a fake Azure and a relay; stopped after the test."""
     with contextlib.ExitStack() as cleanup:
 
-        def make(**overrides: Any) -> Stack:
-            service: TokenService = start_service()
+        def make(service_redis_url: str | None = None, **overrides: Any) -> Stack:
+            """`service_redis_url`: the token service's Redis, when not the suite's (a cluster)."""
+            service: TokenService = start_service(
+                **({"redis_url": service_redis_url} if service_redis_url else {})
+            )
             fake = FakeSpeech()
             speech = cleanup.enter_context(FakeSpeechServer(fake))
             defaults: dict[str, Any] = {
