@@ -223,6 +223,11 @@ async def test_a_plain_app_that_never_reads_its_results_is_closed(
 
         # The relay gives up on the stream without the app reading anything.
         assert await asyncio.to_thread(wait_until, ended, 10.0), "the relay kept a stream nobody reads"
+        # And lets go of the connection: its close frame cannot be written to a socket nobody
+        # reads, so the relay aborts it once the close has had its time, rather than holding the
+        # fd and its buffers until the app leaves. The gauge follows the stream.
+        assert await asyncio.to_thread(wait_until, lambda: not stack.relay.server.connections, 15.0)
+        assert stack.relay.relay.metrics.active.labels("plain")._value.get() == 0
     (record,) = ended()
     assert record.fields["close_code"] == 1008
     assert record.fields["outcome"] == "the app is not reading its results"

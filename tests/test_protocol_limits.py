@@ -466,3 +466,40 @@ async def test_a_message_in_fragments_is_bounded_in_total_like_a_frame(either_pa
     _, code, _ = await until_closed(ws)
     assert code == 1009
     assert stack.fake.audio_bytes <= limit
+
+
+async def test_audio_queued_while_azure_answers_late_is_no_flood(either_path: Stack) -> None:
+    """Azure answering 3 s late (a slow resource, a failover after a connect timeout): the app's
+    audio queued meanwhile once tripped the flood check, which counted real time from Azure's
+    answer instead of the app's handshake."""
+    stack = either_path
+    stack.fake.handshake_delay_s = 3.0
+    client_id, token = await new_token(stack)
+    request_id = usp.new_request_id()
+    second = b"\0\1" * 16000
+    async with await open_azure_door(stack, token) as ws:
+        await ws.send(usp.encode_text("speech.context", request_id, {}))
+        await ws.send(audio(request_id, wav_header(16000) + second))
+        for _ in range(19):  # 20 s at once, as an app that records in real time queues it
+            await ws.send(audio(request_id, second))
+        await ws.send(audio(request_id, b""))
+        paths, code, reason = await until_closed(ws)
+    assert (code, reason) == (None, "")  # the turn ended; the stream was not closed
+    assert "turn.end" in paths
+    assert await asyncio.to_thread(wait_until, lambda: audio_counted(stack, client_id) > 0)
+    assert audio_counted(stack, client_id) == pytest.approx(20.0, abs=1e-6)
+
+
+async def test_plain_door_audio_queued_while_azure_answers_late_is_no_flood(stack: Stack) -> None:
+    stack.fake.handshake_delay_s = 3.0
+    client_id, token = await new_token(stack)
+    async with connect(f"{stack.relay.url}/v1/listen?language=en-US&access_token={token}") as ws:
+        for _ in range(20):
+            await ws.send(b"\0\1" * 16000)
+        await ws.send(json.dumps({"type": "end"}))
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+    assert ws.close_code == 1000, ws.close_reason
+    assert await asyncio.to_thread(wait_until, lambda: audio_counted(stack, client_id) > 0)
+    assert audio_counted(stack, client_id) == pytest.approx(20.0, abs=1e-6)

@@ -6,7 +6,6 @@ use, in a module of their own, so that none of those imports another for its typ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -27,6 +26,7 @@ from speechgate.relay.sessions import Admission, Sessions, Stream
 from speechgate.relay.upstream import Credentials
 
 TELEMETRY_GRACE_S = 1.0  # a drained stream's wait for the app's telemetry after its last turn
+CLOSE_TIMEOUT_S = 6.0  # for a whole close: websockets' close_timeout (5 s), and a moment to write it
 
 
 class Context(Protocol):
@@ -69,6 +69,10 @@ class Live:
     drain_timer: asyncio.TimerHandle | None = None
     audio: usp.AudioReading = field(default_factory=usp.AudioReading)  # the app's binary message
     placement: Placement | None = None  # its upstream of the pool and its slot there; None: no pool
+    # When the app's handshake was answered: real time is counted from here (the flood check),
+    # not from Azure's answer, which may come late (a slow upstream, a failover) while the app
+    # sends in real time.
+    opened: float = field(default_factory=time.monotonic)
 
     def turn_ended(self) -> None:
         """Azure ended the turn. A draining relay closes the stream once the app has said its last
@@ -195,8 +199,22 @@ async def close_both(live: Live, code: int, reason: str) -> None:
     if live.splice is not None:
         await live.splice.close(code, reason)
         return
-    with contextlib.suppress(ConnectionClosed):
-        await live.connection.close(code, reason)
+    await bounded_close(live.connection, code, reason)
     if live.upstream is not None:
-        with contextlib.suppress(ConnectionClosed):
-            await live.upstream.close(1000, "client gone")
+        await bounded_close(live.upstream, 1000, "client gone")
+
+
+async def bounded_close(connection: ServerConnection | ClientConnection, code: int, reason: str) -> None:
+    """A close handshake that ends in time. `websockets` bounds the wait for the peer's answer,
+    but not the writing of our close frame: to a peer that never reads, whose socket is full, it
+    waits until the peer leaves (or a keepalive ping times out, up to twice SPEECHGATE_KEEPALIVE_S),
+    holding the connection, its buffers and the stream's slot. Past the bound, the transport is
+    aborted."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await connection.close(code, reason)
+    except TimeoutError:
+        if connection.transport is not None:
+            connection.transport.abort()
+    except ConnectionClosed:
+        pass

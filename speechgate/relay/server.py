@@ -254,7 +254,7 @@ class Relay:
         )
         self.live[stream.stream_id] = live
         self.metrics.active.labels(live.door).inc()
-        opened = time.monotonic()
+        opened = live.opened
         try:
             remaining = stream.session_deadline - time.time()
             if remaining <= 0:

@@ -194,7 +194,7 @@ class Splice:
         self.app.other, self.azure.other = self.azure, self.app
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closing = False
-        self.opened = time.monotonic()
+        self.opened = live.opened
         self.chunks = 0
         self.drain_after_flush = False
         self._deadline: asyncio.TimerHandle | None = None

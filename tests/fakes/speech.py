@@ -79,6 +79,7 @@ class FakeSpeech:
     live: int = 0
     refused: int = 0  # handshakes refused for max_streams
     dropped: int = 0
+    handshake_delay_s: float = 0.0  # answer handshakes this late (a slow or struggling resource)
 
     def check(self, connection: ServerConnection, request: Request) -> Response | None:
         self.handshakes.append({"path": request.path, "headers": dict(request.headers.raw_items())})
@@ -101,6 +102,11 @@ class FakeSpeech:
             response.headers["Content-Type"] = "application/json"
             return response
         return None
+
+    async def answer(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self.handshake_delay_s:
+            await asyncio.sleep(self.handshake_delay_s)  # the slowness this fake plays
+        return self.check(connection, request)
 
     async def handle(self, ws: ServerConnection) -> None:
         self.connections += 1
@@ -262,7 +268,7 @@ class FakeSpeechServer:
             self.fake.handle,
             "127.0.0.1",
             0,
-            process_request=self.fake.check,
+            process_request=self.fake.answer,
             subprotocols=None,
             compression=None,
         ) as server:

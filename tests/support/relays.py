@@ -33,6 +33,7 @@ class RelayThread:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.port = 0
+        self.server: Any = None  # the websockets Server, once serving: its `connections`
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -51,6 +52,7 @@ class RelayThread:
         self._stop = asyncio.Event()
         async with self.relay.running("127.0.0.1", 0) as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
+            self.server = server
             self._ready.set()
             await self._stop.wait()
         await self.relay.aclose()

@@ -49,7 +49,7 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
             live.ended.set()
         return
     resume(client)
-    opened = time.monotonic()
+    opened = live.opened
 
     async def app_to_azure() -> None:
         count = 0

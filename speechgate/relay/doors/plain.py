@@ -242,7 +242,7 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
         return
     stream, client = live.stream, live.connection
     live.in_turn = True
-    opened = time.monotonic()
+    opened = live.opened
     finished = asyncio.Event()
 
     async def app_to_azure() -> None:
