@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from speechgate.core.clients import ClientPolicy
-from speechgate.core.keyspace import Keyspace
+from speechgate.core.keyspace import Keyspace, day
 from speechgate.core.redisconn import RedisHealth, connect
 from speechgate.core.revocation import MemoryRevocations, RedisRevocations, Revocations
 from speechgate.core.settings import Settings
@@ -337,3 +337,40 @@ async def test_a_token_revoked_again_is_acknowledged_with_no_second_event(
     assert results == [True, False, False]
     assert heard == [{"type": "revoke", "jti": "twice"}]
     assert await revocations.revoked(access_claims(jti="twice"), "kid") == "token revoked"
+
+
+async def test_a_beat_in_chunks_counts_and_leases_as_one_script_would(redis_url: str, prefix: str) -> None:
+    """A beat's streams of one client go in chunks (no one script holds Redis long for everyone
+    else): the leases, the day's counters and the quota decisions are those of a single call."""
+    client = connect(redis_url)
+    policy = replace(
+        POLICY, max_streams_per_subject=10, audio_s_per_day_subject=9, audio_s_per_day_client=100
+    )
+    found = []
+    try:
+        for chunk in (2, 1000):
+            keys = Keyspace(f"{prefix}{chunk}:")
+            sessions = RedisSessions(client, keys, 15, chunk=chunk)
+            streams = []
+            for n in range(7):
+                token = access_claims(sub=f"user{n % 3}", jti=f"beat{n}")
+                admitted = await sessions.admit(token, policy, f"beat{n}.0", may_start=True)
+                assert admitted.admitted
+                streams.append(Stream(token, f"beat{n}.0", admitted.started_ms))
+            for n, stream in enumerate(streams):
+                stream.add_audio((n + 1) * stream.byte_rate)  # 1 s to 7 s
+            beat = await sessions.heartbeat(streams, {"app": policy})
+            today = day()
+            counters = [await client.get(keys.audio_client("app", today))]
+            counters += [await client.get(keys.audio_subject("app", today, f"user{n}")) for n in range(3)]
+            leases = await client.zcard(keys.lease_client("app"))
+            found.append(([s.stream_id for s, _ in beat.over], beat.audio_use, counters, leases))
+            for key in [k async for k in client.scan_iter(match=f"{prefix}{chunk}:*")]:
+                await client.delete(key)
+    finally:
+        await client.aclose()
+    chunked, single = found
+    assert chunked == single
+    # user0: 1+4+7 = 12 s, over its 9; user1: 2+5 = 7; user2: 3+6 = 9, at it: over
+    assert sorted(single[0]) == ["beat0.0", "beat2.0", "beat3.0", "beat5.0", "beat6.0"]
+    assert single[3] == 7
