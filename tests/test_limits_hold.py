@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -247,3 +248,53 @@ async def test_the_plain_door_stops_reconnecting_to_an_azure_that_makes_no_headw
         await asyncio.wait_for(ws.wait_closed(), 10)  # the relay has given up by now
     assert ws.close_code == 1011
     assert stack.fake.connections <= 4  # the first, and three fruitless tries at most
+
+
+def relay_ready(stack: Stack) -> dict[str, Any]:
+    answer: dict[str, Any] = httpx.get(f"http://127.0.0.1:{stack.relay.port}/readyz").json()
+    return answer
+
+
+async def refused_status(url: str) -> int | None:
+    """The status a handshake is refused with; None (and the stream closed) when it is admitted."""
+    try:
+        async with connect(url):
+            return None
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+@pytest.mark.parametrize("fault", ["killed", "restarted"])
+async def test_a_subject_at_its_limit_gets_no_stream_more_during_or_right_after_an_outage(
+    stack_factory: Any, own_redis: RedisServer, fault: str
+) -> None:
+    """Once, during an outage a relay counted only the streams it had admitted itself (a subject
+    limited to 2 got 4 on one relay), and right after Redis came back the live streams' leases
+    were not there yet (1-9 admissions over the limit per outage). The heartbeat is slow here, as
+    in production (2 s): its next beat must not be what restores the limit."""
+    stack: Stack = await asyncio.to_thread(stack_factory, redis_url=own_redis.url, heartbeat_s=5.0)
+    client = await asyncio.to_thread(stack.service.add_client, max_streams_per_subject=2)
+    tokens = [await token_for(stack, client, subject="alice") for _ in range(6)]
+    held = [await connect(listen_url(stack, t)) for t in tokens[:2]]
+    try:
+        assert await refused_status(listen_url(stack, tokens[2])) == 429  # the limit, through Redis
+        assert own_redis.process is not None
+        assert own_redis.process.proc is not None
+        own_redis.process.proc.kill()  # SIGKILL: no goodbye to any client
+        own_redis.process.proc.wait()
+        own_redis.process = None
+        # During the outage: the two live streams count in this relay's own rules.
+        assert await refused_status(listen_url(stack, tokens[3])) == 429
+        assert relay_ready(stack)["checks"]["redis"] != "ok"  # the refusal came from the fallback
+        assert await refused_status(listen_url(stack, tokens[4])) == 429
+        if fault == "restarted":
+            await asyncio.to_thread(own_redis.start)  # empty: no lease survived
+            assert await asyncio.to_thread(wait_until, lambda: relay_ready(stack)["checks"]["redis"] == "ok")
+            # The very first admission after Redis is back holds the limit.
+            assert await refused_status(listen_url(stack, tokens[5])) == 429
+            keys = Keyspace(stack.service.settings.redis_prefix)
+            with own_redis.client() as redis_client:
+                assert redis_client.zcard(keys.lease_subject(client[0], "alice")) == 2
+    finally:
+        for ws in held:
+            await ws.close()

@@ -103,6 +103,7 @@ class RedisHealth:
         self.client = client
         self.interval = interval
         self.up = client is not None
+        self.outages = 0  # how often Redis went away
         self._on_change = on_change
         self._probe: asyncio.Task[None] | None = None
         if on_change:
@@ -112,6 +113,7 @@ class RedisHealth:
         if not self.up or self.client is None:
             return
         self.up = False
+        self.outages += 1  # what was written before it may be gone: see relay.admission
         log.warning("redis unreachable (%s); using per-process limits", type(exc).__name__)
         if self._on_change:
             self._on_change(False)

@@ -4,10 +4,12 @@ that would be refused later."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from websockets.http11 import Request
@@ -23,7 +25,7 @@ from speechgate.relay.endpoints import endpoint_for, message_rules, upstream_que
 from speechgate.relay.http import asks_for_upgrade, header
 from speechgate.relay.live import Pending
 from speechgate.relay.pool import NoUpstream, Pool, Want
-from speechgate.relay.sessions import MemorySessions, RedisSessions, Sessions, new_stream_id
+from speechgate.relay.sessions import MemorySessions, RedisSessions, Sessions, Stream, new_stream_id
 from speechgate.relay.upstream import UpstreamError
 from speechgate.relay.voices import VoiceList, for_token
 
@@ -88,7 +90,11 @@ class Gatekeeper:
         voice_list: VoiceList,
         pool: Pool,
         has_redis: bool,
+        live_streams: Callable[[], Iterable[Stream]] = tuple,
+        write_leases: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`live_streams`: the streams live in this process; `write_leases`: writes each one's
+        lease (and audio) to Redis, what the relay's heartbeat does."""
         self.auth = auth
         self.clients = clients
         self.revocations = revocations
@@ -98,6 +104,32 @@ class Gatekeeper:
         self.voice_list = voice_list
         self.pool = pool
         self.has_redis = has_redis
+        self.live_streams = live_streams
+        self.write_leases = write_leases
+        self._written_after = 0  # the outages (RedisHealth.outages) the leases were written after
+        self._writing: asyncio.Future[bool] | None = None
+
+    async def _shared_rules_ready(self) -> bool:
+        """Whether Redis's rules may admit: only once every stream live here has its lease there
+        again since Redis last went away (after a restart Redis holds none; after a hang past the
+        lease they have lapsed). The first admission after an outage writes them, those beside
+        it wait for that write; until it succeeds, the per-process rules admit."""
+        outages = self.health.outages
+        if outages == self._written_after or self.write_leases is None:
+            return True
+        if self._writing is None:
+            self._writing = asyncio.ensure_future(self._write_leases(outages))
+        return await asyncio.shield(self._writing)
+
+    async def _write_leases(self, outages: int) -> bool:
+        try:
+            assert self.write_leases is not None
+            await self.write_leases()  # marks Redis down again if it fails
+            if self.health.up and self.health.outages == outages:
+                self._written_after = outages
+            return self._written_after == outages
+        finally:
+            self._writing = None
 
     async def admit(
         self, request: Request, path: str, params: list[tuple[str, str]], draining: bool
@@ -130,7 +162,7 @@ class Gatekeeper:
         stream_id = new_stream_id(claims)
         may_start = time.time() < claims.exp
         sessions: Sessions = self.local_sessions
-        if self.redis_sessions is not None and self.health.up:
+        if self.redis_sessions is not None and self.health.up and await self._shared_rules_ready():
             try:
                 await self.refuse_if_revoked(claims, kid)
                 admission = await self.redis_sessions.admit(claims, policy, stream_id, may_start)
@@ -140,6 +172,10 @@ class Gatekeeper:
         if sessions is self.local_sessions:
             if not self.has_redis:  # development: revocations live in this process
                 await self.refuse_if_revoked(claims, kid)
+            else:  # Redis is away: the streams it admitted here count in this process's rules too
+                self.local_sessions.hold(
+                    s for s in self.live_streams() if s.backend is not self.local_sessions
+                )
             admission = await self.local_sessions.admit(claims, policy, stream_id, may_start)
         if not admission.admitted:
             status, error, message = REFUSALS[admission.reason]

@@ -135,6 +135,8 @@ class Relay:
             self.voices,
             self.pool,
             has_redis=redis is not None,
+            live_streams=lambda: [live.stream for live in self.live.values()],
+            write_leases=self.heartbeat,
         )
         self.live: dict[str, Live] = {}
         self.unsettled: list[Stream] = []  # ended streams whose last state Redis has yet to get
@@ -307,6 +309,7 @@ class Relay:
         assert stream.backend is not None  # every stream comes from Pending.stream()
         if placement is not None:
             await self.pool.release(placement)
+        self.local_sessions.forget(stream)  # a lease it may hold here through an outage
         try:
             await stream.backend.release(stream)
         except REDIS_ERRORS as exc:

@@ -15,7 +15,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -382,6 +382,15 @@ class MemorySessions:
     def _add(self, key: str, seconds: float) -> float:
         self._audio[key] = self._audio.get(key, 0.0) + seconds
         return self._audio[key]
+
+    def hold(self, streams: Iterable[Stream]) -> None:
+        """Leases here for streams another rule admitted (Redis, before it went away): the
+        per-process rules count every stream live in this process, not only their own."""
+        until = time.time() + self.lease_s
+        for stream in streams:
+            c = stream.claims.client_id
+            for key in (f"{c}:sub:{stream.claims.sub}", f"{c}:all"):
+                self._leases.setdefault(key, {})[stream.stream_id] = until
 
     def forget(self, stream: Stream) -> None:
         """Free the stream's slots here: it has moved to the shared rules."""
