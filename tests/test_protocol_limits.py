@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import struct
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from speechgate.core.keyspace import Keyspace, day
 from speechgate.relay import languages, usp
-from tests.support.processes import wait_until
+from tests.support.processes import Process, frozen_speech_service, wait_until
 from tests.support.relays import Stack
 
 RECOGNITION = "/speech/recognition/conversation/cognitiveservices/v1"
@@ -503,3 +507,36 @@ async def test_plain_door_audio_queued_while_azure_answers_late_is_no_flood(stac
     assert ws.close_code == 1000, ws.close_reason
     assert await asyncio.to_thread(wait_until, lambda: audio_counted(stack, client_id) > 0)
     assert audio_counted(stack, client_id) == pytest.approx(20.0, abs=1e-6)
+
+
+@pytest.fixture
+def hung_upstream() -> Iterator[tuple[Process, str]]:
+    with frozen_speech_service() as running:
+        yield running
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "message-path"])
+async def test_an_azure_that_stops_answering_ends_the_stream_for_the_sdk_to_reconnect(
+    stack_factory: Any, hung_upstream: tuple[Process, str], splice: bool
+) -> None:
+    """A hung upstream (SIGSTOP) once kept its Azure-door streams for the whole hang, unanswered.
+    Now its pings go unanswered and the app gets 1011: the SDKs reconnect at once, through a
+    new handshake (which a pool routes elsewhere)."""
+    fake, url = hung_upstream
+    stack: Stack = await asyncio.to_thread(
+        stack_factory, speech_endpoint=url, splice=splice, upstream_ping_s=1.0
+    )
+    _, token = await new_token(stack)
+    request_id = usp.new_request_id()
+    async with await open_azure_door(stack, token) as ws:
+        await ws.send(usp.encode_text("speech.context", request_id, {}))
+        await ws.send(audio(request_id, wav_header(16000) + b"\0\1" * 16000))
+        assert isinstance(await asyncio.wait_for(ws.recv(), 10), str)  # Azure answers: turn.start
+        assert fake.proc is not None
+        os.kill(fake.proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), 20)
+    assert ws.close_code == 1011
+    assert time.monotonic() - stopped < 10  # 1 s pings: about 2-3 s

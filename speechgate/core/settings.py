@@ -63,6 +63,7 @@ class Settings:
     upstream_connect_attempts: int = 3
     upstream_backoff_s: float = 30.0  # an upstream of the pool that refused gets no streams this long
     keepalive_s: float = 20.0  # ping a quiet app after this; give up after as long again
+    upstream_ping_s: float = 3.0  # ping a quiet Azure after this; marked down after as long again
     # The Azure door forwards frames as bytes (speechgate/relay/splice.py); off: through websockets' messages.
     splice: bool = True
 
@@ -94,6 +95,8 @@ class Settings:
             raise SettingsError("SPEECHGATE_MAX_CONNECTIONS must be at least 1 (e.g. 2048)")
         if not 0 < self.idp_jwks_timeout_s <= 60:
             raise SettingsError("SPEECHGATE_IDP_JWKS_TIMEOUT_S must be more than 0 and at most 60 (e.g. 5)")
+        if not 0.1 <= self.upstream_ping_s <= 60:
+            raise SettingsError("SPEECHGATE_UPSTREAM_PING_S must be 0.1 to 60 (e.g. 3)")
         if self.max_connections_per_address < 0:
             raise SettingsError(
                 "SPEECHGATE_MAX_CONNECTIONS_PER_ADDRESS must be 0 (no bound) or more (e.g. 256)"
@@ -157,6 +160,7 @@ ENV_NAMES: dict[str, str] = {
     "upstream_backoff_s": "SPEECHGATE_UPSTREAM_BACKOFF_S",
     "splice": "SPEECHGATE_SPLICE",
     "keepalive_s": "SPEECHGATE_KEEPALIVE_S",
+    "upstream_ping_s": "SPEECHGATE_UPSTREAM_PING_S",
 }
 
 

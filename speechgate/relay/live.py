@@ -6,6 +6,7 @@ use, in a module of their own, so that none of those imports another for its typ
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -23,8 +24,9 @@ from speechgate.relay.endpoints import Endpoint
 from speechgate.relay.metrics import RelayMetrics
 from speechgate.relay.pool import Placement, Pool
 from speechgate.relay.sessions import Admission, Sessions, Stream
-from speechgate.relay.upstream import Credentials
+from speechgate.relay.upstream import HUNG, Credentials, UpstreamError
 
+log = logging.getLogger("speechgate.relay")
 TELEMETRY_GRACE_S = 1.0  # a drained stream's wait for the app's telemetry after its last turn
 CLOSE_TIMEOUT_S = 6.0  # for a whole close: websockets' close_timeout (5 s), and a moment to write it
 
@@ -192,6 +194,18 @@ class Pending:
             start_mark_s=self.admission.resume_mark_s,
             replay_budget_s=self.admission.replay_budget_s,
         )
+
+
+async def upstream_hung(relay: Context, live: Live) -> None:
+    """Azure answered no ping: mark its upstream down like one that refused (for every relay), and
+    move the stream's placement to another of its zones when there is one (the plain door then
+    reconnects there; the Azure door's SDK reconnects through a new handshake)."""
+    relay.metrics.upstream_failures.inc()
+    log.warning("%s answered no ping: the stream leaves it", relay.upstream_name)
+    if live.placement is not None:
+        moved = await relay.pool.failed(live.placement, UpstreamError(HUNG, True))
+        if moved is not None:
+            live.placement = moved
 
 
 async def close_both(live: Live, code: int, reason: str) -> None:

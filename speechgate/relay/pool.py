@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ class Pool:
         chosen = candidates(self.upstreams, want, exclude)
         if not chosen:
             raise NoUpstream("none", 0)
+        random.shuffle(chosen)  # ties go to any of them, not always to the pool's first
         if self._route is not None and self.health.up:
             try:
                 return await self._assign_redis(stream_id, want, chosen, exclude)
@@ -224,8 +226,13 @@ class Pool:
             live = self._local.setdefault(upstream.name, {})
             for lapsed in [s for s, until in live.items() if until <= now]:
                 del live[lapsed]
-            if len(live) < upstream.limit and (best is None or len(live) / upstream.limit < best_use):
-                best, best_use = upstream, len(live) / upstream.limit
+            use = len(live) / upstream.limit
+            if len(live) < upstream.limit and (
+                best is None
+                or use < best_use
+                or (use == best_use and len(live) < len(self._local[best.name]))
+            ):
+                best, best_use = upstream, use
         if best is None:
             why = "full" if up else "down"
             raise NoUpstream(why, self._retry_after(why))

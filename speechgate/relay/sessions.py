@@ -6,6 +6,10 @@
 - single-use tokens open one session; a session may reconnect (the SDK does, after Azure closes
   a connection or the network drops) with the same token, expired or not, while it is within its
   `max_session_s`.
+
+Size: the same rules twice, in Redis for every replica and in this process as the fallback while
+Redis is away (the contract tests hold the two to one set of cases); apart, each would need the
+other's stream bookkeeping.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ leg: pings are answered, closes follow the door's close-code rules (speechgate/r
 
 Backpressure is the transports' own: when one leg's write buffer passes its high-water mark, the
 other leg stops reading until it drains, so nothing grows without bound.
+
+Size: the two legs, what each sees of the other's frames, and the liveness and close rules of
+both sides share one state (closing, who closed, the timers): one class each for the legs and the
+splice, kept together.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 from speechgate.relay import frames, usp
 from speechgate.relay.frames import CLOSE, CONTINUATION, PING, TEXT, FrameError, Header
-from speechgate.relay.live import Context, Live
+from speechgate.relay.live import Context, Live, upstream_hung
 from speechgate.relay.usp import RESULTS, TURN_END_BYTES
 
 log = logging.getLogger("speechgate.relay.splice")
@@ -202,6 +206,11 @@ class Splice:
         self.keepalive_s = relay.settings.keepalive_s
         self._heard_at_check = 0
         self._pinged_at: float | None = None
+        self.ping_s = relay.settings.upstream_ping_s
+        self._azure_check: asyncio.TimerHandle | None = None
+        self._azure_heard_at_check = 0
+        self._azure_pinged = False
+        self.marking: asyncio.Future[None] | None = None  # the hung upstream's marking down
 
     def start(self) -> None:
         for leg in (self.app, self.azure):
@@ -213,6 +222,7 @@ class Splice:
         for leg in (self.app, self.azure):
             leg.transport.resume_reading()
         self._keepalive = asyncio.get_running_loop().call_later(self.keepalive_s / 2, self._check_app)
+        self._azure_check = asyncio.get_running_loop().call_later(self.ping_s, self._check_azure)
 
     def _check_app(self) -> None:
         """An app that vanished without closing (a phone losing its network) must not hold its
@@ -231,6 +241,28 @@ class Splice:
             self.fail(self.app, 1011, "keepalive ping timeout")
             return
         self._keepalive = loop.call_later(self.keepalive_s / 2, self._check_app)
+
+    def _check_azure(self) -> None:
+        """An Azure that stops answering (a hung resource) must not keep the stream: after
+        SPEECHGATE_UPSTREAM_PING_S without a word from it, it is pinged; when as long again
+        brings nothing, the app gets 1011 (the SDKs reconnect, through a new handshake, to
+        another upstream) and a pool upstream is marked down for every relay."""
+        if self.closing or self.azure.closed:
+            return
+        if self.azure.heard != self._azure_heard_at_check:  # it spoke: all is well
+            self._azure_heard_at_check, self._azure_pinged = self.azure.heard, False
+        elif not self._azure_pinged:
+            self.azure.write_frame(PING, b"speechgate")
+            self._azure_pinged = True
+        else:
+            self.live.code = 1011
+            self.closing = True
+            self.app.send_close(1011, f"{self.relay.upstream_name} did not answer; reconnect")
+            self.azure.transport.abort()
+            self._arm_deadline()
+            self.marking = asyncio.ensure_future(upstream_hung(self.relay, self.live))
+            return
+        self._azure_check = asyncio.get_running_loop().call_later(self.ping_s, self._check_azure)
 
     # --- what the legs see -----------------------------------------------------------------
 
@@ -368,7 +400,7 @@ class Splice:
                 other.transport.close()  # Azure needs no answer from a client that is gone
             return
         # Both legs are closed: let `websockets` see it, so its handler and server finish.
-        for timer in (self._deadline, self._keepalive):
+        for timer in (self._deadline, self._keepalive, self._azure_check):
             if timer is not None:
                 timer.cancel()
         for each in (self.app, self.azure):

@@ -39,6 +39,15 @@ class UpstreamError(Exception):
         self.status = status
 
 
+HUNG = "no answer to pings"
+
+
+def hung(connection: ClientConnection) -> bool:
+    """Whether the relay closed this upstream connection because its pings went unanswered."""
+    sent = connection.protocol.close_sent
+    return sent is not None and sent.code == 1011 and sent.reason == "keepalive ping timeout"
+
+
 def upstream_url(settings: Settings, service: str, path: str, query: str) -> str:
     """Azure's URL for a path of `service` ("stt", "tts", "s2s": the region's host for it), or the
     configured endpoint (a custom domain, a sovereign cloud, a local fake) for every service."""
@@ -159,9 +168,16 @@ def _detail(body: bytes | bytearray | None) -> str:
 
 
 async def open_upstream(
-    url: str, credentials: Credentials, extra: Mapping[str, str], attempts: int, max_size: int
+    url: str,
+    credentials: Credentials,
+    extra: Mapping[str, str],
+    attempts: int,
+    max_size: int,
+    ping_s: float | None = None,
 ) -> ClientConnection:
-    """Connect, retrying refusals that may pass (5xx, 429, network) with backoff and jitter."""
+    """Connect, retrying refusals that may pass (5xx, 429, network) with backoff and jitter.
+    `ping_s`: websockets pings the upstream that often and fails the connection (1011, "keepalive
+    ping timeout": `hung`) when a ping goes unanswered as long."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
@@ -173,7 +189,9 @@ async def open_upstream(
                 compression=None,
                 max_size=max_size,
                 open_timeout=10,
-                ping_interval=None,
+                ping_interval=ping_s,
+                ping_timeout=ping_s,
+                close_timeout=ping_s or 10,  # a hung upstream answers no close either
                 user_agent_header=None,
                 logger=_ws_log,
             )

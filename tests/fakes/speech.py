@@ -297,6 +297,7 @@ async def serve_forever(host: str, port: int) -> None:
     """The fake on one address until the process is stopped: the container stack's Azure (deploy/smoke.py)."""
     fake = FakeSpeech()
     async with serve(fake.handle, host, port, process_request=fake.check, compression=None) as server:
+        print(f"fake speech listening on {host}:{port}", flush=True)  # what a test waits for
         await server.serve_forever()
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -165,3 +167,22 @@ def wait_until(predicate: object, timeout: float = 15.0, interval: float = 0.05)
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@contextlib.contextmanager
+def frozen_speech_service() -> Iterator[tuple[Process, str]]:
+    """The fake Azure Speech service (tests/fakes/speech.py) as a process of its own, which a test
+    may stop with SIGSTOP, as a hung resource; and its URL. Let go on (SIGCONT), then stopped."""
+    port = free_port()
+    fake = Process(
+        [sys.executable, "-m", "tests.fakes.speech", "127.0.0.1", str(port)],
+        "fake speech listening",
+        cwd=Path(__file__).parent.parent.parent,
+    ).start()
+    try:
+        yield fake, f"ws://127.0.0.1:{port}"
+    finally:
+        if fake.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(fake.proc.pid, signal.SIGCONT)
+        fake.stop()

@@ -54,7 +54,12 @@ async def connect(
         if placement is None:
             url = upstream_url(relay.settings, service, path_for(bool(relay.settings.speech_endpoint)), query)
             return await open_upstream(
-                url, relay.credentials, extra, relay.settings.upstream_connect_attempts, max_size=2**20
+                url,
+                relay.credentials,
+                extra,
+                relay.settings.upstream_connect_attempts,
+                max_size=2**20,
+                ping_s=relay.settings.upstream_ping_s,
             )
         while True:
             # Once each where another upstream may take the stream (the better retry); else the
@@ -67,6 +72,7 @@ async def connect(
                     extra,
                     relay.settings.upstream_connect_attempts if alone else 1,
                     max_size=2**20,
+                    ping_s=relay.settings.upstream_ping_s,
                 )
             except UpstreamError as exc:
                 moved = await relay.pool.failed(placement, exc)

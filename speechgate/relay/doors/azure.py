@@ -15,9 +15,9 @@ from websockets.exceptions import ConnectionClosed
 from speechgate.relay import usp
 from speechgate.relay.doors import connect, path_of, resume, stop, timed
 from speechgate.relay.endpoints import upstream_path
-from speechgate.relay.live import Context, Live, Pending
+from speechgate.relay.live import Context, Live, Pending, upstream_hung
 from speechgate.relay.splice import SAMPLE_MASK, Splice, azure_closed, can_take_over
-from speechgate.relay.upstream import UpstreamError
+from speechgate.relay.upstream import UpstreamError, hung
 
 
 async def serve(relay: Context, live: Live, pending: Pending) -> None:
@@ -96,6 +96,8 @@ async def _pump(relay: Context, live: Live, outgoing: Any, incoming: Any, upstre
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if live.stream.closing_reason is None:
+            if tasks[1] in done and hung(upstream):
+                await upstream_hung(relay, live)
             if tasks[1] in done and live.connection.close_code is None:
                 code, reason = azure_closed(
                     upstream.close_code or 1006,

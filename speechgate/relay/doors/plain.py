@@ -22,9 +22,9 @@ from speechgate.relay.auth import Refusal
 from speechgate.relay.containers import ContainerError
 from speechgate.relay.doors import connect, stop
 from speechgate.relay.endpoints import CONVERSATION_PATH
-from speechgate.relay.live import Context, Live, Pending
+from speechgate.relay.live import Context, Live, Pending, upstream_hung
 from speechgate.relay.splice import azure_closed
-from speechgate.relay.upstream import UpstreamError
+from speechgate.relay.upstream import UpstreamError, hung
 
 PCM_FORMATS = ("pcm", "pcm16k")
 PLAIN_FORMATS = (*PCM_FORMATS, *opus.FORMATS)
@@ -322,6 +322,9 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
                 return
             if live.stream.closing_reason is not None:
                 return
+            assert azure.connection is not None
+            if hung(azure.connection):  # not a close: an Azure that stopped answering
+                await upstream_hung(relay, live)
             refusal = azure.refused()
             if refusal is not None:
                 live.end(1011, 1011, refusal)
