@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from speechgate.core.keyspace import Keyspace, day
+from speechgate.relay import usp
 from tests.support.processes import RedisServer, wait_until
 from tests.support.relays import Stack
 
@@ -298,3 +299,44 @@ async def test_a_subject_at_its_limit_gets_no_stream_more_during_or_right_after_
     finally:
         for ws in held:
             await ws.close()
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "message-path"])
+async def test_an_azure_door_app_that_never_reads_its_results_is_closed(
+    stack_factory: Any, caplog: pytest.LogCaptureFixture, splice: bool
+) -> None:
+    """The plain door's rule on the Azure door too: an app that sends audio and never reads once
+    held its slot until its session's end (the splice answers the app's pings itself, so nothing
+    else ended it). Its socket full for a keepalive period, the stream ends, and the relay lets go
+    of the connection."""
+    caplog.set_level(logging.INFO)
+    stack: Stack = await asyncio.to_thread(stack_factory, keepalive_s=0.5, splice=splice)
+    stack.fake.text = "x" * 60_000  # within a frame's bound (64 KiB): some 600 kB of results a second
+    stack.fake.phrase_every_s = 0.1
+    client = await asyncio.to_thread(stack.service.add_client)
+    token = await token_for(stack, client)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect(("127.0.0.1", stack.relay.port))
+    url = f"{stack.relay.url}/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with connect(url, sock=sock, additional_headers=headers, max_queue=1, max_size=2**21) as ws:
+        request_id = usp.new_request_id()
+        await ws.send(usp.encode_text("speech.context", request_id, {}))
+        await ws.send(usp.encode_binary("audio", request_id, usp.riff_header()))
+
+        def ended() -> list[Any]:
+            return [r for r in list(caplog.records) if getattr(r, "fields", {}).get("event") == "stream"]
+
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionClosed):
+            while not ended() and time.monotonic() - started < 20:  # real time, ~9 MB of results
+                await ws.send(usp.encode_binary("audio", request_id, FRAME))
+                await asyncio.sleep(0.1)
+        assert ended(), "the relay kept a stream nobody reads"
+        assert await asyncio.to_thread(wait_until, lambda: not stack.relay.server.connections, 15.0)
+    (record,) = ended()
+    if splice:  # the splice answers pings itself: its own rule ends the stream, with the reason
+        assert record.fields["close_code"] == 4000
+        assert record.fields["outcome"] == "the app is not reading its results"
+    # On the message path websockets' keepalive may come first: its ping goes unanswered too.

@@ -28,6 +28,7 @@ from speechgate.relay.upstream import HUNG, Credentials, UpstreamError
 
 log = logging.getLogger("speechgate.relay")
 TELEMETRY_GRACE_S = 1.0  # a drained stream's wait for the app's telemetry after its last turn
+NOT_READING = "the app is not reading its results"
 CLOSE_TIMEOUT_S = 6.0  # for a whole close: websockets' close_timeout (5 s), and a moment to write it
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from speechgate.relay import frames, usp
 from speechgate.relay.frames import CLOSE, CONTINUATION, PING, TEXT, FrameError, Header
-from speechgate.relay.live import Context, Live, upstream_hung
+from speechgate.relay.live import NOT_READING, Context, Live, upstream_hung
 from speechgate.relay.usp import RESULTS, TURN_END_BYTES
 
 log = logging.getLogger("speechgate.relay.splice")
@@ -138,10 +138,14 @@ class _Leg(asyncio.Protocol):
     def pause_writing(self) -> None:
         if not self.other.closed:
             self.other.transport.pause_reading()  # this side is slow: stop taking from the other
+        if self.from_app:
+            self.splice.app_stalled(True)
 
     def resume_writing(self) -> None:
         if not self.other.closed:
             self.other.transport.resume_reading()
+        if self.from_app:
+            self.splice.app_stalled(False)
 
     # --- frames ----------------------------------------------------------------------------
 
@@ -211,6 +215,7 @@ class Splice:
         self._azure_heard_at_check = 0
         self._azure_pinged = False
         self.marking: asyncio.Future[None] | None = None  # the hung upstream's marking down
+        self._stall: asyncio.TimerHandle | None = None  # the app's socket full since
 
     def start(self) -> None:
         for leg in (self.app, self.azure):
@@ -242,6 +247,18 @@ class Splice:
             return
         self._keepalive = loop.call_later(self.keepalive_s / 2, self._check_app)
 
+    def app_stalled(self, stalled: bool) -> None:
+        """The app's socket is full (it reads nothing of what Azure sends), or has room again. As on
+        the plain door: full for SPEECHGATE_KEEPALIVE_S, the stream ends (4000) rather than hold its
+        slot until its session's end; the close that cannot be written is aborted in its time."""
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        if stalled and not self.closing:
+            self._stall = asyncio.get_running_loop().call_later(
+                self.keepalive_s, self.live.end, 4000, 1008, NOT_READING
+            )
+
     def _check_azure(self) -> None:
         """An Azure that stops answering (a hung resource) must not keep the stream: after
         SPEECHGATE_UPSTREAM_PING_S without a word from it, it is pinged; when as long again
@@ -249,7 +266,8 @@ class Splice:
         another upstream) and a pool upstream is marked down for every relay."""
         if self.closing or self.azure.closed:
             return
-        if self.azure.heard != self._azure_heard_at_check:  # it spoke: all is well
+        if self.azure.heard != self._azure_heard_at_check or self._stall is not None:
+            # It spoke, or the relay is not reading it (the app's socket is full): all is well.
             self._azure_heard_at_check, self._azure_pinged = self.azure.heard, False
         elif not self._azure_pinged:
             self.azure.write_frame(PING, b"speechgate")
@@ -400,7 +418,7 @@ class Splice:
                 other.transport.close()  # Azure needs no answer from a client that is gone
             return
         # Both legs are closed: let `websockets` see it, so its handler and server finish.
-        for timer in (self._deadline, self._keepalive, self._azure_check):
+        for timer in (self._deadline, self._keepalive, self._azure_check, self._stall):
             if timer is not None:
                 timer.cancel()
         for each in (self.app, self.azure):

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from speechgate.relay import usp
 from speechgate.relay.doors import connect, path_of, resume, stop, timed
 from speechgate.relay.endpoints import upstream_path
-from speechgate.relay.live import Context, Live, Pending, upstream_hung
+from speechgate.relay.live import NOT_READING, Context, Live, Pending, upstream_hung
 from speechgate.relay.splice import SAMPLE_MASK, Splice, azure_closed, can_take_over
 from speechgate.relay.upstream import UpstreamError, hung
 
@@ -73,7 +73,12 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
 
     async def azure_to_app() -> None:
         async for message in upstream:
-            await client.send(message)
+            try:  # an app that sends audio and never reads must not hold its slot
+                async with asyncio.timeout(relay.settings.keepalive_s):
+                    await client.send(message)
+            except TimeoutError:
+                live.end(4000, 1008, NOT_READING)
+                return
             if type(message) is str:
                 path = path_of(message)
                 if live.turn_audio_at is not None and path in usp.RESULTS:

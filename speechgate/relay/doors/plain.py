@@ -22,7 +22,7 @@ from speechgate.relay.auth import Refusal
 from speechgate.relay.containers import ContainerError
 from speechgate.relay.doors import connect, stop
 from speechgate.relay.endpoints import CONVERSATION_PATH
-from speechgate.relay.live import Context, Live, Pending, upstream_hung
+from speechgate.relay.live import NOT_READING, Context, Live, Pending, upstream_hung
 from speechgate.relay.splice import azure_closed
 from speechgate.relay.upstream import UpstreamError, hung
 
@@ -210,7 +210,7 @@ async def _deliver(relay: Context, live: Live, event: str) -> bool:
         async with asyncio.timeout(relay.settings.keepalive_s):  # no task of its own, as wait_for makes
             await live.connection.send(event)
     except TimeoutError:
-        live.end(1008, 1008, "the app is not reading its results")
+        live.end(1008, 1008, NOT_READING)
         return False
     return True
 
