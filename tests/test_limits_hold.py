@@ -201,6 +201,19 @@ async def test_relay_admits_by_the_shared_rules_right_after_redis_restarts(
         assert await finish(ws) == 1000
 
 
+async def never_reading_app(stack: Stack, result_bytes: int) -> tuple[str, socket.socket]:
+    """A token and a socket with a small receive buffer, to a relay whose Azure sends results of
+    `result_bytes` ten times a second of audio: for an app that never reads them."""
+    stack.fake.text = "x" * result_bytes
+    stack.fake.phrase_every_s = 0.1
+    client = await asyncio.to_thread(stack.service.add_client)
+    token = await token_for(stack, client)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect(("127.0.0.1", stack.relay.port))
+    return token, sock
+
+
 async def test_a_plain_app_that_never_reads_its_results_is_closed(
     stack_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -210,13 +223,7 @@ async def test_a_plain_app_that_never_reads_its_results_is_closed(
     connection, so the app itself sees 1006; the relay's log says why.)"""
     caplog.set_level(logging.INFO)
     stack: Stack = await asyncio.to_thread(stack_factory, keepalive_s=0.5)
-    stack.fake.text = "x" * 900_000  # results of 900 kB: the kernel's buffers fill in a few
-    stack.fake.phrase_every_s = 0.1
-    client = await asyncio.to_thread(stack.service.add_client)
-    token = await token_for(stack, client)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    sock.connect(("127.0.0.1", stack.relay.port))
+    token, sock = await never_reading_app(stack, 900_000)  # results of 900 kB: buffers fill in a few
     async with connect(listen_url(stack, token), sock=sock, max_queue=1, max_size=2**21) as ws:
         await stream_real_time([ws], 10)  # ~9 MB of results: more than the kernel holds
 
@@ -311,13 +318,7 @@ async def test_an_azure_door_app_that_never_reads_its_results_is_closed(
     of the connection."""
     caplog.set_level(logging.INFO)
     stack: Stack = await asyncio.to_thread(stack_factory, keepalive_s=0.5, splice=splice)
-    stack.fake.text = "x" * 60_000  # within a frame's bound (64 KiB): some 600 kB of results a second
-    stack.fake.phrase_every_s = 0.1
-    client = await asyncio.to_thread(stack.service.add_client)
-    token = await token_for(stack, client)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    sock.connect(("127.0.0.1", stack.relay.port))
+    token, sock = await never_reading_app(stack, 60_000)  # within a frame's bound: 600 kB a second
     url = f"{stack.relay.url}/speech/recognition/conversation/cognitiveservices/v1?language=en-US"
     headers = {"Authorization": f"Bearer {token}"}
     async with connect(url, sock=sock, additional_headers=headers, max_queue=1, max_size=2**21) as ws:
