@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from speechgate.core.keyspace import Keyspace, day
 from speechgate.relay import usp
 from tests.support.processes import RedisServer, wait_until
-from tests.support.relays import Stack
+from tests.support.relays import Stack, refusal_status
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
 
@@ -263,15 +263,6 @@ def relay_ready(stack: Stack) -> dict[str, Any]:
     return answer
 
 
-async def refused_status(url: str) -> int | None:
-    """The status a handshake is refused with; None (and the stream closed) when it is admitted."""
-    try:
-        async with connect(url):
-            return None
-    except InvalidStatus as exc:
-        return exc.response.status_code
-
-
 @pytest.mark.parametrize("fault", ["killed", "restarted"])
 async def test_a_subject_at_its_limit_gets_no_stream_more_during_or_right_after_an_outage(
     stack_factory: Any, own_redis: RedisServer, fault: str
@@ -285,21 +276,21 @@ async def test_a_subject_at_its_limit_gets_no_stream_more_during_or_right_after_
     tokens = [await token_for(stack, client, subject="alice") for _ in range(6)]
     held = [await connect(listen_url(stack, t)) for t in tokens[:2]]
     try:
-        assert await refused_status(listen_url(stack, tokens[2])) == 429  # the limit, through Redis
+        assert await refusal_status(listen_url(stack, tokens[2])) == 429  # the limit, through Redis
         assert own_redis.process is not None
         assert own_redis.process.proc is not None
         own_redis.process.proc.kill()  # SIGKILL: no goodbye to any client
         own_redis.process.proc.wait()
         own_redis.process = None
         # During the outage: the two live streams count in this relay's own rules.
-        assert await refused_status(listen_url(stack, tokens[3])) == 429
+        assert await refusal_status(listen_url(stack, tokens[3])) == 429
         assert relay_ready(stack)["checks"]["redis"] != "ok"  # the refusal came from the fallback
-        assert await refused_status(listen_url(stack, tokens[4])) == 429
+        assert await refusal_status(listen_url(stack, tokens[4])) == 429
         if fault == "restarted":
             await asyncio.to_thread(own_redis.start)  # empty: no lease survived
             assert await asyncio.to_thread(wait_until, lambda: relay_ready(stack)["checks"]["redis"] == "ok")
             # The very first admission after Redis is back holds the limit.
-            assert await refused_status(listen_url(stack, tokens[5])) == 429
+            assert await refusal_status(listen_url(stack, tokens[5])) == 429
             keys = Keyspace(stack.service.settings.redis_prefix)
             with own_redis.client() as redis_client:
                 assert redis_client.zcard(keys.lease_subject(client[0], "alice")) == 2

@@ -26,7 +26,7 @@ from speechgate.devtools.compress import encode_opus
 from tests.fakes.speech import KEY
 from tests.support.cli import Cli
 from tests.support.processes import wait_until
-from tests.support.relays import Stack
+from tests.support.relays import Stack, refusal_status
 
 FRAME = b"\x01\x00" * 1600  # 100 ms of 16 kHz 16-bit mono
 
@@ -100,15 +100,6 @@ async def test_audio_far_faster_than_real_time_is_refused(stack: Stack) -> None:
     assert "faster than real time" in reason
 
 
-async def _refusal_or_none(target: str) -> int | None:
-    """The refusal status, or None when the stream opened (it is closed again at once)."""
-    try:
-        async with connect(target):
-            return None
-    except InvalidStatus as exc:
-        return exc.response.status_code
-
-
 async def _refusal(target: str) -> tuple[int, dict[str, Any], dict[str, str]]:
     with pytest.raises(InvalidStatus) as info:
         async with connect(target):
@@ -130,7 +121,7 @@ async def test_a_subject_gets_exactly_its_streams_then_429(stack: Stack) -> None
             pass  # another user is not limited by alice's streams
     # Alice's slots are free again once the relay has released her streams (just after the close).
     deadline = time.monotonic() + 5
-    while (await _refusal_or_none(url(stack, tokens[2]))) == 429:
+    while (await refusal_status(url(stack, tokens[2]))) == 429:
         assert time.monotonic() < deadline, "the closed streams' slots were never released"
         await asyncio.sleep(0.02)
 

@@ -47,7 +47,7 @@ def test_every_binary_frame_header_the_sdk_sent_parses_and_meters(transcript: st
         assert len(frame) == int(total)
         message = usp.parse_binary(frame)
         assert message.path == "audio"
-        assert usp.audio_payload_size(frame) == int(payload) == len(message.body)
+        assert audio_bytes_and_header(frame, ())[0] == int(payload) == len(message.body)
 
 
 def test_encoded_messages_round_trip() -> None:
@@ -68,7 +68,7 @@ def test_encoded_messages_round_trip() -> None:
         b"\1\2\3",
         "1",
     )
-    assert usp.audio_payload_size(frame) == 3
+    assert audio_bytes_and_header(frame, ()) == (3, None)
 
 
 def test_riff_header_matches_the_sdks_and_gives_the_byte_rate() -> None:
@@ -116,7 +116,6 @@ def test_malformed_text_is_a_protocol_error(data: str, words: str) -> None:
 def test_malformed_binary_is_a_protocol_error(frame: bytes, words: str) -> None:
     with pytest.raises(usp.ProtocolError, match=words):
         usp.parse_binary(frame)
-    assert usp.audio_payload_size(b"\x00") == 0
 
 
 @pytest.mark.parametrize(

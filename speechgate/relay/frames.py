@@ -114,18 +114,6 @@ def byte_at(buffer: bytes | bytearray, header: Header, at: int) -> int:
     return value if mask is None else value ^ mask[at & 3]
 
 
-def holds(buffer: bytes | bytearray, header: Header, at: int, prefix: bytes) -> bool:
-    """Whether the payload holds `prefix` at payload offset `at`. Unmasks nothing unless the first
-    byte matches: the relay asks this of every audio frame, and almost always the answer is no."""
-    begin = header.start + at
-    if not prefix or begin + len(prefix) > header.end:
-        return not prefix
-    mask = header.mask
-    if mask is None:
-        return buffer.startswith(prefix, begin)
-    return buffer[begin] ^ mask[at & 3] == prefix[0] and peek(buffer, header, at, len(prefix)) == prefix
-
-
 def payload(buffer: bytes | bytearray, header: Header, limit: int | None = None) -> bytes:
     """The payload (its first `limit` bytes), unmasked: control frames and the text the relay reads."""
     end = header.end if limit is None else min(header.end, header.start + limit)

@@ -101,7 +101,6 @@ class Live:
         length: int,
         read: Callable[[int, int], bytes],
         fin: bool,
-        opened: float,
         head: int = -1,
         first: int = -1,
     ) -> bool:
@@ -126,7 +125,7 @@ class Live:
         if audio:
             stream = self.stream
             stream.add_audio(audio)
-            if stream.flooding(opened):
+            if stream.flooding(self.opened):
                 self.end(4000, 1008, "audio sent much faster than real time")
                 return False
         return True

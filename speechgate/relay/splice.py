@@ -202,7 +202,6 @@ class Splice:
         self.app.other, self.azure.other = self.azure, self.app
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closing = False
-        self.opened = live.opened
         self.chunks = 0
         self.drain_after_flush = False
         self._deadline: asyncio.TimerHandle | None = None
@@ -315,8 +314,8 @@ class Splice:
                 start = 2 + head
                 first = frames.byte_at(chunk, header, start) if start < header.length else -1
                 read = _unread if first != 0x52 else self._reader(chunk, header)  # "R": perhaps RIFF
-                return live.app_binary(header.length, read, True, self.opened, head, first)
-            return live.app_binary(header.length, self._reader(chunk, header), header.fin, self.opened)
+                return live.app_binary(header.length, read, True, head, first)
+            return live.app_binary(header.length, self._reader(chunk, header), header.fin)
         # Text (speech.config, speech.context, ssml, telemetry): read whole, once. Fragments are
         # held back, not forwarded, until the message is whole and allowed.
         if not header.fin or leg.held:

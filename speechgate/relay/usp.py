@@ -3,8 +3,9 @@
 Text messages: header lines `Name:value` ending in CRLF, a blank CRLF line, then the body.
 Binary messages: a 2-byte big-endian header length, ASCII header lines each ending in CRLF (no
 blank line), then the payload (audio). See shared/reference/azure-speech-websocket.md.
-The relay's hot loop only ever calls `audio_payload_size`; everything else is for the plain front
-door and the fake service.
+On the relay's hot path: `AudioReading` (what an app's audio message holds, however it is
+fragmented) and `peek_path` (the Path of Azure's messages); the rest is for the strict reading of
+the app's text messages, the plain front door and the fake service.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ END_DETECTED = "speech.endDetected"
 HYPOTHESIS = "speech.hypothesis"
 PHRASE = "speech.phrase"
 TURN_END_BYTES = TURN_END.encode()
-SPEECH_CONTEXT_BYTES = SPEECH_CONTEXT.encode()
 TURN_START_PATHS = (SPEECH_CONTEXT, SYNTHESIS_CONTEXT)  # what the client sends to begin a turn
 RESULTS = (HYPOTHESIS.encode(), PHRASE.encode())
 
@@ -182,13 +182,6 @@ def parse_binary(frame: bytes) -> Message:
     if head.endswith(CRLF):
         head = head[:-2]  # each line ends in CRLF, the last one too
     return Message(_parse_headers(head, "binary message"), frame[2 + size :], binary=True)
-
-
-def audio_payload_size(frame: bytes) -> int:
-    """Bytes of payload in a binary frame, for metering: no header is parsed (hot path)."""
-    if len(frame) < 2:
-        return 0
-    return max(0, len(frame) - 2 - ((frame[0] << 8) | frame[1]))
 
 
 _LENGTH, _PAYLOAD, _READ = 0, 1, 2

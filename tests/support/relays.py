@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import azure.cognitiveservices.speech as speechsdk
 import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
 from speechgate.core.claims import AccessClaims, new_jti, sign
 from speechgate.core.keys import load_keyring
@@ -160,3 +162,13 @@ def stack_factory(start_service: Any, tmp_path: Path, redis_url: str) -> Iterato
 def stack(stack_factory: Any) -> Stack:
     made: Stack = stack_factory()
     return made
+
+
+async def refusal_status(url: str) -> int | None:
+    """The status a handshake is refused with; None when it is admitted (it is closed again at once)."""
+    try:
+        async with ws_connect(url):
+            return None
+    except InvalidStatus as exc:
+        status: int = exc.response.status_code
+        return status

@@ -49,13 +49,12 @@ async def serve(relay: Context, live: Live, pending: Pending) -> None:
             live.ended.set()
         return
     resume(client)
-    opened = live.opened
 
     async def app_to_azure() -> None:
         count = 0
         async for message in client:
             if isinstance(message, bytes):
-                if not live.app_binary(len(message), functools.partial(_read, message), True, opened):
+                if not live.app_binary(len(message), functools.partial(_read, message), True):
                     return
                 telemetry = False
             else:
