@@ -263,37 +263,54 @@ def relay_ready(stack: Stack) -> dict[str, Any]:
     return answer
 
 
-@pytest.mark.parametrize("fault", ["killed", "restarted"])
+@pytest.mark.parametrize("fault", ["killed", "restarted", "frozen"])
 async def test_a_subject_at_its_limit_gets_no_stream_more_during_or_right_after_an_outage(
     stack_factory: Any, own_redis: RedisServer, fault: str
 ) -> None:
     """Once, during an outage a relay counted only the streams it had admitted itself (a subject
     limited to 2 got 4 on one relay), and right after Redis came back the live streams' leases
     were not there yet (1-9 admissions over the limit per outage). The heartbeat is slow here, as
-    in production (2 s): its next beat must not be what restores the limit."""
-    stack: Stack = await asyncio.to_thread(stack_factory, redis_url=own_redis.url, heartbeat_s=5.0)
+    in production (2 s): its next beat must not be what restores the limit. A frozen Redis hangs
+    past the lease (here 2 s): when it thaws, the leases it holds have lapsed."""
+    lease_s = 2.0 if fault == "frozen" else 15.0
+    stack: Stack = await asyncio.to_thread(
+        stack_factory, redis_url=own_redis.url, heartbeat_s=5.0, lease_s=lease_s
+    )
     client = await asyncio.to_thread(stack.service.add_client, max_streams_per_subject=2)
     tokens = [await token_for(stack, client, subject="alice") for _ in range(6)]
+    assert own_redis.process is not None
+    assert own_redis.process.proc is not None
+    pid = own_redis.process.proc.pid
     held = [await connect(listen_url(stack, t)) for t in tokens[:2]]
     try:
         assert await refusal_status(listen_url(stack, tokens[2])) == 429  # the limit, through Redis
-        assert own_redis.process is not None
-        assert own_redis.process.proc is not None
-        own_redis.process.proc.kill()  # SIGKILL: no goodbye to any client
-        own_redis.process.proc.wait()
-        own_redis.process = None
+        frozen_at = time.monotonic()
+        if fault == "frozen":
+            os.kill(pid, signal.SIGSTOP)  # a hang: commands time out (0.5 s) into the fallback
+        else:
+            own_redis.process.proc.kill()  # SIGKILL: no goodbye to any client
+            own_redis.process.proc.wait()
+            own_redis.process = None
         # During the outage: the two live streams count in this relay's own rules.
         assert await refusal_status(listen_url(stack, tokens[3])) == 429
         assert relay_ready(stack)["checks"]["redis"] != "ok"  # the refusal came from the fallback
         assert await refusal_status(listen_url(stack, tokens[4])) == 429
-        if fault == "restarted":
-            await asyncio.to_thread(own_redis.start)  # empty: no lease survived
+        if fault != "killed":
+            if fault == "restarted":
+                await asyncio.to_thread(own_redis.start)  # empty: no lease survived
+            else:
+                # The hang's length is the fault itself: past the lease, and past the admissions
+                # sent into the hang, which the server runs when it thaws.
+                await asyncio.sleep(max(0.0, frozen_at + 2.5 * lease_s - time.monotonic()))
+                os.kill(pid, signal.SIGCONT)
             assert await asyncio.to_thread(wait_until, lambda: relay_ready(stack)["checks"]["redis"] == "ok")
             # The very first admission after Redis is back holds the limit.
             assert await refusal_status(listen_url(stack, tokens[5])) == 429
             keys = Keyspace(stack.service.settings.redis_prefix)
             with own_redis.client() as redis_client:
-                assert redis_client.zcard(keys.lease_subject(client[0], "alice")) == 2
+                now_ms = time.time() * 1000
+                live = redis_client.zcount(keys.lease_subject(client[0], "alice"), now_ms, "+inf")
+                assert live == 2
     finally:
         for ws in held:
             await ws.close()

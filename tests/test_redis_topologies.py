@@ -299,3 +299,97 @@ async def test_a_relay_on_a_redis_cluster_hears_revocations_and_quota_changes(
                 assert time.monotonic() < deadline, "the lower limit did not reach the relay"
     finally:
         await admin.aclose()
+
+
+async def test_a_speech_key_rotation_reaches_a_relay_on_a_redis_cluster(
+    cluster_uri: str, cluster_stack: Stack
+) -> None:
+    """Both of Azure's keys are valid during a rotation, so no 401 tells the relay: only the
+    rotation's event does (`keys rotate-speech` publishes it). On a cluster it once never came."""
+    from speechgate.core.speechkeys import SPEECH_KEY_SECRET
+
+    stack = cluster_stack
+    loose = {"client": "1000/minute", "subject": "1000/minute", "ip": "1000/minute"}
+    client = await asyncio.to_thread(stack.service.add_client, rate_limits=loose)
+    ready = f"http://127.0.0.1:{stack.relay.port}/readyz"
+    assert await asyncio.to_thread(
+        wait_until, lambda: httpx.get(ready).json()["checks"].get("events") == "ok", 20
+    )
+    url = f"{stack.relay.url}/v1/listen?language=en-US&access_token="
+
+    async def key_of_a_new_stream() -> str:
+        async with ws_connect(url + await asyncio.to_thread(stack.token, client)) as ws:
+            await ws.send('{"type": "end"}')
+            with contextlib.suppress(ConnectionClosed):
+                async for _ in ws:
+                    pass
+        key: str = stack.fake.handshakes[-1]["headers"]["Ocp-Apim-Subscription-Key"]
+        return key
+
+    old_key = await key_of_a_new_stream()  # the relay now holds the first key
+    new_key = "e" * 32
+    stack.fake.extra_keys.add(new_key)
+    await stack.service.store.set(SPEECH_KEY_SECRET, new_key, tags={"slot": "key2"})
+    admin = connect(cluster_uri)
+    try:
+        await publish(
+            admin, Keyspace(stack.service.settings.redis_prefix), {"type": "reload", "what": "speech-key"}
+        )
+    finally:
+        await admin.aclose()
+    deadline = time.monotonic() + 5
+    while (key := await key_of_a_new_stream()) == old_key:
+        assert time.monotonic() < deadline, "the rotation did not reach the relay"
+    assert key == new_key
+
+
+def test_a_burst_of_calls_holds_a_bounded_set_of_connections(tmp_path: Path) -> None:
+    """A burst of handshakes once left a relay 95 idle Redis connections, and a larger one would
+    have opened as many as it had calls in flight (one per call of each script, up to 100 more in
+    the client's pool, beyond which its commands failed), every one kept. What a process holds, in
+    use or idle, is bounded (docs/operations.md budgets Redis' maxclients from it), and no call
+    fails for it."""
+    from speechgate.core.redisconn import MAX_PER_PROCESS, ScriptRunner
+
+    server = RedisServer(tmp_path)
+    server.start()
+    name = f"sgtest-burst-{random.randrange(10**6)}"
+
+    def held() -> int:
+        with server.client() as admin:
+            return sum(1 for c in admin.client_list() if c["name"] == name)
+
+    async def run() -> tuple[int, int]:
+        client = connect(server.url, name)
+        scripts = [ScriptRunner(client, f"return {n}") for n in range(3)]  # as a relay has three
+        most = 0
+
+        async def watch(stop: asyncio.Event) -> None:
+            nonlocal most
+            while not stop.is_set():
+                most = max(most, await asyncio.to_thread(held))
+
+        stop = asyncio.Event()
+        watcher = asyncio.ensure_future(watch(stop))
+        try:
+            for _ in range(5):
+                calls = [script([], []) for script in scripts for _ in range(200)]
+                commands = [client.incr(f"{name}:n") for _ in range(200)]
+                answers = await asyncio.gather(*calls, *commands)
+                assert answers[:600] == [n for n in range(3) for _ in range(200)]
+                most = max(most, await asyncio.to_thread(held))
+        finally:
+            stop.set()
+            await watcher
+        after = await asyncio.to_thread(held)
+        for script in scripts:
+            await script.aclose()
+        await client.aclose()
+        return most, after
+
+    try:
+        most, after = asyncio.run(run())
+    finally:
+        server.stop()
+    assert most <= MAX_PER_PROCESS
+    assert after <= MAX_PER_PROCESS

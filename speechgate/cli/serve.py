@@ -25,7 +25,7 @@ from speechgate.cli.common import cannot_start, load_settings
 from speechgate.core.filestore import FileStore
 from speechgate.core.keys import load_keyring
 from speechgate.core.revocation import MemoryRevocations
-from speechgate.core.runtime import open_redis, open_store
+from speechgate.core.runtime import RELAY, TOKEN_SERVICE, open_redis, open_store
 from speechgate.core.settings import (
     ENV_NAMES,
     LOOPBACK_HOSTS,
@@ -173,7 +173,7 @@ def _dev_serve(
     from speechgate.devtools.offline import OfflineSpeech
 
     token_url = settings.issuer
-    redis = open_redis(settings)
+    redis = open_redis(settings, TOKEN_SERVICE)
     # Without Redis the two services share revocations in this process.
     shared = None if redis else MemoryRevocations()
     app = create_app(settings, store, redis, revocations=shared)
@@ -194,7 +194,7 @@ def _dev_serve(
             relay = Relay(
                 config,
                 store,
-                open_redis(settings),
+                open_redis(settings, RELAY),
                 revocations=shared,
                 routes=demo_routes(client, token_url, http),
                 upstream_name="Offline mode" if offline else "Azure Speech",
@@ -224,7 +224,7 @@ def token_service(host: str | None, port: int | None) -> None:
     try:
         store = open_store(settings)
         asyncio.run(load_keyring(store))  # fail here with one clear line, not in the server
-        app = create_app(settings, store, open_redis(settings))
+        app = create_app(settings, store, open_redis(settings, TOKEN_SERVICE))
     except SettingsError as exc:
         raise cannot_start(str(exc)) from None
     except StoreError as exc:
@@ -246,7 +246,7 @@ def relay_command(host: str | None, port: int | None) -> None:
         )
     sock = _listen(host, settings.relay_port if port is None else port, "--port or SPEECHGATE_RELAY_PORT")
     try:
-        relay = Relay(settings, open_store(settings), open_redis(settings))
+        relay = Relay(settings, open_store(settings), open_redis(settings, RELAY))
     except SettingsError as exc:
         raise cannot_start(str(exc)) from None
     uvloop.run(_run_relay(relay, sock))

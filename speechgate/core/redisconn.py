@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Gauge
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -40,9 +41,19 @@ _OPTIONS: dict[str, Any] = {
     "retry": Retry(NoBackoff(), 1, supported_errors=(BrokenConnection,)),
 }
 
+# What one process holds open to a single server, in use or idle (docs/operations.md budgets
+# `maxclients` from it). The client's own pool (everything but the hot scripts, the events
+# subscription too) and the scripts (ScriptRunner) each wait for a free connection, as long as a
+# command may take, rather than open more. A burst of handshakes once left a relay 95 idle
+# connections, and a larger one would have opened one per handshake.
+MAX_POOLED = 16
+MAX_SCRIPT_CALLS = 48
+MAX_PER_PROCESS = MAX_POOLED + MAX_SCRIPT_CALLS
 
-def connect(uri: str) -> Redis:
-    """A redis-py asyncio client for `uri`; no connection is made until the first command."""
+
+def connect(uri: str, name: str | None = None) -> Redis:
+    """A redis-py asyncio client for `uri`; no connection is made until the first command.
+    `name` is each connection's CLIENT SETNAME (`CLIENT LIST` tells the relays from the rest)."""
     uri = uri.removeprefix("async+")
     parts = urlsplit(uri)
     if parts.scheme == "rediss+sentinel":
@@ -56,17 +67,26 @@ def connect(uri: str) -> Redis:
             raise ValueError("a redis+sentinel:// URI needs the service name as its path")
         auth = _auth(parts.username, parts.password)
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            _locations(parts.netloc), sentinel_kwargs=auth, **auth, **_OPTIONS
+            _locations(parts.netloc), sentinel_kwargs=auth, **auth, client_name=name, **_OPTIONS
         )
         master: aioredis.Redis = sentinel.master_for(service)
         return master
     if parts.scheme in ("redis+cluster", "rediss+cluster"):
         nodes = [ClusterNode(host, port) for host, port in _locations(parts.netloc)]
         options: dict[str, Any] = {**_auth(parts.username, parts.password), **_OPTIONS}
-        return RedisCluster(startup_nodes=nodes, ssl=parts.scheme.startswith("rediss"), **options)
+        return RedisCluster(
+            startup_nodes=nodes,
+            ssl=parts.scheme.startswith("rediss"),
+            client_name=name,
+            max_connections=MAX_POOLED,  # per node
+            **options,
+        )
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"unsupported Redis URI scheme {parts.scheme!r}")
-    return aioredis.Redis.from_url(uri, **_OPTIONS)
+    pool = BlockingConnectionPool.from_url(
+        uri, max_connections=MAX_POOLED, timeout=_OPTIONS["socket_timeout"], client_name=name, **_OPTIONS
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def _auth(username: str | None, password: str | None) -> dict[str, str]:
@@ -152,34 +172,45 @@ class ScriptRunner:
     redis-py's `Script` goes through the client's retry wrapper and the pool's lock and health
     checks: measured here at 2-3x the CPU of the command itself, on the token endpoint's hot
     path. For a single server this keeps its own idle list of redis-py connections (one event
-    loop, so no lock) and sends EVALSHA on them directly. Sentinel (whose pool finds the master
-    as it hands out connections) and Cluster (which routes by slot) go through `Script`.
+    loop, so no lock), shared by every runner of the client (_Scripts), and sends EVALSHA on them
+    directly. Sentinel (whose pool finds the master as it hands out connections) and Cluster
+    (which routes by slot) go through `Script`.
     """
-
-    MAX_IDLE = 64
 
     def __init__(self, client: Redis, source: str) -> None:
         self.client = client
         self.source = source
         self._script = client.register_script(source)
         self.sha: str = self._script.sha
-        # Exactly the plain pool: the Sentinel pool subclasses it, and its make_connection()
+        # Exactly the plain pools: the Sentinel pool subclasses them, and its make_connection()
         # would connect to the default address instead of the master.
-        self._direct = isinstance(client, aioredis.Redis) and type(client.connection_pool) is ConnectionPool
-        self._idle: list[AbstractConnection] = []
+        self._direct = isinstance(client, aioredis.Redis) and type(client.connection_pool) in (
+            ConnectionPool,
+            BlockingConnectionPool,
+        )
+        self._shared = _scripts_of(client)
 
     async def __call__(self, keys: list[str], args: list[int | str]) -> Any:
         if not self._direct:
             return await self._script(keys=keys, args=args)
-        if self._idle:
-            try:
-                return await self._run(self._idle.pop(), keys, args)
-            except (BrokenConnection, OSError):
-                # An idle connection to a server that has restarted since: so are all the others.
-                # Drop them and try once on a new connection, rather than fail a request for each.
-                await self.aclose()
-        assert isinstance(self.client, aioredis.Redis)
-        return await self._run(self.client.connection_pool.make_connection(), keys, args)  # type: ignore[no-untyped-call]
+        shared = self._shared
+        if shared.calls.locked():  # the bound reached: wait, as long as a command may take
+            async with asyncio.timeout(_OPTIONS["socket_timeout"]):
+                await shared.calls.acquire()
+        else:
+            await shared.calls.acquire()  # at once: no timer on the hot path
+        try:
+            if shared.idle:
+                try:
+                    return await self._run(shared.idle.pop(), keys, args)
+                except (BrokenConnection, OSError):
+                    # An idle connection to a server that has restarted since: so are all the
+                    # others. Drop them and try once on a new one, rather than fail a call for each.
+                    await self.aclose()
+            assert isinstance(self.client, aioredis.Redis)
+            return await self._run(self.client.connection_pool.make_connection(), keys, args)  # type: ignore[no-untyped-call]
+        finally:
+            shared.calls.release()
 
     async def _run(self, conn: AbstractConnection, keys: list[str], args: list[int | str]) -> Any:
         try:
@@ -199,15 +230,32 @@ class ScriptRunner:
         return result
 
     def _keep(self, conn: AbstractConnection) -> None:
-        if len(self._idle) < self.MAX_IDLE:
-            self._idle.append(conn)
-        else:
-            asyncio.get_running_loop().create_task(conn.disconnect())
+        self._shared.idle.append(conn)  # no more than MAX_SCRIPT_CALLS: each was one call's
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
+        idle, self._shared.idle[:] = list(self._shared.idle), []
         for conn in idle:
             await conn.disconnect()
+
+
+class _Scripts:
+    """The script connections of one client: at most MAX_SCRIPT_CALLS, in use or kept idle (closing
+    some after a burst would only open them again in the next)."""
+
+    def __init__(self) -> None:
+        self.calls = asyncio.Semaphore(MAX_SCRIPT_CALLS)
+        self.idle: list[AbstractConnection] = []
+
+
+# Keyed by the client the runners are given (not a global of their own): one budget per client.
+_SCRIPTS: weakref.WeakKeyDictionary[Redis, _Scripts] = weakref.WeakKeyDictionary()
+
+
+def _scripts_of(client: Redis) -> _Scripts:
+    shared = _SCRIPTS.get(client)
+    if shared is None:
+        shared = _SCRIPTS[client] = _Scripts()
+    return shared
 
 
 def redis_up_gauge(registry: CollectorRegistry) -> Gauge:

@@ -17,10 +17,16 @@ def open_store(settings: Settings) -> SecretStore:
     return FileStore(settings.store_dir)
 
 
-def open_redis(settings: Settings) -> Redis | None:
+# Each process's connections carry its role (CLIENT SETNAME): `CLIENT LIST` tells them apart.
+RELAY = "speechgate-relay"
+TOKEN_SERVICE = "speechgate-token-service"  # noqa: S105 - a name, not a secret
+CLI = "speechgate-cli"
+
+
+def open_redis(settings: Settings, name: str = CLI) -> Redis | None:
     if not settings.redis_url:
         return None
     try:
-        return connect(settings.redis_url)
+        return connect(settings.redis_url, name)
     except ValueError as exc:
         raise SettingsError(f"SPEECHGATE_REDIS_URL / REDIS_URL: {exc}") from None

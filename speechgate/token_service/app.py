@@ -299,7 +299,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 def app_from_env() -> Starlette:
     """The production factory (`uvicorn --factory speechgate.token_service.app:app_from_env`)."""
-    from speechgate.core.runtime import open_redis, open_store
+    from speechgate.core.runtime import TOKEN_SERVICE, open_redis, open_store
 
     settings = Settings.from_env()
-    return create_app(settings, open_store(settings), open_redis(settings))
+    return create_app(settings, open_store(settings), open_redis(settings, TOKEN_SERVICE))

@@ -22,6 +22,7 @@ from websockets.exceptions import InvalidStatus
 from speechgate.core.claims import AccessClaims, new_jti, sign
 from speechgate.core.keys import load_keyring
 from speechgate.core.redisconn import connect
+from speechgate.core.runtime import RELAY
 from speechgate.relay.server import Relay
 from tests.fakes.speech import KEY, FakeSpeech, FakeSpeechServer
 
@@ -151,7 +152,7 @@ def stack_factory(start_service: Any, tmp_path: Path, redis_url: str) -> Iterato
                 "idp_jwks_min_refresh_s": 0.0,
             }
             settings = replace(service.settings, **{**defaults, **overrides})
-            relay = Relay(settings, service.store, connect(settings.redis_url or redis_url))
+            relay = Relay(settings, service.store, connect(settings.redis_url or redis_url, RELAY))
             running = cleanup.enter_context(RelayThread(relay))
             return Stack(service, fake, running, make_wav(tmp_path / "speech.wav", 2.0))
 
