@@ -57,14 +57,16 @@ def test_dev_prints_a_curl_line_that_gets_a_token(tmp_path: Path) -> None:
         assert run_curl_line("".join(second.output))["token_type"] == "Bearer"
 
 
-def test_dev_client_credentials_can_be_fixed_by_environment(tmp_path: Path, redis_url: str) -> None:
+def test_dev_client_credentials_can_be_fixed_by_environment(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
     secret = "s3cret-for-the-demo-0123456789abcdef"
     with dev(
         tmp_path,
         SPEECHGATE_DEV_CLIENT_ID="demo-app",
         SPEECHGATE_DEV_CLIENT_SECRET=secret,
         REDIS_URL=redis_url,
-        SPEECHGATE_REDIS_PREFIX="sgtest-dev:",
+        SPEECHGATE_REDIS_PREFIX=prefix,  # deleted afterwards: nothing left in a developer's Redis
     ) as proc:
         output = "".join(proc.output)
         assert credentials(output) == ("demo-app", secret)
@@ -212,7 +214,8 @@ def test_dev_on_other_ports_advertises_the_urls_it_bound(tmp_path: Path) -> None
         (command,) = [x.strip() for x in output.splitlines() if "speechgate stream" in x]
         assert f"--token-url {issuer} --relay-url {relay}" in command
         wav = make_wav(tmp_path / "speech.wav", 1.0)
-        line = command.replace("uv run speechgate", SPEECHGATE).replace("some.wav", str(wav)) + " --fast"
+        assert command.startswith("speechgate stream")  # no checkout here: the installed command
+        line = command.replace("speechgate", SPEECHGATE, 1).replace("some.wav", str(wav)) + " --fast"
         streamed = subprocess.run(
             ["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, env=clean, timeout=60
         )
@@ -241,7 +244,9 @@ def test_a_busy_port_is_one_line_and_exit_5_before_anything_is_printed(tmp_path:
     assert line == expected + f"choose another port with {option}"
 
 
-def test_an_invalid_dev_client_id_is_one_line_and_exit_5(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client_id", ["c", "my app", "a/b", "Ünïcode-app", "a" * 200, "My-App"])
+def test_an_invalid_dev_client_id_is_one_line_and_exit_5(tmp_path: Path, client_id: str) -> None:
+    """Ids the client rules refuse once reached the store first: a 45-line traceback, exit 1."""
     result = subprocess.run(
         [SPEECHGATE, "dev", "--no-redis", "--port", str(free_port()), "--relay-port", str(free_port())],
         capture_output=True,
@@ -249,10 +254,11 @@ def test_an_invalid_dev_client_id_is_one_line_and_exit_5(tmp_path: Path) -> None
         cwd=tmp_path,
         timeout=60,
         check=False,
-        env={**os.environ, "SPEECHGATE_DEV_CLIENT_ID": "c"},
+        env={**os.environ, "SPEECHGATE_DEV_CLIENT_ID": client_id},
     )
-    assert result.returncode == 5
+    assert result.returncode == 5, result.stderr
     assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "SPEECHGATE_DEV_CLIENT_ID" in result.stderr
     assert "e.g. SPEECHGATE_DEV_CLIENT_ID=my-app" in result.stderr
 
@@ -320,3 +326,93 @@ def test_dev_stops_its_private_redis_even_when_it_cannot_save(tmp_path: Path) ->
         assert proc.proc.wait(15) == 0  # dev itself ended cleanly, its cleanup included
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(found.group(1), socket_connect_timeout=1).ping()
+
+
+def test_a_second_dev_on_the_same_store_is_refused_and_the_first_keeps_working(tmp_path: Path) -> None:
+    """A second `speechgate dev` in the same directory once started without a word, ran a second
+    Redis on the same data folder and, when it stopped, removed the first's dev.json: the first's
+    CLI then could not find its Redis. It is refused in one line naming the first; the first runs on."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHGATE_") and k != "REDIS_URL"}
+    with dev(tmp_path) as first:
+        assert first.proc is not None
+        second = subprocess.run(
+            [SPEECHGATE, "dev", "--port", str(free_port()), "--relay-port", str(free_port())],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=clean,
+            timeout=60,
+            check=False,
+        )
+        assert second.returncode == 5, second.stderr
+        (line,) = second.stderr.strip().splitlines()
+        assert f"already running on .speechgate (PID {first.proc.pid}, token service http://" in line
+        assert "SPEECHGATE_STORE_DIR" in line
+        assert (tmp_path / ".speechgate" / "dev.json").exists()
+        top = subprocess.run(
+            [SPEECHGATE, "quotas", "top", "--json"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=clean,
+            timeout=60,
+        )
+        assert top.returncode == 0, top.stderr  # the first's CLI still finds its Redis
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_tours_second_terminal_works_in_a_new_shell_without_uv_on_its_path(tmp_path: Path) -> None:
+    """script/dev installs uv into ~/.local/bin, which a new shell may not have on its PATH: the
+    README's second-terminal command (`uv run speechgate stream …`) once answered "uv: command not
+    found". The tour now uses script/speechgate, which finds uv itself."""
+    uv = shutil.which("uv") or str(Path.home() / ".local" / "bin" / "uv")
+    bare = os.pathsep.join(d for d in ("/usr/local/bin", "/usr/bin", "/bin") if not (Path(d) / "uv").exists())
+    fresh = {k: v for k, v in os.environ.items() if not k.startswith(("SPEECHGATE_", "VIRTUAL_ENV", "UV_"))}
+    fresh = {**{k: v for k, v in fresh.items() if k != "REDIS_URL"}, "PATH": bare}
+    assert subprocess.run(["bash", "-c", "command -v uv"], env=fresh, capture_output=True).returncode != 0
+    assert Path(uv).exists()
+    with dev(tmp_path, "--no-redis"):
+        streamed = subprocess.run(
+            [
+                str(ROOT / "script" / "speechgate"),
+                "stream",
+                str(ROOT / "tests" / "data" / "speech.wav"),
+                "--fast",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,  # the directory dev runs in: the command finds it there
+            env=fresh,
+            timeout=300,
+        )
+    assert streamed.returncode == 0, streamed.stderr
+    assert "s of audio" in streamed.stderr
+
+
+def test_ctrl_c_stops_dev_quietly_with_exit_0(tmp_path: Path) -> None:
+    """Ctrl-C reaches the terminal's whole foreground group: the private Redis died with dev's
+    services still up (two connection warnings on the way out), then "Aborted!" and exit 1."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHGATE_") and k != "REDIS_URL"}
+    proc = Process(
+        [SPEECHGATE, "dev", "--port", str(free_port())],
+        "Uvicorn running on",
+        env={"SPEECHGATE_RELAY_PORT": str(free_port()), **clean},
+        cwd=tmp_path,
+        process_group=True,
+    )
+    with proc:
+        assert proc.proc is not None
+        found = re.search(r"Redis of its own at (redis://\S+)", "".join(proc.output))
+        assert found is not None
+        before = len(proc.output)
+        os.killpg(proc.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        assert proc.proc.wait(20) == 0
+    after = "".join(proc.output[before:])
+    assert "Aborted" not in after
+    assert "WARNING" not in after, after
+    assert "ERROR" not in after, after
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(found.group(1), socket_connect_timeout=1).ping()
+    assert not (tmp_path / ".speechgate" / "dev.json").exists()

@@ -3,6 +3,7 @@ every metric the dashboard and the alerts use against what the running services 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -234,3 +235,40 @@ def test_every_metric_the_dashboard_and_alerts_use_is_exported(stack: Stack) -> 
     used = _used_metrics()
     assert len(used) >= 15
     assert used <= exported, f"used but not exported: {sorted(used - exported)}"
+
+
+# Labelled by client id (or a key id): those series appear with the client's first token or
+# stream. Every other series a panel or an alert names exists, at 0, before anything happened.
+PER_CLIENT = {
+    "speechgate_tokens_issued",
+    "speechgate_tokens_refused",
+    "speechgate_relay_audio_seconds",
+    "speechgate_quota_use_ratio",
+}
+
+
+def _sampled(text: str) -> set[str]:
+    return {
+        HISTOGRAM_OR_COUNTER.sub("", re.split(r"[{ ]", line, maxsplit=1)[0])
+        for line in text.splitlines()
+        if line.startswith("speechgate_")
+    }
+
+
+def test_every_series_the_dashboard_and_alerts_use_exists_before_its_first_event(stack_factory: Any) -> None:
+    """With a pool configured, `speechgate_upstream_refusals_total` was absent until an upstream
+    refused, so its panel and any alert on it read "no data" (so did every refusal reason, close
+    code and door before its first use)."""
+    from speechgate.core.upstreams import Upstream, save_pool
+
+    stack: Stack = stack_factory()
+    asyncio.run(save_pool(stack.service.store, [Upstream("home", 10)], "test"))
+    relay = stack.relay.url.replace("ws://", "http://")
+    stack.relay.call(stack.relay.relay.pool.load())  # what the reload event does
+
+    sampled = _sampled(stack.service.http.get("/metrics").text) | _sampled(httpx.get(f"{relay}/metrics").text)
+    missing = _used_metrics() - PER_CLIENT - sampled
+    assert not missing, f"no series before the first event: {sorted(missing)}"
+    relay_text = httpx.get(f"{relay}/metrics").text
+    assert 'speechgate_upstream_refusals_total{reason="throttled",upstream="home"} 0.0' in relay_text
+    assert 'speechgate_relay_refusals_total{reason="audio_quota"} 0.0' in relay_text

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,35 @@ def test_show_gives_every_counter_and_lease_with_limit_and_reset(live: Any) -> N
     assert "subject 2 per 1 minute: 2 of 2" in text
     assert "streams      1 of 2" in text
     cli("quotas", "show", "nobody", code=3)
+
+
+def test_a_lease_renewed_while_show_reads_never_shows_more_than_a_lease_left(
+    redis_url: str, prefix: str
+) -> None:
+    """`quotas show` once took its clock before reading, so a relay's renewal landing in between
+    showed 15.2 s left of a 15-s lease (a flaky test, and a wrong figure). Here the renewal is
+    written half a second after the command's first reading of the clock, before its read."""
+    from speechgate.core.clients import ClientPolicy
+    from speechgate.core.redisconn import connect as redis_connect
+    from speechgate.token_service import usage
+
+    keys = Keyspace(prefix)
+    policy = ClientPolicy(client_id="renewing")
+
+    async def run() -> list[dict[str, Any]]:
+        client = redis_connect(redis_url)
+        started = time.time()
+        readings = iter([started - 0.5, started])  # before the renewal, then after the read
+        try:
+            await client.zadd(keys.lease_client(policy.client_id), {"s1": int(started * 1000) + 15_000})
+            found = await usage.detail(client, keys, policy, None, clock=lambda: next(readings))
+        finally:
+            await client.delete(keys.lease_client(policy.client_id))
+            await client.aclose()
+        return found.leases
+
+    (lease,) = asyncio.run(run())
+    assert lease["lease_left_s"] == 15.0
 
 
 def test_reset_a_subject_lets_it_in_again_and_is_audited(live: Any) -> None:

@@ -177,3 +177,21 @@ def test_the_python_sdk_configured_with_a_host_recognizes(stack: Stack) -> None:
     assert stack.fake.handshakes[0]["path"].startswith(
         "/speech/recognition/interactive/cognitiveservices/v1?"
     )
+
+
+def test_every_refusal_the_relay_raises_has_its_metric_series_from_the_start() -> None:
+    """The relay's refusal series are created at start from REFUSAL_ERRORS (a panel on one reads
+    0 before its first refusal): an error code raised anywhere must be in that list."""
+    import re
+    from pathlib import Path
+
+    from speechgate import relay
+    from speechgate.relay.admission import REFUSALS, UPSTREAM_REFUSALS
+    from speechgate.relay.auth import REFUSAL_ERRORS
+
+    package = Path(relay.__file__).parent
+    source = "\n".join(p.read_text(encoding="utf-8") for p in package.rglob("*.py"))
+    raised = set(re.findall(r'Refusal\(\s*\d{3},\s*"([a-z_]+)"', source))
+    raised |= {error for _, error, _ in (*REFUSALS.values(), *UPSTREAM_REFUSALS.values())}
+    assert len(raised) >= 15
+    assert raised <= set(REFUSAL_ERRORS), sorted(raised - set(REFUSAL_ERRORS))

@@ -198,9 +198,7 @@ def show(client_id: str, subject: str | None, as_json: bool) -> None:
 
     async def op(store: SecretStore, redis: Redis | None, settings: Settings) -> usage.Detail:
         policy = await clientdb.load_client(store, client_id)
-        return await usage.detail(
-            _need_redis(redis), Keyspace(settings.redis_prefix), policy, subject, time.time()
-        )
+        return await usage.detail(_need_redis(redis), Keyspace(settings.redis_prefix), policy, subject)
 
     found = run(op, changes=False)
     u = found.usage

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 
 import click
 import httpx
@@ -85,9 +86,20 @@ def _uvicorn(app: object, host: str, port: int, settings: Settings) -> uvicorn.S
     return _Server(config)
 
 
+@contextlib.contextmanager
+def _ctrl_c_is_a_stop() -> Iterator[None]:
+    """uvicorn stops on Ctrl-C, then raises it again (KeyboardInterrupt): click would print
+    "Aborted!" and exit 1. An operator's Ctrl-C is a normal stop: exit 0."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logging.getLogger("speechgate").info("stopped (Ctrl-C)")
+
+
 def _serve(app: object, sock: socket.socket, settings: Settings) -> None:
     host, port = sock.getsockname()[:2]
-    uvloop.run(_uvicorn(app, host, port, settings).serve(sockets=[sock]))
+    with _ctrl_c_is_a_stop():
+        uvloop.run(_uvicorn(app, host, port, settings).serve(sockets=[sock]))
 
 
 async def _run_relay(relay: Relay, sock: socket.socket) -> None:
@@ -121,9 +133,20 @@ def dev(host: str | None, port: int | None, relay_port: int | None, no_redis: bo
     while no Azure Speech is configured, and a private Redis (when redis-server is installed and
     no REDIS_URL is set) that the `tokens`, `keys` and `quotas` commands find."""
     from speechgate.core.clients import PolicyError
-    from speechgate.devtools.dev import DevState, PrivateRedis, banner, bootstrap, clear_state, save_state
+    from speechgate.devtools.dev import (
+        DevState,
+        PrivateRedis,
+        already_running,
+        banner,
+        bootstrap,
+        clear_state,
+        hold_store,
+        save_state,
+    )
 
     settings = load_settings()
+    if hold_store(settings.store_dir) is None:  # held until this process ends
+        raise cannot_start(already_running(settings.store_dir))
     host = host or settings.host
     relay_host = host if host != settings.host else settings.relay_host
     token_sock = _listen(host, settings.port if port is None else port, "--port or SPEECHGATE_PORT")
@@ -155,7 +178,8 @@ def dev(host: str | None, port: int | None, relay_port: int | None, no_redis: bo
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         click.echo(banner(client, token_url, settings.relay_url, settings, private=bool(private_redis.url)))
-        _dev_serve(settings, store, client, token_sock, relay_sock, offline)
+        with _ctrl_c_is_a_stop():
+            _dev_serve(settings, store, client, token_sock, relay_sock, offline)
     finally:
         clear_state(settings.store_dir)
         private_redis.stop()

@@ -40,6 +40,12 @@ class PolicyError(ValueError):
     """A client policy document is invalid; the message names the field."""
 
 
+def check_client_id(client_id: str) -> None:
+    """Before the id names anything in the store (whose names are narrower than any text)."""
+    if not CLIENT_ID.match(client_id):
+        raise PolicyError("client_id must be 3-64 lowercase letters, digits or '-'")
+
+
 def secret_name(client_id: str) -> str:
     return f"speechgate-client-{client_id}"
 
@@ -133,8 +139,7 @@ class ClientPolicy:
         return policy
 
     def validate(self) -> None:
-        if not CLIENT_ID.match(self.client_id):
-            raise PolicyError("client_id must be 3-64 lowercase letters, digits or '-'")
+        check_client_id(self.client_id)
         bad = set(self.scopes) - set(SCOPES)
         if bad or not self.scopes:
             raise PolicyError(f"scopes must be a non-empty subset of {' '.join(SCOPES)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import redis
 
 from speechgate.core.clients import (
     ClientPolicy,
+    check_client_id,
     check_secret,
     ensure_hash_key,
     hash_secret,
@@ -68,6 +70,7 @@ async def bootstrap(store: SecretStore, store_dir: Path, environ: dict[str, str]
     if saved_path.exists():
         saved = json.loads(saved_path.read_text(encoding="utf-8"))
     client_id = env.get("SPEECHGATE_DEV_CLIENT_ID") or saved.get("client_id") or DEV_CLIENT_ID
+    check_client_id(client_id)
     secret = (
         env.get("SPEECHGATE_DEV_CLIENT_SECRET")
         or (saved.get("client_secret") if saved.get("client_id") == client_id else None)
@@ -119,6 +122,7 @@ def banner(
             "                  set SPEECH_KEY and SPEECH_REGION for Azure Speech"
         )
     demo = relay_url.replace("ws://", "http://", 1) + "/demo"
+    command = cli_command()
     credentials = f"{client.client_id}:{client.client_secret}"
     return f"""
 speechgate dev — development mode, not for production
@@ -134,9 +138,16 @@ Try it:
   1. get a token:
      curl -s -u '{credentials}' -d grant_type=client_credentials {token_url}/v1/token
   2. transcribe a WAV file (16 kHz mono is best; others are converted):
-     uv run speechgate stream some.wav{urls}
+     {command} stream some.wav{urls}
   3. talk to it: open {demo} in a browser
 """
+
+
+def cli_command(cwd: Path | None = None) -> str:
+    """How to run the CLI from a new terminal here: in a checkout, its wrapper (uv may be where a
+    new shell does not look: `uv run` printed here once answered "uv: command not found")."""
+    wrapper = (cwd or Path.cwd()) / "script" / "speechgate"
+    return "script/speechgate" if wrapper.is_file() else "speechgate"
 
 
 # --- the running dev instance, as other commands find it -------------------------------------
@@ -163,6 +174,34 @@ def save_state(store_dir: Path, state: DevState) -> None:
 
 def clear_state(store_dir: Path) -> None:
     _state_path(store_dir).unlink(missing_ok=True)
+
+
+def hold_store(store_dir: Path) -> int | None:
+    """This process's hold on the store (a lock file descriptor, released when the process ends,
+    however it ends), or None while another `speechgate dev` holds it. Two on one store once ran
+    two Redis servers on one data folder, and the second's exit removed the first's dev.json."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store_dir / "dev.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def already_running(store_dir: Path) -> str:
+    """What to tell a second `speechgate dev` on the same store."""
+    state = running_state(store_dir)
+    first = (
+        f"PID {state.pid}, token service {state.token_url}, relay {state.relay_url}"
+        if state
+        else "it is still starting"
+    )
+    return (
+        f"speechgate dev is already running on {store_dir} ({first}); use that one, stop it "
+        "(Ctrl-C), or give this one a store of its own with SPEECHGATE_STORE_DIR"
+    )
 
 
 def running_state(store_dir: Path) -> DevState | None:
@@ -213,6 +252,9 @@ class PrivateRedis:
         self.process = subprocess.Popen(  # noqa: S603 - redis-server from PATH, our own arguments
             args,
             preexec_fn=_die_with_parent,
+            # Not in the terminal's process group: Ctrl-C there stops dev, and dev stops this Redis
+            # after the services (it once died first, and they logged its loss on the way out).
+            start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

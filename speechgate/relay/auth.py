@@ -24,6 +24,39 @@ from speechgate.relay.languages import allows
 CREDENTIAL_PARAMS = frozenset({"authorization", "access_token", "ocp-apim-subscription-key"})
 
 
+# Every `error` a refusal of a handshake carries: the relay's metrics hold a series for each from
+# the start (a panel or alert on one reads 0, not "no data"); tests/test_relay_endpoints.py finds
+# every one the code raises in this set.
+REFUSAL_ERRORS = (
+    "missing_token",
+    "invalid_token",
+    "token_expired",
+    "token_revoked",
+    "token_used",
+    "token_in_use",
+    "session_over",
+    "insufficient_scope",
+    "invalid_request",
+    "not_found",
+    "unsupported_endpoint",
+    "language_required",
+    "language_not_allowed",
+    "parameter_not_allowed",
+    "too_many_targets",
+    "unsupported_format",
+    "upgrade_required",
+    "client_disabled",
+    "origin_not_allowed",
+    "too_many_streams",
+    "audio_quota",
+    "draining",
+    "unavailable",
+    "upstream_capacity",
+    "upstream_unavailable",
+    "no_upstream",
+)
+
+
 @dataclass(frozen=True)
 class Refusal(Exception):
     """An HTTP answer instead of the upgrade: status, a short error code and what to fix."""

@@ -6,6 +6,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from speechgate.core.events import events_gauge
 from speechgate.core.redisconn import redis_up_gauge
+from speechgate.relay.auth import REFUSAL_ERRORS
+
+# Close codes counted by their number; any other is "other" (label values stay bounded).
+KNOWN_CLOSE_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4000, 4429}
+)
+DOORS = ("plain", "azure")
 
 
 class RelayMetrics:
@@ -83,3 +90,18 @@ class RelayMetrics:
             ["upstream", "reason"],
             registry=registry,
         )
+        self._known_series()
+
+    def _known_series(self) -> None:
+        """Every series of a known label value at 0 from the start, as Prometheus' guidance asks:
+        a dashboard panel or an alert on one that has not happened yet reads 0, not "no data".
+        (Series labelled by client appear with that client's first stream; the pool's with it.)"""
+        for door in DOORS:
+            self.active.labels(door)
+            self.first_result.labels(door)
+            for code in (*sorted(KNOWN_CLOSE_CODES), "other"):
+                self.closed.labels(door, str(code))
+        for direction in ("up", "down"):
+            self.forward.labels(direction)
+        for error in REFUSAL_ERRORS:
+            self.refused.labels(error)

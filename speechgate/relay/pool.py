@@ -69,6 +69,9 @@ def marks_down(error: UpstreamError) -> bool:
     return error.status is None or error.status in (401, 403, 429) or error.status >= 500
 
 
+REFUSAL_REASONS = ("throttled", "error", "auth", "unreachable")
+
+
 def refusal_reason(error: UpstreamError) -> str:
     """A bounded label for a refusal."""
     if error.status is None:
@@ -155,12 +158,22 @@ class Pool:
             ):
                 with contextlib.suppress(KeyError):
                     gauge.remove(name)
+            for reason in REFUSAL_REASONS:
+                with contextlib.suppress(KeyError):
+                    self.metrics.upstream_refusals.remove(name, reason)
         for upstream in pool:
             held = self._credentials.get(upstream.name)
             if held is None or (held[0].auth, held[0].resource_id) != (upstream.auth, upstream.resource_id):
                 if held is not None:
                     await held[1].aclose()
                 self._credentials[upstream.name] = (upstream, self._new_credentials(upstream))
+            # Its series from the start, not from its first refusal or heartbeat: a panel on them
+            # reads 0 (healthy: 1, as routing takes it until it is marked down), not "no data".
+            for reason in REFUSAL_REASONS:
+                self.metrics.upstream_refusals.labels(upstream.name, reason)
+            if held is None:  # new here; the heartbeat brings the fleet-wide figures
+                self.metrics.upstream_streams.labels(upstream.name)
+                self.metrics.upstream_healthy.labels(upstream.name).set(1)
             # What it offers new streams: nothing while it drains or is disabled.
             self.metrics.upstream_limit.labels(upstream.name).set(
                 upstream.limit if upstream.state == "active" else 0

@@ -50,7 +50,7 @@ from speechgate.relay.auth import (
 from speechgate.relay.doors import azure, plain
 from speechgate.relay.http import Route, asks_for_upgrade, json_response, respond
 from speechgate.relay.live import Live, Pending
-from speechgate.relay.metrics import RelayMetrics
+from speechgate.relay.metrics import KNOWN_CLOSE_CODES, RelayMetrics
 from speechgate.relay.pool import Placement, Pool
 from speechgate.relay.sessions import MemorySessions, RedisSessions, Stream
 from speechgate.relay.upstream import (
@@ -67,9 +67,6 @@ _ws_log = logging.getLogger("speechgate.relay.websockets")
 _ws_log.setLevel(logging.INFO)
 
 HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (StoreError, *REDIS_ERRORS)
-KNOWN_CLOSE_CODES = frozenset(
-    {1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 4000, 4429}
-)
 MAX_UNSETTLED = 100_000  # ended streams kept for Redis during an outage (a few hundred bytes each)
 
 

@@ -56,6 +56,13 @@ class TokenMetrics:
             registry=registry,
         )
 
+        # At 0 from the start (Prometheus' guidance): the request and error-rate panels read 0
+        # before the first request or the first 5xx, not "no data". One 5xx status is enough for
+        # the panels' `status=~"5.."`.
+        for route in (*self.routes, "other"):
+            for status in ("200", "500"):
+                self.requests.labels(route, status)
+
     def count_request(self, path: str, status: int) -> None:
         # Only known routes become label values: made-up paths must not grow the series.
         self.requests.labels(path if path in self.routes else "other", str(status)).inc()

@@ -7,6 +7,8 @@ rate-limit windows and the per-minute token stats. Nothing here is on a request 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -164,8 +166,15 @@ async def subject_usage(
 
 
 async def detail(
-    redis: Redis, keys: Keyspace, policy: ClientPolicy, subject: str | None, now: float
+    redis: Redis,
+    keys: Keyspace,
+    policy: ClientPolicy,
+    subject: str | None,
+    clock: Callable[[], float] = time.time,
 ) -> Detail:
+    """`clock` is read again after the leases are: a relay renewing a lease between a reading
+    taken before and the read once showed more than a whole lease left (15.2 of 15 s)."""
+    now = clock()
     c = policy.client_id
     if subject is None:
         (usage,) = await client_usage(redis, keys, [policy], now)
@@ -187,8 +196,9 @@ async def detail(
         await limiter.aclose()
     lease_key = keys.lease_client(c) if subject is None else keys.lease_subject(c, subject)
     live: list[Any] = await redis.zrangebyscore(lease_key, int(now * 1000), "+inf", withscores=True)
+    read_ms = clock() * 1000  # no renewal written before the read was written after this
     leases = [
-        {"stream_id": _text(stream), "lease_left_s": round((float(until) - now * 1000) / 1000, 1)}
+        {"stream_id": _text(stream), "lease_left_s": max(0.0, round((float(until) - read_ms) / 1000, 1))}
         for stream, until in live
     ]
     revoked_key = keys.revoked_client(c) if subject is None else keys.revoked_subject(c, subject)

@@ -44,8 +44,16 @@ class Process:
     """A child process whose output is watched for a line that says it is ready."""
 
     def __init__(
-        self, args: Sequence[str], ready_line: str, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        args: Sequence[str],
+        ready_line: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        process_group: bool = False,
     ) -> None:
+        """`process_group`: the child leads a group of its own, as a terminal's foreground job
+        does, so that a test can signal it and its children at once (os.killpg), as Ctrl-C does."""
+        self.process_group = process_group
         self.args = list(args)
         self.ready_line = ready_line
         self.env = env
@@ -56,7 +64,13 @@ class Process:
 
     def start(self, timeout: float = 30.0) -> Process:
         self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, cwd=self.cwd
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=self.process_group,
         )
         threading.Thread(target=self._read, daemon=True).start()
         if not self._ready.wait(timeout) or self.proc.poll() is not None:
