@@ -284,8 +284,11 @@ def test_tokens_revoke_writes_deny_entries_with_the_right_lifetime(cli: Cli, syn
     keyspace = Keyspace(cli.settings.redis_prefix)
     cli("tokens", "revoke", "--client", "shop", "--subject", "alice", "--yes")
     assert 1100 <= sync_redis.ttl(keyspace.revoked_subject("shop", "alice")) <= 1200
-    cli("tokens", "revoke", "--client", "shop", "--yes")
+    said = cli("tokens", "revoke", "--client", "shop", "--yes").stdout
     assert sync_redis.get(keyspace.revoked_client("shop")) is not None
+    # Not a lockout: it once said only "denied for 1200 s", while new tokens work at once.
+    assert "every token issued until now" in said
+    assert "tokens issued from now on work" in said
     revoked = cli.json("tokens", "revoke", "--jti", "abc123", "--yes")
     assert revoked["ttl_s"] == 1200  # the longest lifetime + session of any client
     assert sync_redis.exists(keyspace.revoked_jti("abc123"))

@@ -100,11 +100,14 @@ def test_json_body_is_accepted(service: TokenService) -> None:
             "client_id": client_id,
             "client_secret": secret,
             "single_use": True,
+            "expires_in": 60,  # a number, as JSON clients write it (once refused: "must be a string")
         },
     )
     assert response.status_code == 200, response.text
+    assert response.json()["expires_in"] == 60
     claims = jwt.decode(response.json()["access_token"], options={"verify_signature": False})
     assert claims["single_use"] is True
+    assert claims["exp"] - claims["iat"] == 60
 
 
 def test_backend_mints_a_token_for_its_own_user_with_subject(service: TokenService) -> None:
@@ -343,11 +346,11 @@ CASES: dict[str, tuple[Any, int, str, str]] = {
         "invalid_request",
         "object",
     ),
-    "JSON number parameter": (
-        lambda c, s: {"auth": (c, s), "json": {"grant_type": 5}},
+    "JSON object parameter": (
+        lambda c, s: {"auth": (c, s), "json": {"grant_type": {"type": "client_credentials"}}},
         400,
         "invalid_request",
-        "must be a string",
+        "must be a string, a number or a boolean",
     ),
     "JSON duplicate member": (
         lambda c, s: {

@@ -66,4 +66,13 @@ def tokens_revoke(
 
     ttl = run(op)
     audit("tokens.revoke", jti=jti, subject=subject, client_id=client_id, ttl_s=ttl)
-    output(as_json, {"revoked": what, "ttl_s": ttl}, f"revoked {what} (denied for {ttl} s)")
+    # The record is kept as long as a token issued before it may still be used; it denies those,
+    # and no token issued after it ("denied for 3900 s" once read as a lockout).
+    scope = "it" if jti else "every token issued until now"
+    after = "" if jti else "; tokens issued from now on work"
+    output(
+        as_json,
+        {"revoked": what, "ttl_s": ttl},
+        f"revoked {what}: {scope} is refused at the relays and its live streams close{after} "
+        f"(the record is kept {ttl} s, the longest such a token may be used)",
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -99,10 +100,14 @@ def _json_parameters(text: str) -> dict[str, str]:
         raise invalid_request(f"too many parameters (at most {MAX_PARAMETERS})")
     params: dict[str, str] = {}
     for name, value in doc.items():
+        # A JSON client writes numbers and booleans as such ("expires_in": 60): they are read as
+        # the form parameter their JSON text spells, and checked as it is.
         if isinstance(value, bool):
             value = "true" if value else "false"
+        elif isinstance(value, int | float):
+            value = json.dumps(value)
         if not isinstance(value, str):
-            raise invalid_request(f"parameter {name!r} must be a string")
+            raise invalid_request(f"parameter {name!r} must be a string, a number or a boolean")
         params[name] = value
     return params
 
