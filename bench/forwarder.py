@@ -1,4 +1,4 @@
-"""The calibration's prototype, as a baseline for the relay benchmark: a relay on the `websockets`
+"""The forward-only prototype, as a baseline for the relay benchmark: a relay on the `websockets`
 library that does nothing but forward messages both ways (no authentication, no metering, no
 quotas), on uvloop like the relay. `python -m bench.forwarder PORT UPSTREAM_URL`
 

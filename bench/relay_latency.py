@@ -10,7 +10,7 @@ one core; the load, the fake, Redis and the token service share the other.
 Prints, per N: p50/p99 direct and through the relay, the added p99, the relay's CPU (share of
 one core), lost frames; then the largest N whose added p99 stays under 50 ms, and the memory per
 stream of a fresh relay (and a fresh prototype) at the largest N. Two more targets on the relay's
-core, in the same runs: the calibration's forward-only prototype (a relay on `websockets` that
+core, in the same runs: the forward-only prototype (bench/forwarder.py) (a relay on `websockets` that
 neither authenticates nor meters, bench/forwarder.py), against which the issue's goals were set,
 and with `--splice-off` the relay forwarding through websockets' message API
 (SPEECHGATE_SPLICE=0), the splice's own baseline. Each N is run `--runs` times, the targets
@@ -238,7 +238,7 @@ def main() -> None:
             ]
             return Process([*on_core(RELAY_CORE), *command], "forwarder ready")
 
-        # The relay as shipped (the Azure door spliced); the calibration's forward-only prototype;
+        # The relay as shipped (the Azure door spliced); the forward-only prototype (bench/forwarder.py);
         # with --splice-off, the same relay forwarding through websockets' message API.
         forwarder = forwarder_process(forwarder_port)
         messages = bench.relay_process(messages_port, False) if args.splice_off else contextlib.nullcontext()

@@ -78,3 +78,29 @@ def test_the_readme_is_a_front_page_whose_links_resolve() -> None:
         for target in re.findall(r"\]\(([^)#:]+\.md)", doc.read_text()):
             assert (doc.parent / target).exists(), f"{doc.name} links {target}"
         assert "DESIGN.md" not in doc.read_text()
+
+
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:speechgate|tests|docs|deploy|bench|script|\.ci)/[\w./-]*\w)")
+
+
+def _sources() -> list[Path]:
+    found = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md")]
+    for folder in ("speechgate", "tests", "bench", "deploy"):
+        found += [p for p in (ROOT / folder).rglob("*.py") if "node_modules" not in p.parts]
+    return found
+
+
+def test_every_repository_path_the_docs_and_docstrings_name_exists() -> None:
+    """Docs and docstrings once cited files the repository lacks (notes kept beside it, outside
+    it): a reader following them found nothing. Every path named is in the repository."""
+    named = {(p, m) for p in _sources() for m in REPO_PATH.findall(p.read_text(encoding="utf-8"))}
+    assert len(named) > 100
+    missing = sorted(f"{p.relative_to(ROOT)}: {m}" for p, m in named if not (ROOT / m).exists())
+    assert not missing, missing
+    outside = sorted(
+        str(p.relative_to(ROOT))
+        for p in _sources()
+        if p.name != "test_docs.py"
+        and re.search(r"shared/reference|DESIGN\.md", p.read_text(encoding="utf-8"))
+    )
+    assert not outside, f"cite what lies outside the repository: {outside}"

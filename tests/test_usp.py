@@ -1,4 +1,4 @@
-"""The sans-I/O USP module, on what the official SDK actually sent (shared/reference/)."""
+"""The sans-I/O USP module, on what the official SDK actually sent (a capture in tests/data/)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from speechgate.relay import usp
 
-# The lines of shared/reference/azure-speech-sdk-wire-transcript.log these tests read, kept with them.
+# The lines of a capture of the Speech SDK on the wire that these tests read.
 TRANSCRIPT = Path(__file__).parent / "data" / "usp_capture.txt"
 SDK_PATHS = {"speech.config", "speech.context", "synthesis.context", "ssml", "telemetry"}
 

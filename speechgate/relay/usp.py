@@ -2,7 +2,7 @@
 
 Text messages: header lines `Name:value` ending in CRLF, a blank CRLF line, then the body.
 Binary messages: a 2-byte big-endian header length, ASCII header lines each ending in CRLF (no
-blank line), then the payload (audio). See shared/reference/azure-speech-websocket.md.
+blank line), then the payload (audio). docs/relay.md describes the protocol as the SDKs speak it.
 On the relay's hot path: `AudioReading` (what an app's audio message holds, however it is
 fragmented) and `peek_path` (the Path of Azure's messages); the rest is for the strict reading of
 the app's text messages, the plain front door and the fake service.

@@ -1,4 +1,4 @@
-"""A local Azure Key Vault for the tests, built from shared/reference/azure-key-vault-rest.md.
+"""A local Azure Key Vault for the tests, built from the Key Vault secrets REST API's reference.
 
 It speaks the secrets REST API over HTTPS (a trustme CA), answers the bearer challenge like the
 service, checks that every request carries a token its identity endpoint issued, pages listings,

@@ -1,7 +1,7 @@
 """The two front doors (one module each: azure.py, plain.py): what flows between an app and
 Azure once a stream is admitted; here, what both use.
 
-Close codes are chosen for how the clients react (shared/reference/azure-speech-websocket.md):
+Close codes are chosen for how the clients react (docs/relay.md, the close codes table):
 - Azure-compatible door: a turn that cannot finish ends with 4000 and a reason (both SDKs cancel
   at once and show it); never 1000 in the middle of a turn (the SDKs hang); 1001 when draining;
   an upstream that closes mid-turn becomes 1011, which the SDK answers by reconnecting and
