@@ -233,7 +233,7 @@ class ScriptRunner:
         self._shared.idle.append(conn)  # no more than MAX_SCRIPT_CALLS: each was one call's
 
     async def aclose(self) -> None:
-        idle, self._shared.idle[:] = list(self._shared.idle), []
+        idle, self._shared.idle = self._shared.idle, []
         for conn in idle:
             await conn.disconnect()
 

@@ -143,11 +143,10 @@ Try it:
 """
 
 
-def cli_command(cwd: Path | None = None) -> str:
+def cli_command() -> str:
     """How to run the CLI from a new terminal here: in a checkout, its wrapper (uv may be where a
     new shell does not look: `uv run` printed here once answered "uv: command not found")."""
-    wrapper = (cwd or Path.cwd()) / "script" / "speechgate"
-    return "script/speechgate" if wrapper.is_file() else "speechgate"
+    return "script/speechgate" if (Path.cwd() / "script" / "speechgate").is_file() else "speechgate"
 
 
 # --- the running dev instance, as other commands find it -------------------------------------

@@ -102,10 +102,8 @@ def _json_parameters(text: str) -> dict[str, str]:
     for name, value in doc.items():
         # A JSON client writes numbers and booleans as such ("expires_in": 60): they are read as
         # the form parameter their JSON text spells, and checked as it is.
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif isinstance(value, int | float):
-            value = json.dumps(value)
+        if isinstance(value, bool | int | float):
+            value = json.dumps(value)  # true, false, 60
         if not isinstance(value, str):
             raise invalid_request(f"parameter {name!r} must be a string, a number or a boolean")
         params[name] = value
